@@ -1,0 +1,25 @@
+"""avkernels: fused kernels for audio-visual fusion by joint cross-attention (JCA, RJCA, DCA, GRJCA).
+
+Functional ops: :func:`tanh_attention`, :func:`gate`, :func:`stage_gate`. Fusion modules: :class:`JCA`,
+:class:`RJCA`, :class:`DCA`, :class:`GRJCA`. Full models: :mod:`avkernels.models`. Metrics and losses:
+:mod:`avkernels.metrics`, :mod:`avkernels.losses`. Backends available here: :func:`backends`.
+"""
+
+from avkernels.backends import backend_status, backends
+from avkernels.ops import gate, stage_gate, tanh_attention
+from avkernels.nn import DCA, GRJCA, JCA, RJCA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "tanh_attention",
+    "gate",
+    "stage_gate",
+    "JCA",
+    "RJCA",
+    "DCA",
+    "GRJCA",
+    "backends",
+    "backend_status",
+    "__version__",
+]

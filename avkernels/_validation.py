@@ -1,0 +1,59 @@
+"""Input checks shared by the public functional ops and modules.
+
+Every message names the argument, what was expected and what came, so that a user never has to read a stack trace
+inside a kernel to learn that they passed (B, d, L) instead of (B, L, d).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+Dim = Union[int, str, None]  # an int is checked exactly; a str or None only names the axis in messages
+
+
+def shape_str(dims: Sequence[Dim]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+def check_float_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
+    return x
+
+
+def check_shape(x: torch.Tensor, name: str, expected: Sequence[Dim]) -> None:
+    """Checks ``x.ndim == len(expected)`` and every int entry of ``expected``; strings only label axes."""
+    ok = x.dim() == len(expected) and all(not isinstance(e, int) or e == s for e, s in zip(expected, x.shape))
+    if not ok:
+        raise ValueError(f"{name}: expected shape {shape_str(expected)}, got {tuple(x.shape)}")
+
+
+def check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], *, dtype: Optional[torch.dtype] = None) -> None:
+    """All tensors on one device and (unless autocast is on) of one dtype, optionally ``dtype``."""
+    first, first_name = tensors[0], names[0]
+    for t, n in zip(tensors[1:], names[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{n}: expected a tensor on {first.device} like {first_name}, got one on {t.device}")
+    want = dtype if dtype is not None else first.dtype
+    want_from = "the module's parameters" if dtype is not None else first_name
+    if torch.is_autocast_enabled(first.device.type):
+        return
+    for t, n in zip(tensors, names):
+        if t.dtype != want:
+            raise TypeError(f"{n}: expected dtype {want} like {want_from}, got {t.dtype}")
+
+
+def check_probability(p: float, name: str) -> float:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 <= float(p) < 1.0):
+        raise ValueError(f"{name}: expected a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_positive(x: float, name: str) -> float:
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not float(x) > 0.0:
+        raise ValueError(f"{name}: expected a positive number, got {x!r}")
+    return float(x)

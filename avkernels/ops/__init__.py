@@ -1,0 +1,11 @@
+"""Functional ops, one file per op. Importing this package registers every backend that can load here."""
+
+from avkernels.backends import BackendInfo, register_backend
+
+register_backend(BackendInfo("reference", unavailable_reason=lambda: None, device_reason=lambda device: None))
+
+from avkernels.ops.gate import gate  # noqa: E402
+from avkernels.ops.stage_gate import stage_gate  # noqa: E402
+from avkernels.ops.tanh_attention import tanh_attention  # noqa: E402
+
+__all__ = ["tanh_attention", "gate", "stage_gate"]

@@ -1,0 +1,119 @@
+"""``stage_gate``: GRJCA's softmax over the gated outputs of every iteration (SPEC 3).
+
+``s = softmax((concat_t X_t @ W^T + b) / tau)``, ``out = ReLU(sum_t s[..., t] * X_t)``.
+
+Public functional op plus the ``avkernels::stage_gate`` custom op shared by the fused backends. A backend registers
+an :class:`~avkernels.backends.OpImpl` under ``"stage_gate"`` with
+
+``forward(stages, weight, bias, tau) -> (out, s)``
+    ``stages`` a list of ``T`` tensors ``(B, L, d)`` of arbitrary strides, ``weight (T, T * d)``, ``bias (T,)``;
+    returns contiguous ``out (B, L, d)`` and ``s (B, L, T)``.
+``backward(dout, ds, stages, weight, s, out, tau) -> (d_stages, d_weight, d_bias)``
+    ``d_stages`` is one contiguous ``(T, B, L, d)`` tensor (row ``t`` is the gradient of ``stages[t]``); the weight
+    and bias gradients reduce over ``B * L``, deterministically when
+    ``torch.are_deterministic_algorithms_enabled()``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from avkernels import reference
+from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
+from avkernels.backends import get_impl, resolve
+
+
+@torch.library.custom_op("avkernels::stage_gate", mutates_args=())
+def _stage_gate_op(
+    stages: List[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, tau: float, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return get_impl("stage_gate", backend).forward(stages, weight, bias, tau)
+
+
+@_stage_gate_op.register_fake
+def _(stages, weight, bias, tau, backend):
+    x = stages[0]
+    return x.new_empty(x.shape), x.new_empty(*x.shape[:-1], len(stages))
+
+
+@torch.library.custom_op("avkernels::stage_gate_backward", mutates_args=())
+def _stage_gate_backward_op(
+    dout: torch.Tensor,
+    ds: torch.Tensor,
+    stages: List[torch.Tensor],
+    weight: torch.Tensor,
+    s: torch.Tensor,
+    out: torch.Tensor,
+    tau: float,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return get_impl("stage_gate", backend).backward(dout, ds, stages, weight, s, out, tau)
+
+
+@_stage_gate_backward_op.register_fake
+def _(dout, ds, stages, weight, s, out, tau, backend):
+    x = stages[0]
+    return x.new_empty(len(stages), *x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    stages, weight, _, tau, backend = inputs
+    out, s = output
+    ctx.save_for_backward(weight, s, out, *stages)
+    ctx.args = (tau, backend)
+
+
+def _backward(ctx, dout, ds):
+    weight, s, out, *stages = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if ds is None:
+        ds = torch.zeros_like(s)
+    d_stages, d_weight, d_bias = torch.ops.avkernels.stage_gate_backward(dout, ds, stages, weight, s, out, *ctx.args)
+    return list(d_stages.unbind(0)), d_weight, d_bias, None, None
+
+
+_stage_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def stage_gate(
+    stages: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    tau: float = 0.1,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax gate across ``T`` stages (GRJCA; SPEC 3).
+
+    Args:
+        stages: a sequence of ``T >= 1`` tensors of one shape ``(B, L, d)``: the candidate features.
+        weight: ``(T, T * d)`` and bias: ``(T,)``, stored as ``nn.Linear(T * d, T)`` stores them.
+        tau: softmax temperature (0.1 by default).
+        backend: see :func:`avkernels.tanh_attention`.
+    Returns:
+        ``(out, s)``: ``out = ReLU(sum_t s[..., t] * stages[t])`` of shape ``(B, L, d)`` and ``s`` of shape
+        ``(B, L, T)``.
+    """
+    if isinstance(stages, torch.Tensor) or not isinstance(stages, (list, tuple)) or len(stages) == 0:
+        raise TypeError(f"stages: expected a non-empty list or tuple of (B, L, d) tensors, got {type(stages).__name__}")
+    stages = list(stages)
+    names = [f"stages[{t}]" for t in range(len(stages))]
+    for name, x in zip(names, stages):
+        check_float_tensor(x, name)
+    check_shape(stages[0], names[0], ("B", "L", "d"))
+    for name, x in zip(names[1:], stages[1:]):
+        check_shape(x, name, tuple(stages[0].shape))
+    check_float_tensor(weight, "weight")
+    check_float_tensor(bias, "bias")
+    n_stages, d = len(stages), stages[0].shape[-1]
+    check_shape(weight, "weight", (n_stages, n_stages * d))
+    check_shape(bias, "bias", (n_stages,))
+    check_same(stages + [weight, bias], names + ["weight", "bias"])
+    tau = check_positive(tau, "tau")
+    name = resolve("stage_gate", backend, stages[0].device)
+    if name == "reference" or stages[0].numel() == 0:
+        return reference.stage_gate(stages, weight, bias, tau)
+    return torch.ops.avkernels.stage_gate(stages, weight, bias, tau, name)

@@ -1,0 +1,174 @@
+"""``tanh_attention``: the core primitive of joint cross-attention (SPEC 1).
+
+``o = Drop_p(tanh(scale * q @ k^T)) @ v`` with an optional ``ReLU(tanh(o))`` epilogue.
+
+This module holds the public functional op (input checks, backend choice) and the ``torch.library`` registration
+shared by every fused backend: one custom op ``avkernels::tanh_attention`` with its fake (meta) implementation and
+autograd formula, whose body calls the chosen backend's kernels. A backend provides an
+:class:`~avkernels.backends.OpImpl` registered under ``"tanh_attention"`` with
+
+``forward(q, k, v, seed, scale, dropout_p, activation, return_mask) -> (o, mask)``
+    ``q (B, Mq, D)``, ``k (B, N, D)``, ``v (Bv, N, E)`` with ``Bv`` 1 (shared over the batch) or ``B``, all of one
+    dtype and device and arbitrary strides; ``seed`` a Python int in ``[0, 2**31)`` (ignored when
+    ``dropout_p == 0``); ``activation`` ``"none"`` or ``"tanh_relu"``. Returns a contiguous ``o (B, Mq, E)`` and,
+    when ``return_mask`` and ``dropout_p > 0``, the boolean keep-mask ``(B, Mq, N)`` it drew, else ``None``.
+``backward(do, q, k, v, o, seed, scale, dropout_p, activation) -> (dq, dk, dv)``
+    ``o`` is the forward output (used by the ``"tanh_relu"`` epilogue's derivative; an empty tensor otherwise).
+    Must redraw the identical mask from ``seed``. Returns contiguous gradients shaped like ``q``, ``k``, ``v``
+    (``dv`` summed over the batch when ``Bv == 1``). Deterministic when
+    ``torch.are_deterministic_algorithms_enabled()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from avkernels import reference
+from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
+from avkernels.backends import get_impl, resolve
+
+ACTIVATIONS = (None, "tanh_relu")
+SEED_BOUND = 2**31  # Philox keys are 32-bit halves; every backend accepts seeds below this
+
+
+def new_seed(p: float) -> torch.Tensor:
+    """A fresh dropout seed drawn from torch's CPU generator (so ``torch.manual_seed`` reproduces it).
+
+    A tensor rather than an int so that ``torch.compile`` traces it without a graph break; empty when no dropout.
+    """
+    if p == 0.0:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("avkernels::tanh_attention", mutates_args=())
+def _tanh_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seed: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    activation: str,
+    return_mask: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    seed_int = int(seed.item()) if seed.numel() else 0
+    o, mask = get_impl("tanh_attention", backend).forward(
+        q, k, v, seed_int, scale, dropout_p, activation, return_mask
+    )
+    if mask is None:
+        mask = torch.empty(0, dtype=torch.bool, device=q.device)
+    return o, mask
+
+
+@_tanh_attention_op.register_fake
+def _(q, k, v, seed, scale, dropout_p, activation, return_mask, backend):
+    o = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    mask_shape = (q.shape[0], q.shape[1], k.shape[1]) if return_mask and dropout_p > 0 else (0,)
+    return o, q.new_empty(mask_shape, dtype=torch.bool)
+
+
+@torch.library.custom_op("avkernels::tanh_attention_backward", mutates_args=())
+def _tanh_attention_backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    seed: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    activation: str,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed_int = int(seed.item()) if seed.numel() else 0
+    return get_impl("tanh_attention", backend).backward(do, q, k, v, o, seed_int, scale, dropout_p, activation)
+
+
+@_tanh_attention_backward_op.register_fake
+def _(do, q, k, v, o, seed, scale, dropout_p, activation, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, scale, dropout_p, activation, _, backend = inputs
+    o, _ = output
+    ctx.save_for_backward(q, k, v, o if activation != "none" else o.new_empty(0), seed)
+    ctx.args = (scale, dropout_p, activation, backend)
+
+
+def _backward(ctx, do, _dmask):
+    q, k, v, o, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.avkernels.tanh_attention_backward(do, q, k, v, o, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_tanh_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def tanh_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    activation: Optional[str] = None,
+    return_mask: bool = False,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Tanh attention: ``o = Drop_p(tanh(scale * q @ k^T)) @ v`` (SPEC 1).
+
+    Args:
+        q: ``(B, Mq, D)`` queries.
+        k: ``(B, N, D)`` keys.
+        v: ``(B, N, E)`` values, or ``(N, E)`` / ``(1, N, E)`` / a batch-expanded view to share one value matrix
+            across the batch (its gradient is then summed over the batch).
+        scale: multiplies ``q @ k^T``; ``None`` means ``1/sqrt(D)`` as in ``scaled_dot_product_attention``.
+        dropout_p: inverted-dropout probability on the ``(Mq, N)`` map, applied only when ``training``.
+        training: whether dropout is active.
+        activation: ``None`` or ``"tanh_relu"`` (returns ``ReLU(tanh(o))``, the dense JCA form).
+        return_mask: also return the boolean keep-mask that was drawn (``None`` when no dropout ran).
+        backend: ``None`` (fastest available for the inputs' device, or ``$AVKERNELS_BACKEND``), ``"reference"``,
+            ``"triton"``, ``"cpp"`` or ``"cuda"``.
+    Returns:
+        ``o`` of shape ``(B, Mq, E)``, or ``(o, mask)`` when ``return_mask``.
+    """
+    check_float_tensor(q, "q")
+    check_float_tensor(k, "k")
+    check_float_tensor(v, "v")
+    check_shape(q, "q", ("B", "Mq", "D"))
+    batch, _, head = q.shape
+    check_shape(k, "k", (batch, "N", head))
+    n = k.shape[1]
+    if v.dim() == 2:
+        v = v.unsqueeze(0)
+    check_shape(v, "v", ("B or 1", n, "E"))
+    if v.shape[0] not in (1, batch):
+        raise ValueError(f"v: expected batch size {batch} (like q) or 1 (shared), got {v.shape[0]}")
+    if v.shape[0] > 1 and v.stride(0) == 0:
+        v = v[:1]  # a batch-expanded weight: let the kernel broadcast it and reduce dv over the batch once
+    check_same([q, k, v], ["q", "k", "v"])
+    p = check_probability(dropout_p, "dropout_p")
+    if not training:
+        p = 0.0
+    if scale is None:
+        scale = 1.0 / math.sqrt(head) if head > 0 else 1.0
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+    name = resolve("tanh_attention", backend, q.device)
+    if name == "reference" or min(q.shape + k.shape + v.shape[1:]) == 0:
+        o, mask = reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask)
+    else:
+        o, mask = torch.ops.avkernels.tanh_attention(
+            q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask, name
+        )
+        if mask.numel() == 0 and mask.dim() == 1:
+            mask = None
+    return (o, mask) if return_mask else o
