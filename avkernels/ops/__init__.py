@@ -8,4 +8,6 @@ from avkernels.ops.gate import gate  # noqa: E402
 from avkernels.ops.stage_gate import stage_gate  # noqa: E402
 from avkernels.ops.tanh_attention import tanh_attention  # noqa: E402
 
+from avkernels.ops import triton as _triton_backend  # noqa: E402,F401  (registers "triton" when usable)
+
 __all__ = ["tanh_attention", "gate", "stage_gate"]

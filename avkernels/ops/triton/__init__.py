@@ -1,0 +1,42 @@
+"""The ``"triton"`` backend: Triton kernels for every op, one file per op (kernels, launchers, registration).
+
+Runs on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this
+package was imported (how the test suite runs it on machines without a GPU). Never the default on CPU: the
+interpreter is a correctness tool, far slower than the reference.
+"""
+
+import os
+
+import torch
+
+from avkernels.backends import BackendInfo, register_backend
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR = None
+except ImportError as exc:  # the package works without triton; the backend then says why it is missing
+    _IMPORT_ERROR = exc
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable_reason():
+    if _IMPORT_ERROR is not None:
+        return f"triton is not installed ({_IMPORT_ERROR}); pip install triton"
+    if not INTERPRET and not torch.cuda.is_available():
+        return "no CUDA GPU is visible and TRITON_INTERPRET=1 was not set before importing avkernels"
+    return None
+
+
+def _device_reason(device: torch.device):
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+        return None
+    return f"Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got a {device.type} tensor"
+
+
+register_backend(BackendInfo("triton", unavailable_reason=_unavailable_reason, device_reason=_device_reason))
+
+if _IMPORT_ERROR is None:
+    # Each op module registers its implementation on import.
+    pass
