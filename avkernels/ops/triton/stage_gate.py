@@ -37,10 +37,10 @@ import triton.language as tl
 from avkernels.backends import OpImpl, register_impl
 
 MAX_BLOCK_D = 1024  # widest feature tile held in registers; wider rows are tiled
-REGISTER_BUDGET = 16384  # fp32 values a program keeps live (128 per thread at 4 warps) when sizing BLOCK_R
+REGISTER_BUDGET = 8192  # fp32 values a program keeps live (64 per thread at 4 warps) when sizing BLOCK_R
 MAX_BLOCK_R = 64
 NUM_WARPS = 4
-MAX_STAGES_AOT = 5  # GRJCA runs T = 2..5 stages; aot_specializations() lists up to this many
+MAX_STAGES_AOT = 4  # GRJCA: T = iterations (+ 1 with stage_include_input); aot_specializations() lists T <= this
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
