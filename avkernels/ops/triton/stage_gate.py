@@ -129,24 +129,46 @@ def _zeros_tuple(N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _tile_backward(tiles, dpre, s, dz, t_idx, dw, W, w_s0, w_s1, d, cols, col_ok, T: tl.constexpr,
-                   FIRST: tl.constexpr, ACC: tl.constexpr):
-    """Gradients of one feature tile: ``dX_t = dpre * s_t + sum_j dz_j W[j, t]`` (a tuple over stages) and
-    ``dw[j * (T - FIRST) + t - FIRST] += sum_rows dz_j X_t``."""
-    dxs = ()
-    new_dw = ()
+def _partials_ptrs(dw_row, n_wcols, d, cols, j: tl.constexpr, t: tl.constexpr, FIRST: tl.constexpr):
+    """Where ``dW[j, (t - FIRST) * d + cols]`` lives in a program's row of the partials buffer."""
+    return dw_row + j * n_wcols + (t - FIRST) * d + cols
+
+
+@triton.jit
+def _load_partials(dw_row, n_wcols, d, cols, col_ok, T: tl.constexpr, FIRST: tl.constexpr):
+    dw = ()
+    for j in tl.static_range(T):
+        for t in tl.static_range(FIRST, T):
+            dw = dw + (tl.load(_partials_ptrs(dw_row, n_wcols, d, cols, j, t, FIRST), mask=col_ok, other=0.0),)
+    return dw
+
+
+@triton.jit
+def _store_partials(dw_row, dw, n_wcols, d, cols, col_ok, T: tl.constexpr, FIRST: tl.constexpr):
+    for j in tl.static_range(T):
+        for t in tl.static_range(FIRST, T):
+            tl.store(_partials_ptrs(dw_row, n_wcols, d, cols, j, t, FIRST), dw[j * (T - FIRST) + t - FIRST], mask=col_ok)
+
+
+@triton.jit
+def _tile_backward(tiles, dpre, s, dz, t_idx, dw, DXS, out_rows, mask, W, w_s0, w_s1, d, cols, col_ok,
+                   T: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr):
+    """One feature tile of the gradients: stores ``dX_t = dpre * s_t + sum_j dz_j W[j, t]`` stage by stage (so only
+    one ``dX`` tile is live at a time) and returns ``dw`` with ``sum_rows dz_j X_t`` added at
+    ``j * (T - FIRST) + t - FIRST``."""
     for t in tl.static_range(T):
         dx = dpre * _column(s, t_idx, t)[:, None]
         if t >= FIRST:
             for j in tl.static_range(T):
                 dz_j = _column(dz, t_idx, j)
                 dx += dz_j[:, None] * _weight_row(W, w_s0, w_s1, j, t, d, cols, col_ok, FIRST, ACC)[None, :]
-        dxs = dxs + (dx,)
+        tl.store(DXS[t] + out_rows[:, None] + cols[None, :], dx.to(DXS[t].dtype.element_ty), mask=mask)
+    new_dw = ()
     for j in tl.static_range(T):
         dz_j = _column(dz, t_idx, j)
         for t in tl.static_range(FIRST, T):
             new_dw = new_dw + (dw[j * (T - FIRST) + t - FIRST] + tl.sum(dz_j[:, None] * tiles[t], axis=0),)
-    return dxs, new_dw
+    return new_dw
 
 
 @triton.jit
@@ -292,9 +314,8 @@ def _softmax_mix_bwd_kernel(
         db += tl.sum(dz, axis=0)
 
         if ONE_TILE:
-            dxs, dw = _tile_backward(tiles, dpre, s, dz, t_idx, dw, W, w_s0, w_s1, d, cols, col_ok, T, FIRST, ACC)
-            for t in tl.static_range(T):
-                tl.store(DXS[t] + out_rows[:, None] + cols[None, :], dxs[t].to(DXS[t].dtype.element_ty), mask=mask)
+            dw = _tile_backward(tiles, dpre, s, dz, t_idx, dw, DXS, out_rows, mask, W, w_s0, w_s1, d, cols, col_ok, T,
+                                FIRST, ACC)
         else:
             for k0 in range(0, d, BLOCK_D):
                 cols_k = k0 + cols
@@ -302,24 +323,14 @@ def _softmax_mix_bwd_kernel(
                 mask = row_ok[:, None] & col_ok[None, :]
                 tiles = _load_tiles(XS, row_offs, X_SD, cols_k, mask, T, ACC)
                 dpre = _relu_grad(DOut, do_rows, do_sd, Out, out_rows, cols_k, mask, ACC)
-                zeros = _zeros_tuple(T * (T - FIRST), BLOCK_D, ACC)
-                dxs, part = _tile_backward(tiles, dpre, s, dz, t_idx, zeros, W, w_s0, w_s1, d, cols_k, col_ok, T,
-                                           FIRST, ACC)
-                for t in tl.static_range(T):
-                    tl.store(DXS[t] + out_rows[:, None] + cols_k[None, :], dxs[t].to(DXS[t].dtype.element_ty),
-                             mask=mask)
                 # This program's private row of the partials: no other program touches it, so no atomics.
-                for j in tl.static_range(T):
-                    for t in tl.static_range(FIRST, T):
-                        ptrs = dw_row + j * n_wcols + (t - FIRST) * d + cols_k
-                        tl.store(ptrs, tl.load(ptrs, mask=col_ok, other=0.0) + part[j * (T - FIRST) + t - FIRST],
-                                 mask=col_ok)
+                dw_tile = _load_partials(dw_row, n_wcols, d, cols_k, col_ok, T, FIRST)
+                dw_tile = _tile_backward(tiles, dpre, s, dz, t_idx, dw_tile, DXS, out_rows, mask, W, w_s0, w_s1, d,
+                                         cols_k, col_ok, T, FIRST, ACC)
+                _store_partials(dw_row, dw_tile, n_wcols, d, cols_k, col_ok, T, FIRST)
 
     if ONE_TILE:
-        col_ok = cols < d
-        for j in tl.static_range(T):
-            for t in tl.static_range(FIRST, T):
-                tl.store(dw_row + j * n_wcols + (t - FIRST) * d + cols, dw[j * (T - FIRST) + t - FIRST], mask=col_ok)
+        _store_partials(dw_row, dw, n_wcols, d, cols, cols < d, T, FIRST)
     tl.store(DB_partial + pid * T + t_idx, db, mask=t_ok)
 
 
@@ -341,8 +352,6 @@ def launch_config(n_stages: int, first: int, d: int, n_rows: int, backward: bool
     while block_d > 16 and (live_tiles + held) * block_d > REGISTER_BUDGET:
         block_d //= 2  # too many stages to hold a whole row: tile the features instead
     one_tile = d <= block_d
-    if not one_tile:
-        held = 0  # the multi-tile backward keeps its weight-gradient partials in memory
     rows_fit = max(1, (REGISTER_BUDGET - held * block_d) // (live_tiles * block_d))
     block_r = min(MAX_BLOCK_R, 1 << (rows_fit.bit_length() - 1), triton.next_power_of_2(max(n_rows, 1)))
     return LaunchConfig(block_r, block_d, triton.next_power_of_2(n_stages), one_tile)
