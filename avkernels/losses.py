@@ -27,7 +27,9 @@ def _split(x: Dimensions, name: str) -> Sequence[torch.Tensor]:
             raise ValueError(f"{name}: expected a tensor whose last axis indexes the dimensions, got a 0-d tensor")
         return x.unbind(-1)
     if not isinstance(x, (list, tuple)) or not x:
-        raise TypeError(f"{name}: expected a tensor (..., D) or a non-empty sequence of tensors, got {type(x).__name__}")
+        raise TypeError(
+            f"{name}: expected a tensor (..., D) or a non-empty sequence of tensors, got {type(x).__name__}"
+        )
     for i, t in enumerate(x):
         check_float_tensor(t, f"{name}[{i}]")
     return x

@@ -90,7 +90,9 @@ def _as_tensor(x: object, name: str) -> torch.Tensor:
     try:
         return torch.as_tensor(np.asarray(x))
     except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"{name}: expected a torch.Tensor, numpy array or sequence of numbers, got {type(x).__name__}") from error
+        raise TypeError(
+            f"{name}: expected a torch.Tensor, numpy array or sequence of numbers, got {type(x).__name__}"
+        ) from error
 
 
 def _as_float64(x: object, name: str) -> torch.Tensor:

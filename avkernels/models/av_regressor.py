@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
+from avkernels._validation import check_probability
+from avkernels.models._checks import check_features, check_positive_int
 from avkernels.nn.fusion import DCA, GRJCA, JCA, RJCA, RecursiveJointCrossAttention
 
 FUSIONS = {"jca": JCA, "rjca": RJCA, "dca": DCA, "grjca": GRJCA}
@@ -31,16 +32,10 @@ FUSIONS = {"jca": JCA, "rjca": RJCA, "dca": DCA, "grjca": GRJCA}
 Prediction = Tuple[torch.Tensor, torch.Tensor]
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
 def _check_even(value: object, name: str) -> int:
-    _check_positive_int(value, name)
+    check_positive_int(value, name)
     if value % 2:
-        raise ValueError(f"{name}: expected an even size (a bidirectional LSTM gives it half per direction), got {value}")
+        raise ValueError(f"{name}: expected an even size (half per direction of a bidirectional LSTM), got {value}")
     return value
 
 
@@ -59,9 +54,9 @@ class ResidualBiLSTM(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, dropout: float = 0.1):
         super().__init__()
-        _check_positive_int(input_size, "input_size")
+        check_positive_int(input_size, "input_size")
         _check_even(hidden_size, "hidden_size")
-        _check_positive_int(num_layers, "num_layers")
+        check_positive_int(num_layers, "num_layers")
         check_probability(dropout, "dropout")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         per_direction = hidden_size // 2
@@ -128,7 +123,7 @@ class AudioGuidedSpatialAttention(nn.Module):
             ("channels", channels), ("positions", positions), ("guide_dim", guide_dim), ("hidden", hidden),
             ("out_dim", out_dim),
         ):
-            _check_positive_int(value, name)
+            check_positive_int(value, name)
         self.channels, self.positions, self.scrambled_reshape = channels, positions, scrambled_reshape
         self.video_projection = nn.Linear(channels, hidden)
         self.guide_projection = nn.Linear(guide_dim, hidden)
@@ -162,10 +157,6 @@ class AudioGuidedSpatialAttention(nn.Module):
 def regression_head(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     """``Linear(in_dim, hidden) -> ReLU -> Dropout -> Linear(hidden, 1)``, applied per time step."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
-
-
-def _modality_name(m: int) -> str:
-    return ("video", "audio")[m] if m < 2 else f"features[{m}]"
 
 
 class AVRegressor(nn.Module):
@@ -223,13 +214,13 @@ class AVRegressor(nn.Module):
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
         ):
             raise ValueError(f"dims: expected a sequence of >= 2 positive ints (video, audio, ...), got {dims!r}")
-        _check_positive_int(seq_len, "seq_len")
+        check_positive_int(seq_len, "seq_len")
         self.dims, self.seq_len, self.normalize_inputs = dims, seq_len, normalize_inputs
 
         self.fusion = self._build_fusion(fusion, fusion_kwargs)
         if encoders:
             for m, d in enumerate(dims):
-                _check_even(d, f"dims[{m}] (the encoders keep the size, half per LSTM direction)")
+                _check_even(d, f"dims[{m}]")
             self.encoders = nn.ModuleList(ResidualBiLSTM(d, d, encoder_layers, encoder_dropout) for d in dims)
         else:
             self.encoders = None
@@ -244,7 +235,7 @@ class AVRegressor(nn.Module):
             self.input_dims = dims
         self.joint = ResidualBiLSTM(sum(dims), _check_even(joint_dim, "joint_dim"), joint_layers, dropout=0.0)
         check_probability(head_dropout, "head_dropout")
-        _check_positive_int(head_hidden, "head_hidden")
+        check_positive_int(head_hidden, "head_hidden")
         self.valence_head = regression_head(joint_dim, head_hidden, head_dropout)
         self.arousal_head = regression_head(joint_dim, head_hidden, head_dropout)
         self.reset_parameters()
@@ -259,7 +250,8 @@ class AVRegressor(nn.Module):
             raise TypeError(f"fusion: expected a name in {tuple(FUSIONS)} or an nn.Module, got {type(fusion).__name__}")
         if fusion_kwargs:
             raise ValueError("fusion_kwargs: only used when fusion is a name; this fusion is already built")
-        if isinstance(fusion, RecursiveJointCrossAttention) and (fusion.dims, fusion.seq_len) != (self.dims, self.seq_len):
+        built_for = (fusion.dims, fusion.seq_len) if isinstance(fusion, RecursiveJointCrossAttention) else None
+        if built_for is not None and built_for != (self.dims, self.seq_len):
             raise ValueError(
                 f"fusion: built for dims={fusion.dims}, seq_len={fusion.seq_len}, but this regressor has "
                 f"dims={self.dims}, seq_len={self.seq_len}"
@@ -275,23 +267,6 @@ class AVRegressor(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def _check_features(self, features: Sequence[torch.Tensor]) -> None:
-        names = [_modality_name(m) for m in range(len(self.dims))]
-        if len(features) != len(self.dims):
-            raise ValueError(
-                f"features: expected {len(self.dims)} tensors ({', '.join(names)}), got {len(features)}"
-            )
-        for name, x in zip(names, features):
-            check_float_tensor(x, name)
-        batch = features[0].shape[0] if features[0].dim() == 3 else "B"
-        for name, x, d in zip(names, features, self.input_dims):
-            check_shape(x, name, (batch, self.seq_len, d))
-        param = next(self.parameters())
-        check_same(list(features), names)
-        if features[0].device != param.device:
-            raise ValueError(f"{names[0]}: expected a tensor on {param.device} like the model, got {features[0].device}")
-        check_same(list(features), names, dtype=param.dtype)
-
     def forward(
         self, *features: torch.Tensor, return_gates: bool = False
     ) -> Union[Prediction, Tuple[Prediction, Dict[str, object]]]:
@@ -305,7 +280,8 @@ class AVRegressor(nn.Module):
         Returns:
             ``(valence, arousal)``, each ``(B, L)`` (and the gate dict when ``return_gates``).
         """
-        self._check_features(features)
+        names = [("video", "audio")[m] if m < 2 else f"features[{m}]" for m in range(len(self.dims))]
+        check_features(features, names, [(self.seq_len, d) for d in self.input_dims], self)
         xs = [F.normalize(x, dim=-1) if self.normalize_inputs else x for x in features]
         # The video is encoded last: its spatial attention is guided by the encoded audio.
         if self.encoders is not None:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
+from avkernels._validation import check_probability
+from avkernels.models._checks import check_features, check_positive_int
 
 POOLINGS = ("statistics", "concat")
 
@@ -55,13 +56,10 @@ IEMOCAP_MODALITIES: Dict[str, ModalitySpec] = {
 def _check_spec(spec: object, name: str) -> ModalitySpec:
     if not isinstance(spec, ModalitySpec):
         raise TypeError(f"{name}: expected a ModalitySpec, got {type(spec).__name__}")
-    for field, value, optional in (
-        ("length", spec.length, True), ("dim", spec.dim, False), ("conv_length", spec.conv_length, True)
-    ):
-        if optional and value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}.{field}: expected a positive int{' or None' if optional else ''}, got {value!r}")
+    check_positive_int(spec.dim, f"{name}.dim")
+    for field in ("length", "conv_length"):
+        if getattr(spec, field) is not None:
+            check_positive_int(getattr(spec, field), f"{name}.{field} (or None)")
     if spec.conv_length is not None and spec.length is None:
         raise ValueError(f"{name}: conv_length needs a fixed length (the convolution's input channels)")
     check_probability(spec.input_dropout, f"{name}.input_dropout")
@@ -69,7 +67,7 @@ def _check_spec(spec: object, name: str) -> ModalitySpec:
 
 
 class ModalityEncoder(nn.Module):
-    """Input dropout, optional kernel-1 convolution over the time axis, 1-layer BiGRU: ``(B, T, dim) -> (B, T', 2h)``."""
+    """Input dropout, optional kernel-1 convolution over the time axis, BiGRU: ``(B, T, dim) -> (B, T', 2h)``."""
 
     def __init__(self, spec: ModalitySpec, hidden: int):
         super().__init__()
@@ -113,8 +111,7 @@ class _AttentionClassifier(nn.Module):
             )
         for name, value in (("num_classes", num_classes), ("rnn_hidden", rnn_hidden), ("num_heads", num_heads),
                             ("fc_hidden", fc_hidden)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            check_positive_int(value, name)
         embed = 2 * rnn_hidden
         if embed % num_heads:
             raise ValueError(f"num_heads: must divide the attention width 2 * rnn_hidden = {embed}, got {num_heads}")
@@ -146,25 +143,6 @@ class _AttentionClassifier(nn.Module):
         """One ``(B, T, 2h)`` attended sequence per attention module, in the order of :meth:`attention_keys`."""
         raise NotImplementedError
 
-    def _check_features(self, features: Sequence[torch.Tensor]) -> None:
-        if len(features) != len(self.modalities):
-            raise ValueError(
-                f"features: expected {len(self.modalities)} tensors ({', '.join(self.modalities)}), got {len(features)}"
-            )
-        for name, x in zip(self.modalities, features):
-            check_float_tensor(x, name)
-        batch = features[0].shape[0] if features[0].dim() == 3 else "B"
-        for name, x in zip(self.modalities, features):
-            spec = self.specs[name]
-            check_shape(x, name, (batch, spec.length if spec.length is not None else "T", spec.dim))
-        param = next(self.parameters())
-        check_same(list(features), list(self.modalities))
-        if features[0].device != param.device:
-            raise ValueError(
-                f"{self.modalities[0]}: expected a tensor on {param.device} like the model, got {features[0].device}"
-            )
-        check_same(list(features), list(self.modalities), dtype=param.dtype)
-
     def forward(
         self, *features: torch.Tensor, return_embedding: bool = False
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -177,7 +155,8 @@ class _AttentionClassifier(nn.Module):
         Returns:
             ``(B, num_classes)`` logits (and the embedding when ``return_embedding``).
         """
-        self._check_features(features)
+        shapes = [(self.specs[m].length or "T", self.specs[m].dim) for m in self.modalities]
+        check_features(features, self.modalities, shapes, self)
         encoded = {m: self.encoders[m](x) for m, x in zip(self.modalities, features)}
         vectors = torch.stack([seq.mean(dim=1) for seq in self.attend(encoded)], dim=1)  # (B, n, 2h)
         if self.pooling == "concat":
@@ -185,7 +164,9 @@ class _AttentionClassifier(nn.Module):
         elif vectors.shape[1] == 1:
             pooled = vectors[:, 0]
         else:
-            std, mean = torch.std_mean(vectors, dim=1)  # unbiased, across the stacked vectors
+            # Unbiased std across the stacked vectors, written out because torch.std warns on an empty batch.
+            mean = vectors.mean(dim=1)
+            std = (vectors - mean.unsqueeze(1)).square().sum(dim=1).div(vectors.shape[1] - 1).sqrt()
             pooled = torch.cat([std, mean], dim=-1)
         embedding = self.embedding(pooled)
         logits = self.classifier(embedding)
