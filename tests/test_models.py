@@ -103,12 +103,19 @@ def test_official_blstm_block_size():
     assert sum(p.numel() for p in ResidualBiLSTM(512, 512, 2, 0.1).parameters()) == expected
 
 
-def test_residual_bilstm_output_and_initial_state():
+def test_residual_bilstm_against_official_formula():
     block = ResidualBiLSTM(6, 8, num_layers=2, dropout=0.1).eval()
     x = torch.randn(3, 7, 6)
     y = block(x)
     assert y.shape == (3, 7, 8)
     torch.testing.assert_close(y.norm(dim=-1), torch.ones(3, 7))
+    # The official layer: rows [0, 2 * layers) of init_hidden are h0, the rest c0, expanded over the batch.
+    init = block.initial_state
+    h0 = init[:4].unsqueeze(1).expand(4, 3, 4).contiguous()
+    c0 = init[4:].unsqueeze(1).expand(4, 3, 4).contiguous()
+    out, _ = block.rnn(x, (h0, c0))
+    expected = F.normalize(block.projection(torch.cat((x, out), -1)), dim=-1)
+    torch.testing.assert_close(y, expected)
     with torch.no_grad():
         block.initial_state.add_(1.0)  # the learned initial state is really used
     assert not torch.allclose(block(x), y)
@@ -129,6 +136,31 @@ def test_regressor_shapes_and_gradients(fusion):
     if fusion == "grjca":
         assert len(gates["iterations"]) == 2 and [s.shape for s in gates["stage"]] == [(3, 5, 2)] * 2
     assert_every_parameter_gets_gradient(model, valence.square().sum() + arousal.square().sum())
+
+
+def test_regressor_wiring():
+    """Normalise, encode the audio, attend over the video guided by the encoded audio, encode the video, fuse,
+    joint BiLSTM on [video | audio], heads."""
+    model = small_regressor("dca", **SPATIAL).eval()
+    seen = {}
+    model.encoders[1].register_forward_hook(lambda m, args, out: keep(seen, "audio_in", (args[0], out)))
+    model.spatial_attention.register_forward_hook(lambda m, args, out: keep(seen, "spatial", (args, out[0])))
+    model.encoders[0].register_forward_hook(lambda m, args, out: keep(seen, "video_in", (args[0], out)))
+    model.fusion.register_forward_hook(lambda m, args, out: keep(seen, "fusion", (args, out[0])))
+    model.joint.register_forward_hook(lambda m, args, out: keep(seen, "joint", (args[0], out)))
+    video, audio = regressor_inputs(model)
+    with torch.no_grad():
+        valence, arousal = model(video, audio)
+    torch.testing.assert_close(seen["audio_in"][0], F.normalize(audio, dim=-1))
+    (spatial_video, guide), spatial_out = seen["spatial"]
+    torch.testing.assert_close(spatial_video, F.normalize(video, dim=-1))
+    assert guide is seen["audio_in"][1]
+    assert seen["video_in"][0] is spatial_out
+    fusion_args, fused = seen["fusion"]
+    assert fusion_args[0] is seen["video_in"][1] and fusion_args[1] is seen["audio_in"][1]
+    torch.testing.assert_close(seen["joint"][0], torch.cat(fused, dim=-1))
+    torch.testing.assert_close(valence, model.valence_head(seen["joint"][1]).squeeze(-1))
+    torch.testing.assert_close(arousal, model.arousal_head(seen["joint"][1]).squeeze(-1))
 
 
 def test_regressor_three_modalities_without_encoders():
@@ -223,6 +255,22 @@ def test_regressor_bad_inputs():
         model(video, audio.double())
     with pytest.raises(TypeError, match="video"):
         model(video.numpy(), audio)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_regressor_on_cuda_matches_cpu(fusion):
+    """The default backend on CUDA (fused kernels) against the CPU run; cuDNN's TF32 is off so that only the
+    kernels' fp32 rounding differs."""
+    model = small_regressor(fusion, **SPATIAL).eval()
+    features = regressor_inputs(model)
+    with torch.no_grad():
+        expected = model(*features)
+        model.cuda()
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            got = model(*[x.cuda() for x in features])
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.cpu(), e, atol=2e-3, rtol=2e-3)
 
 
 def test_spatial_attention_against_per_clip_oracle():
