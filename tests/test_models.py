@@ -221,7 +221,7 @@ def test_regressor_eval_deterministic_train_stochastic(fusion):
     assert not torch.equal(first[0], second[0])
 
 
-def test_regressor_empty_batch_nan_and_scrambled_reshape():
+def test_regressor_empty_batch_and_nan():
     model = small_regressor("grjca", **SPATIAL).eval()
     empty = model(*regressor_inputs(model, batch=0))
     assert [o.shape for o in empty] == [(0, 5), (0, 5)]

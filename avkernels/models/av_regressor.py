@@ -168,8 +168,9 @@ class AVRegressor(nn.Module):
             ``spatial_attention`` is on (then the input is the flattened ``spatial_channels x spatial_positions``
             map and the attention outputs ``dims[0]`` features).
         seq_len: ``L``, the clips per sequence (the fusion learns an ``L x L`` map, so inputs must have this length).
-        fusion: ``"jca"``, ``"rjca"``, ``"dca"``, ``"grjca"`` (case-insensitive), or a constructed fusion module that
-            maps ``(B, L, d_m)`` tensors to tensors of the same shapes and accepts ``return_gates``.
+        fusion: ``"jca"``, ``"rjca"``, ``"dca"``, ``"grjca"`` (case-insensitive; default GRJCA, the latest of the
+            family), or a built fusion module that maps ``(B, L, d_m)`` tensors to tensors of the same shapes and
+            accepts ``return_gates=True`` (returning the outputs and a dict), as the library's fusions do.
         fusion_kwargs: keyword arguments of the fusion class when ``fusion`` is a name (``iterations``, ``dropout``,
             ``tau``, ``backend``, ...).
         encoders: per-modality :class:`ResidualBiLSTM` (``d_m -> d_m``) before the fusion.

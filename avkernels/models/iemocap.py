@@ -90,7 +90,7 @@ class _AttentionClassifier(nn.Module):
 
     def __init__(
         self,
-        modalities: Sequence[str],
+        modalities: Sequence[str] = ("text", "video", "audio"),
         *,
         specs: Optional[Mapping[str, ModalitySpec]] = None,
         num_classes: int = 7,
@@ -180,8 +180,8 @@ class SelfAttentionClassifier(_AttentionClassifier):
     """Self-attention per modality (``TVAModel_Self``): tri-, bi- or uni-modal.
 
     Args:
-        modalities: any non-empty subset of ``("text", "video", "audio")`` (or of the names in ``specs``); the
-            inputs of :meth:`forward` come in this order.
+        modalities: any non-empty subset of ``("text", "video", "audio")`` (the default, tri-modal) or of the names in
+            ``specs``; the inputs of :meth:`forward` come in this order.
         specs: per-modality :class:`ModalitySpec` overriding :data:`IEMOCAP_MODALITIES` (e.g. shorter sequences).
         num_classes: 7 for the paper's IEMOCAP setting.
         rnn_hidden: BiGRU units per direction; the attention width is ``2 * rnn_hidden``.
@@ -203,7 +203,8 @@ class CrossAttentionClassifier(_AttentionClassifier):
 
     For every target modality and every other (source) modality, ``MHA(Q = target, K = V = source)``: the output
     keeps the target's length. The pairs are ordered target by target in the order of ``modalities``; this order
-    only matters for ``pooling="concat"``. Arguments as :class:`SelfAttentionClassifier`.
+    only matters for ``pooling="concat"``. Arguments as :class:`SelfAttentionClassifier`, with at least two
+    modalities.
     """
 
     min_modalities = 2
