@@ -57,6 +57,14 @@ def _row_offsets(rows, L, SB, SL, T: tl.constexpr):
 
 
 @triton.jit
+def _feature_tile(k0, cols, d, row_ok):
+    """Columns ``k0 + cols`` of a block of rows: the columns, their mask, and the (row, column) mask."""
+    cols_k = k0 + cols
+    col_ok = cols_k < d
+    return cols_k, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def _load_tiles(XS, row_offs, SD, cols, mask, T: tl.constexpr, ACC: tl.constexpr):
     """The ``(BLOCK_R, BLOCK_D)`` tile of every stage, upcast to ``ACC`` at once (bf16 math is wrong in the
     interpreter and imprecise on GPU)."""
@@ -208,15 +216,12 @@ def _softmax_mix_fwd_kernel(
 
     z = tl.zeros([BLOCK_R, BLOCK_T], ACC)
     if ONE_TILE:
-        col_ok = cols < d
-        mask = row_ok[:, None] & col_ok[None, :]
+        _, col_ok, mask = _feature_tile(0, cols, d, row_ok)
         tiles = _load_tiles(XS, row_offs, X_SD, cols, mask, T, ACC)
         z = _add_logits(z, tiles, W, w_s0, w_s1, d, cols, col_ok, t_idx, T, FIRST, ACC)
     else:
         for k0 in range(0, d, BLOCK_D):
-            cols_k = k0 + cols
-            col_ok = cols_k < d
-            mask = row_ok[:, None] & col_ok[None, :]
+            cols_k, col_ok, mask = _feature_tile(k0, cols, d, row_ok)
             tiles = _load_tiles(XS, row_offs, X_SD, cols_k, mask, T, ACC)
             z = _add_logits(z, tiles, W, w_s0, w_s1, d, cols_k, col_ok, t_idx, T, FIRST, ACC)
 
@@ -232,8 +237,7 @@ def _softmax_mix_fwd_kernel(
         tl.store(Out + out_rows[:, None] + cols[None, :], _mix(tiles, s, t_idx, T).to(Out.dtype.element_ty), mask=mask)
     else:
         for k0 in range(0, d, BLOCK_D):
-            cols_k = k0 + cols
-            mask = row_ok[:, None] & (cols_k < d)[None, :]
+            cols_k, _, mask = _feature_tile(k0, cols, d, row_ok)
             tiles = _load_tiles(XS, row_offs, X_SD, cols_k, mask, T, ACC)
             out = _mix(tiles, s, t_idx, T)
             tl.store(Out + out_rows[:, None] + cols_k[None, :], out.to(Out.dtype.element_ty), mask=mask)
@@ -297,16 +301,14 @@ def _softmax_mix_bwd_kernel(
         ds = tl.load(ds_ptrs, mask=rt_mask, other=0.0).to(ACC)
 
         if ONE_TILE:
-            col_ok = cols < d
-            mask = row_ok[:, None] & col_ok[None, :]
+            _, col_ok, mask = _feature_tile(0, cols, d, row_ok)
             tiles = _load_tiles(XS, row_offs, X_SD, cols, mask, T, ACC)
             dpre = _relu_grad(DOut, do_rows, do_sd, Out, out_rows, cols, mask, ACC)
             g = _stage_dots(dpre, tiles, t_idx, T, BLOCK_R, BLOCK_T, ACC) + ds
         else:
             g = ds
             for k0 in range(0, d, BLOCK_D):
-                cols_k = k0 + cols
-                mask = row_ok[:, None] & (cols_k < d)[None, :]
+                cols_k, _, mask = _feature_tile(k0, cols, d, row_ok)
                 tiles = _load_tiles(XS, row_offs, X_SD, cols_k, mask, T, ACC)
                 dpre = _relu_grad(DOut, do_rows, do_sd, Out, out_rows, cols_k, mask, ACC)
                 g += _stage_dots(dpre, tiles, t_idx, T, BLOCK_R, BLOCK_T, ACC)
@@ -318,9 +320,7 @@ def _softmax_mix_bwd_kernel(
                                 FIRST, ACC)
         else:
             for k0 in range(0, d, BLOCK_D):
-                cols_k = k0 + cols
-                col_ok = cols_k < d
-                mask = row_ok[:, None] & col_ok[None, :]
+                cols_k, col_ok, mask = _feature_tile(k0, cols, d, row_ok)
                 tiles = _load_tiles(XS, row_offs, X_SD, cols_k, mask, T, ACC)
                 dpre = _relu_grad(DOut, do_rows, do_sd, Out, out_rows, cols_k, mask, ACC)
                 # This program's private row of the partials: no other program touches it, so no atomics.
