@@ -174,7 +174,9 @@ def _grjca_loss(model, features):
 def test_grjca_compiles_fullgraph(mode):
     """torch.compile(fullgraph=True) of GRJCA on the Triton backend: the forward traces without a graph break
     (fullgraph raises on one) and AOTAutograd builds the backward from the custom ops' autograd formulas. In eval mode
-    the compiled step matches eager, outputs and parameter gradients."""
+    the compiled step matches eager, outputs and parameter gradients. ``backend="aot_eager"`` runs the same Dynamo
+    capture and AOTAutograd as the default backend, minus Inductor's code generation, which alone takes over a
+    minute on a CPU-only machine."""
     model, _ = _twins("GRJCA", 2, torch.float32, dropout=0.6)
     model.train(mode == "train")
     features = [x.requires_grad_(True) for x in _features(2, torch.float32)]
