@@ -47,7 +47,7 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 
 @triton.jit
 def _row_offsets(rows, L, SB, SL, T: tl.constexpr):
-    """Per-stage element offset of each row ``r = b * L + l`` of a ``(B, L, d)`` view: a tuple of ``T`` int64 vectors."""
+    """Per-stage element offset of each row ``r = b * L + l`` of a ``(B, L, d)`` view (a tuple of T int64 vectors)."""
     b = rows // L
     l_ = rows % L
     offsets = ()
@@ -77,7 +77,7 @@ def _load_tiles(XS, row_offs, SD, cols, mask, T: tl.constexpr, ACC: tl.constexpr
 
 @triton.jit
 def _column(x, t_idx, t: tl.constexpr):
-    """Column ``t`` of a ``(BLOCK_R, BLOCK_T)`` tile; a select rather than a product so NaN in other columns stays put."""
+    """Column ``t`` of a ``(BLOCK_R, BLOCK_T)`` tile: a select, not a product, so NaN in other columns stays put."""
     return tl.sum(tl.where(t_idx[None, :] == t, x, 0.0), axis=1)
 
 
@@ -87,7 +87,8 @@ def _put_column(x, t_idx, t: tl.constexpr, value):
 
 
 @triton.jit
-def _weight_row(W, w_s0, w_s1, j: tl.constexpr, t: tl.constexpr, d, cols, col_ok, FIRST: tl.constexpr, ACC: tl.constexpr):
+def _weight_row(W, w_s0, w_s1, j: tl.constexpr, t: tl.constexpr, d, cols, col_ok, FIRST: tl.constexpr,
+                ACC: tl.constexpr):
     """The slice of logit ``j``'s weights that multiplies stage ``t``: ``W[j, (t - FIRST) * d + cols]``."""
     return tl.load(W + j * w_s0 + ((t - FIRST) * d + cols) * w_s1, mask=col_ok, other=0.0).to(ACC)
 
@@ -155,7 +156,8 @@ def _load_partials(dw_row, n_wcols, d, cols, col_ok, T: tl.constexpr, FIRST: tl.
 def _store_partials(dw_row, dw, n_wcols, d, cols, col_ok, T: tl.constexpr, FIRST: tl.constexpr):
     for j in tl.static_range(T):
         for t in tl.static_range(FIRST, T):
-            tl.store(_partials_ptrs(dw_row, n_wcols, d, cols, j, t, FIRST), dw[j * (T - FIRST) + t - FIRST], mask=col_ok)
+            ptrs = _partials_ptrs(dw_row, n_wcols, d, cols, j, t, FIRST)
+            tl.store(ptrs, dw[j * (T - FIRST) + t - FIRST], mask=col_ok)
 
 
 @triton.jit
@@ -186,7 +188,7 @@ def _softmax_mix_fwd_kernel(
     Bias, bias_s,
     Out, S,
     n_rows, L, d,
-    tau: "fp64",
+    tau: tl.float64,
     T: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
@@ -252,7 +254,7 @@ def _softmax_mix_bwd_kernel(
     S, Out,
     DXS, DW_partial, DB_partial,
     n_rows, L, d, n_blocks,
-    tau: "fp64",
+    tau: tl.float64,
     T: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
@@ -482,8 +484,8 @@ def softmax_mix_specializations(n_stages: int, first: int) -> List[Tuple[object,
 
 
 def aot_specializations() -> List[Tuple[object, dict, dict]]:
-    """Every ``(kernel, signature, constexprs)`` the stage-gate launchers produce for ``T = 1 ..`` :data:`MAX_STAGES_AOT`,
-    for ahead-of-time compilation checks (tests/test_triton_compile.py)."""
+    """Every ``(kernel, signature, constexprs)`` the stage-gate launchers produce for ``T = 1`` to
+    :data:`MAX_STAGES_AOT`, for ahead-of-time compilation checks (tests/test_triton_compile.py)."""
     return [spec for n_stages in range(1, MAX_STAGES_AOT + 1) for spec in softmax_mix_specializations(n_stages, 0)]
 
 
