@@ -6,6 +6,7 @@ inside a kernel to learn that they passed (B, d, L) instead of (B, L, d).
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -57,12 +58,12 @@ def _autocast_enabled(device: torch.device) -> bool:
 
 
 def check_probability(p: float, name: str) -> float:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 <= float(p) < 1.0):
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not (0.0 <= float(p) < 1.0):
         raise ValueError(f"{name}: expected a float in [0, 1), got {p!r}")
     return float(p)
 
 
 def check_positive(x: float, name: str) -> float:
-    if not isinstance(x, (int, float)) or isinstance(x, bool) or not float(x) > 0.0:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not float(x) > 0.0:
         raise ValueError(f"{name}: expected a positive number, got {x!r}")
     return float(x)

@@ -242,3 +242,12 @@ def test_stage_gate_bad_stages():
         avkernels.stage_gate([a, u.to("meta")], r(2, 8), r(2), **REF)
     with pytest.raises(TypeError, match=esc("stages[0]: expected a floating-point tensor") + ".*got torch.int64"):
         avkernels.stage_gate([a.long(), u], r(2, 8), r(2), **REF)
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    o = avkernels.tanh_attention(q, k, v, scale=np.float32(0.5), dropout_p=np.float64(0.2), training=True, **REF)
+    assert o.shape == (2, 3, 6)
+    _, g = avkernels.gate(a, u, w, b, tau=np.float32(0.3), **REF)
+    assert g.shape == (2, 3, 2)
+    assert avkernels.GRJCA((3, 5), 4, dropout=np.float64(0.1), tau=np.float32(0.2)).iterations == 2
