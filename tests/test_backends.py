@@ -170,7 +170,8 @@ def test_reference_always_available():
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match=re.escape("must be one of ('reference', 'triton', 'cpp', 'cuda') or None, got 'gpu'")):
+    msg = "must be one of ('reference', 'triton', 'cpp', 'cuda') or None, got 'gpu'"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         avkernels.tanh_attention(rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2), backend="gpu")
     with pytest.raises(ValueError, match="got 'Reference'"):
         avkernels.gate(rand(1, 2, 3), rand(1, 2, 3), rand(2, 3), rand(2), backend="Reference")
@@ -218,7 +219,8 @@ def test_environment_variable_invalid_or_unavailable(monkeypatch):
         avkernels.tanh_attention(x, x, x)
     if not torch.cuda.is_available():
         monkeypatch.setenv(BACKEND_ENV_VAR, "cuda")
-        with pytest.raises(RuntimeError, match=re.escape(f"backend 'cuda' (from ${BACKEND_ENV_VAR}) cannot run on cpu")):
+        msg = f"backend 'cuda' (from ${BACKEND_ENV_VAR}) cannot run on cpu"
+        with pytest.raises(RuntimeError, match=re.escape(msg)):
             avkernels.JCA((3, 5), 2)(rand(1, 2, 3).float(), rand(1, 2, 5).float())
 
 
