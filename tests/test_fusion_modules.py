@@ -176,6 +176,25 @@ def test_matches_spec(name, n_mod, form):
     _assert_outputs(out, expected)
 
 
+@pytest.mark.parametrize("name", ["DCA", "GRJCA"])
+def test_non_contiguous_features(name):
+    model = build(name, form="dense").eval()
+    X = [torch.randn(2, d, L, dtype=F64).transpose(1, 2) for d in (3, 5)]  # (B, L, d_m) views of (B, d_m, L)
+    assert not any(x.is_contiguous() for x in X)
+    _assert_outputs(model(*X), spec_forward(model, X, name, "dense")[0])
+
+
+@pytest.mark.parametrize("form", ["dense", "additive"])
+def test_float32_close_to_spec(form):
+    model = build("GRJCA", (3, 5, 4), form=form, tau=0.5, stage_tau=0.5).eval()
+    X = features((3, 5, 4), batch=3)
+    expected, _ = spec_forward(model, X, "GRJCA", form, tau=0.5, stage_tau=0.5)
+    out = model.float()(*[x.float() for x in X])
+    for o, e in zip(out, expected):
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o.double(), e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("iterations", [1, 3])
 @pytest.mark.parametrize("name", ["RJCA", "GRJCA"])
 def test_iterations_match_spec(name, iterations):
