@@ -359,6 +359,27 @@ def test_custom_ops_opcheck(standin):
     torch.library.opcheck(ops.stage_gate, ([a, u], rand(2, 8, requires_grad=True), b, 0.2, "cpp"))
 
 
+def test_custom_ops_compile_without_graph_breaks(standin):
+    # The seed travels as a tensor so that torch.compile traces the public ops whole (fullgraph=True), dropout
+    # included; the compiled function draws the same mask as the eager one from the same torch seed.
+    def fn(q, k, v, w, b, sw, sb):
+        o = avkernels.tanh_attention(q, k, v, dropout_p=0.3, training=True, activation="tanh_relu", backend="cpp")
+        out, g = avkernels.gate(o, q, w, b, backend="cpp")
+        z, s = avkernels.stage_gate([out, q], sw, sb, backend="cpp")
+        return z, g, s
+
+    shapes = [(2, 3, 4), (2, 5, 4), (5, 4), (2, 4), (2,), (2, 8), (2,)]
+    inputs = tuple(rand(*shape, requires_grad=True) for shape in shapes)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    def seeded(f):
+        return lambda *x: (torch.manual_seed(1), f(*x))[1]
+
+    try:
+        _compare(seeded(compiled), seeded(fn), inputs)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("form", ["dense", "additive"])
 def test_modules_route_through_the_chosen_backend(standin, form):
     model = avkernels.GRJCA((3, 5), 4, form=form, backend="cpp").double().eval()
