@@ -299,6 +299,11 @@ def _softmax_mix_bwd_kernel(
         rt_mask = row_ok[:, None] & t_ok[None, :]
         # Padded rows and stages load s = 0, hence dz = 0: they add nothing to the partial sums.
         s = tl.load(S + rows[:, None] * T + t_idx[None, :], mask=rt_mask, other=0.0).to(ACC)
+        # s was saved in the inputs' dtype: in bf16/fp16 its rows no longer sum to 1, and the softmax backward below
+        # then leaks |m| * (1 - sum s) / tau into every logit gradient (the bias gradient, a sum over all rows, was
+        # 10x the reference's error in bf16). Renormalising restores sum s = 1 (a rounding-level change in fp32).
+        s_sum = tl.sum(s, axis=1)
+        s = s / tl.where(s_sum == 0.0, 1.0, s_sum)[:, None]  # padded rows sum to 0: leave them 0
         ds_ptrs = DS + ((rows // L) * ds_sb + (rows % L) * ds_sl)[:, None] + t_idx[None, :] * ds_st
         ds = tl.load(ds_ptrs, mask=rt_mask, other=0.0).to(ACC)
 
