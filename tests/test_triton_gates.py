@@ -267,9 +267,11 @@ def _flash_error_bound(ours, ref_in_dtype, ref64):
     return ours_err, 2 * pt_err + floor
 
 
+@pytest.mark.parametrize("seed", [0, 7, 10])  # 7 and 10 failed before the backward renormalised s
 @pytest.mark.parametrize("op", ["gate", "stage_gate"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_flash_rule(op, dtype):
+def test_half_precision_flash_rule(op, dtype, seed):
+    torch.manual_seed(seed)
     shape = (4, 9, 48)
     if op == "gate":
         leaves, fn, n_gates = _gate_args(*shape, dtype), _gate_fn, 2
