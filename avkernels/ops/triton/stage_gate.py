@@ -23,10 +23,14 @@ Design:
 * Deterministic weight/bias gradients without atomics and without a separate deterministic mode: each backward
   program owns one row of a partials buffer (registers while ``d`` fits one tile, its private global row otherwise)
   and the host sums the partials along a fixed axis with ``torch.sum``. Same inputs, same grid, same bits.
+* The backward reads the saved softmax weights ``s`` and renormalises each row: saved in bf16/fp16 they no longer
+  sum to 1, which would bias every logit gradient (and so the bias gradient, a sum over all rows).
+* ``tau`` reaches the kernels as fp64, so that fp64 runs divide by the exact temperature.
 * ``exp`` via ``tl.exp`` (no libdevice, which the interpreter cannot run); no autotuning: block sizes follow from the
   shape (:func:`launch_config`).
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
@@ -380,6 +384,11 @@ def _backward_programs(device: torch.device, n_blocks: int) -> int:
     return min(n_blocks, 4)
 
 
+def _launch_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the inputs' device (they may live on another GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def softmax_mix_forward(
     stages: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, tau: float, first: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -392,16 +401,17 @@ def softmax_mix_forward(
     s = torch.empty(batch, length, n_stages, dtype=x0.dtype, device=x0.device)
     cfg = launch_config(n_stages, first, d, n_rows, backward=False)
     sb, sl, sd = _stage_strides(stages)
-    _softmax_mix_fwd_kernel[(triton.cdiv(n_rows, cfg.block_r),)](
-        tuple(stages), sb, sl, sd,
-        weight, weight.stride(0), weight.stride(1),
-        bias, bias.stride(0),
-        out, s,
-        n_rows, length, d, float(tau),
-        T=n_stages, FIRST=first, ACC=_acc_dtype(x0.dtype),
-        BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, ONE_TILE=cfg.one_tile,
-        num_warps=NUM_WARPS,
-    )
+    with _launch_device(x0.device):
+        _softmax_mix_fwd_kernel[(triton.cdiv(n_rows, cfg.block_r),)](
+            tuple(stages), sb, sl, sd,
+            weight, weight.stride(0), weight.stride(1),
+            bias, bias.stride(0),
+            out, s,
+            n_rows, length, d, float(tau),
+            T=n_stages, FIRST=first, ACC=_acc_dtype(x0.dtype),
+            BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, ONE_TILE=cfg.one_tile,
+            num_warps=NUM_WARPS,
+        )
     return out, s
 
 
@@ -436,18 +446,19 @@ def softmax_mix_backward(
     dw_partial = torch.zeros(n_programs, n_stages, (n_stages - first) * d, dtype=acc_dtype, device=x0.device)
     db_partial = torch.empty(n_programs, n_stages, dtype=acc_dtype, device=x0.device)
     sb, sl, sd = _stage_strides(stages)
-    _softmax_mix_bwd_kernel[(n_programs,)](
-        dout, *dout.stride(),
-        ds, *ds.stride(),
-        tuple(stages), sb, sl, sd,
-        weight, weight.stride(0), weight.stride(1),
-        s.contiguous(), out.contiguous(),
-        grads, dw_partial, db_partial,
-        n_rows, length, d, n_blocks, float(tau),
-        T=n_stages, FIRST=first, ACC=_acc_dtype(x0.dtype),
-        BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, ONE_TILE=cfg.one_tile,
-        num_warps=NUM_WARPS,
-    )
+    with _launch_device(x0.device):
+        _softmax_mix_bwd_kernel[(n_programs,)](
+            dout, *dout.stride(),
+            ds, *ds.stride(),
+            tuple(stages), sb, sl, sd,
+            weight, weight.stride(0), weight.stride(1),
+            s.contiguous(), out.contiguous(),
+            grads, dw_partial, db_partial,
+            n_rows, length, d, n_blocks, float(tau),
+            T=n_stages, FIRST=first, ACC=_acc_dtype(x0.dtype),
+            BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, ONE_TILE=cfg.one_tile,
+            num_warps=NUM_WARPS,
+        )
     # A fixed-order reduction over the programs' partials: deterministic, unlike atomics.
     d_weight = dw_partial.sum(0).to(weight.dtype)
     d_bias = db_partial.sum(0).to(weight.dtype)
