@@ -53,6 +53,7 @@ def _run(model, features, weights):
     model.zero_grad(set_to_none=True)
     outputs, gates = model(*leaves, return_gates=True)
     results = list(outputs) + _flat_gates(gates)
+    assert len(results) <= len(weights), "every output and gate must reach the loss"
     loss = sum((r * w[: r.numel()].view_as(r)).sum() for r, w in zip(results, weights))
     loss.backward()
     params = {name: p.grad for name, p in model.named_parameters()}
