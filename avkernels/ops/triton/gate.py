@@ -26,9 +26,9 @@ def _backward(dout, dg, attended, unattended, weight, g, out, tau):
     return d_attended, d_unattended, d_weight, d_bias
 
 
-def aot_specializations() -> List[Tuple[object, dict, dict]]:
-    """Every ``(kernel, signature, constexprs)`` the gate launchers produce (two stages, logits from the attended
-    one), for ahead-of-time compilation checks (tests/test_triton_compile.py)."""
+def aot_specializations() -> List[Tuple[object, dict, dict, dict]]:
+    """Every ``(kernel, signature, constexprs, compile options)`` the gate launchers produce (two stages, logits
+    from the attended one), for ahead-of-time compilation checks (tests/test_triton_compile.py)."""
     return softmax_mix_specializations(2, ATTENDED_STAGE)
 
 

@@ -41,19 +41,24 @@ import triton.language as tl
 from avkernels.backends import OpImpl, register_impl
 
 MAX_BLOCK_D = 1024  # widest feature tile held in registers; wider rows are tiled
-REGISTER_BUDGET = 8192  # fp32 values a program keeps live (64 per thread at 4 warps) when sizing BLOCK_R
+REGISTER_BUDGET = 8192  # fp32 values a program keeps live when sizing BLOCK_R (64 per thread at 4 warps)
 MAX_BLOCK_R = 64
-NUM_WARPS = 4
 MAX_STAGES_AOT = 4  # GRJCA: T = iterations (+ 1 with stage_include_input); aot_specializations() lists T <= this
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 @triton.jit
-def _row_offsets(rows, L, SB, SL, T: tl.constexpr):
-    """Per-stage element offset of each row ``r = b * L + l`` of a ``(B, L, d)`` view (a tuple of T int64 vectors)."""
-    b = rows // L
-    l_ = rows % L
+def _split_rows(rows, L):
+    """``(b, l)`` of each row ``r = b * L + l``, as int64 for the offsets. The division runs in int32: a 64-bit
+    integer division is a subroutine call on NVIDIA GPUs (stack frame, register pressure); rows fit int32 (checked
+    by the launchers)."""
+    return (rows // L).to(tl.int64), (rows % L).to(tl.int64)
+
+
+@triton.jit
+def _row_offsets(b, l_, SB, SL, T: tl.constexpr):
+    """Per-stage element offset of rows ``(b, l)`` of ``(B, L, d)`` views (a tuple of T int64 vectors)."""
     offsets = ()
     for t in tl.static_range(T):
         offsets = offsets + (b * SB[t] + l_ * SL[t],)
@@ -213,9 +218,11 @@ def _softmax_mix_fwd_kernel(
     Grid:
         ``(cdiv(n_rows, BLOCK_R),)``: one program per block of ``BLOCK_R`` rows.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    row_offs = _row_offsets(rows, L, X_SB, X_SL, T)
+    b, l_ = _split_rows(rows, L)
+    row_offs = _row_offsets(b, l_, X_SB, X_SL, T)
+    rows = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
     t_idx = tl.arange(0, BLOCK_T)
     t_ok = t_idx < T
@@ -295,10 +302,12 @@ def _softmax_mix_bwd_kernel(
     db = tl.zeros([BLOCK_T], ACC)
 
     for block in range(pid, n_blocks, n_programs):
-        rows = block * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # block * BLOCK_R < n_rows + BLOCK_R fits i32
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
-        row_offs = _row_offsets(rows, L, X_SB, X_SL, T)
-        do_rows = (rows // L) * do_sb + (rows % L) * do_sl
+        b, l_ = _split_rows(rows, L)
+        row_offs = _row_offsets(b, l_, X_SB, X_SL, T)
+        do_rows = b * do_sb + l_ * do_sl
+        rows = rows.to(tl.int64)
         out_rows = rows * d
         rt_mask = row_ok[:, None] & t_ok[None, :]
         # Padded rows and stages load s = 0, hence dz = 0: they add nothing to the partial sums.
@@ -308,7 +317,7 @@ def _softmax_mix_bwd_kernel(
         # 10x the reference's error in bf16). Renormalising restores sum s = 1 (a rounding-level change in fp32).
         s_sum = tl.sum(s, axis=1)
         s = s / tl.where(s_sum == 0.0, 1.0, s_sum)[:, None]  # padded rows sum to 0: leave them 0
-        ds_ptrs = DS + ((rows // L) * ds_sb + (rows % L) * ds_sl)[:, None] + t_idx[None, :] * ds_st
+        ds_ptrs = DS + (b * ds_sb + l_ * ds_sl)[:, None] + t_idx[None, :] * ds_st
         ds = tl.load(ds_ptrs, mask=rt_mask, other=0.0).to(ACC)
 
         if ONE_TILE:
@@ -351,12 +360,14 @@ class LaunchConfig:
     block_d: int
     block_t: int
     one_tile: bool
+    num_warps: int
 
 
-def launch_config(n_stages: int, first: int, d: int, n_rows: int, backward: bool) -> LaunchConfig:
+def launch_config(n_stages: int, first: int, d: int, n_rows: int, backward: bool, fp64: bool = False) -> LaunchConfig:
     """Block sizes for ``n_stages`` stages of ``d`` features: the widest feature tile up to :data:`MAX_BLOCK_D`, and
     as many rows as keep the live tiles (stages, ``out`` and ``dout`` in backward, plus the register-held weight
-    gradient partials) within :data:`REGISTER_BUDGET`, so the kernels do not spill."""
+    gradient partials) within :data:`REGISTER_BUDGET`. The backward (gradients, weight rows and addresses on top of
+    the tiles) and fp64 (two registers a value) run 8 warps: at 4, ptxas spilled to the stack on sm_90."""
     block_d = min(triton.next_power_of_2(max(d, 1)), MAX_BLOCK_D)
     live_tiles = n_stages + (2 if backward else 1)
     held = n_stages * (n_stages - first) if backward else 0
@@ -365,7 +376,8 @@ def launch_config(n_stages: int, first: int, d: int, n_rows: int, backward: bool
     one_tile = d <= block_d
     rows_fit = max(1, (REGISTER_BUDGET - held * block_d) // (live_tiles * block_d))
     block_r = min(MAX_BLOCK_R, 1 << (rows_fit.bit_length() - 1), triton.next_power_of_2(max(n_rows, 1)))
-    return LaunchConfig(block_r, block_d, triton.next_power_of_2(n_stages), one_tile)
+    num_warps = 8 if backward or fp64 else 4
+    return LaunchConfig(block_r, block_d, triton.next_power_of_2(n_stages), one_tile, num_warps)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -384,6 +396,11 @@ def _backward_programs(device: torch.device, n_blocks: int) -> int:
     return min(n_blocks, 4)
 
 
+def _check_rows(n_rows: int) -> None:
+    if n_rows >= 2**31 - MAX_BLOCK_R:
+        raise ValueError(f"gate/stage_gate (triton): B * L = {n_rows} rows; the kernels index rows in int32 (< 2**31)")
+
+
 def _launch_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the inputs' device (they may live on another GPU)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -397,9 +414,10 @@ def softmax_mix_forward(
     x0 = stages[0]
     batch, length, d = x0.shape
     n_stages, n_rows = len(stages), batch * length
+    _check_rows(n_rows)
     out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     s = torch.empty(batch, length, n_stages, dtype=x0.dtype, device=x0.device)
-    cfg = launch_config(n_stages, first, d, n_rows, backward=False)
+    cfg = launch_config(n_stages, first, d, n_rows, backward=False, fp64=x0.dtype == torch.float64)
     sb, sl, sd = _stage_strides(stages)
     with _launch_device(x0.device):
         _softmax_mix_fwd_kernel[(triton.cdiv(n_rows, cfg.block_r),)](
@@ -410,7 +428,7 @@ def softmax_mix_forward(
             n_rows, length, d, float(tau),
             T=n_stages, FIRST=first, ACC=_acc_dtype(x0.dtype),
             BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, ONE_TILE=cfg.one_tile,
-            num_warps=NUM_WARPS,
+            num_warps=cfg.num_warps,
         )
     return out, s
 
@@ -432,8 +450,9 @@ def softmax_mix_backward(
     x0 = stages[0]
     batch, length, d = x0.shape
     n_stages, n_rows = len(stages), batch * length
+    _check_rows(n_rows)
     acc_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    cfg = launch_config(n_stages, first, d, n_rows, backward=True)
+    cfg = launch_config(n_stages, first, d, n_rows, backward=True, fp64=x0.dtype == torch.float64)
     n_blocks = triton.cdiv(n_rows, cfg.block_r)
     n_programs = _backward_programs(x0.device, n_blocks)
     if stacked:
@@ -457,7 +476,7 @@ def softmax_mix_backward(
             n_rows, length, d, n_blocks, float(tau),
             T=n_stages, FIRST=first, ACC=_acc_dtype(x0.dtype),
             BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, ONE_TILE=cfg.one_tile,
-            num_warps=NUM_WARPS,
+            num_warps=cfg.num_warps,
         )
     # A fixed-order reduction over the programs' partials: deterministic, unlike atomics.
     d_weight = dw_partial.sum(0).to(weight.dtype)
@@ -465,9 +484,11 @@ def softmax_mix_backward(
     return d_stages, d_weight, d_bias
 
 
-def softmax_mix_specializations(n_stages: int, first: int) -> List[Tuple[object, dict, dict]]:
-    """Forward and backward specialisations for ``n_stages`` stages: every dtype, with one-tile and multi-tile
-    feature layouts (``d`` = 512, the official shape, and 4096)."""
+def softmax_mix_specializations(n_stages: int, first: int) -> List[Tuple[object, dict, dict, dict]]:
+    """Forward and backward specialisations for ``n_stages`` stages, as ``(kernel, signature, constexprs, compile
+    options)``: every dtype, with one-tile and multi-tile feature layouts (``d`` = 512, the official shape, and 4096).
+    Signature entries of the stage tuples (``XS``, ``X_SB``, ...) are tuples of types, as Triton spells tuple
+    arguments."""
     specs = []
     for dtype, ty in _TRITON_DTYPES.items():
         acc_ty = "fp64" if dtype == torch.float64 else "fp32"
@@ -475,7 +496,7 @@ def softmax_mix_specializations(n_stages: int, first: int) -> List[Tuple[object,
         stage_ints = tuple("i32" for _ in range(n_stages))
         for d in (512, 4096):
             for backward in (False, True):
-                cfg = launch_config(n_stages, first, d, 1024, backward)
+                cfg = launch_config(n_stages, first, d, 1024, backward, fp64=dtype == torch.float64)
                 constexprs = {
                     "T": n_stages, "FIRST": first, "ACC": _acc_dtype(dtype), "BLOCK_R": cfg.block_r,
                     "BLOCK_D": cfg.block_d, "BLOCK_T": cfg.block_t, "ONE_TILE": cfg.one_tile,
@@ -495,12 +516,12 @@ def softmax_mix_specializations(n_stages: int, first: int) -> List[Tuple[object,
                     signature.update({"Bias": "*" + ty, "bias_s": "i32", "Out": "*" + ty, "S": "*" + ty})
                     kernel = _softmax_mix_fwd_kernel
                 signature.update({name: "constexpr" for name in constexprs})
-                specs.append((kernel, signature, constexprs))
+                specs.append((kernel, signature, constexprs, {"num_warps": cfg.num_warps}))
     return specs
 
 
-def aot_specializations() -> List[Tuple[object, dict, dict]]:
-    """Every ``(kernel, signature, constexprs)`` the stage-gate launchers produce for ``T = 1`` to
+def aot_specializations() -> List[Tuple[object, dict, dict, dict]]:
+    """Every ``(kernel, signature, constexprs, compile options)`` the stage-gate launchers produce for ``T = 1`` to
     :data:`MAX_STAGES_AOT`, for ahead-of-time compilation checks (tests/test_triton_compile.py)."""
     return [spec for n_stages in range(1, MAX_STAGES_AOT + 1) for spec in softmax_mix_specializations(n_stages, 0)]
 
