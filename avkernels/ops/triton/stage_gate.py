@@ -366,8 +366,10 @@ class LaunchConfig:
 def launch_config(n_stages: int, first: int, d: int, n_rows: int, backward: bool, fp64: bool = False) -> LaunchConfig:
     """Block sizes for ``n_stages`` stages of ``d`` features: the widest feature tile up to :data:`MAX_BLOCK_D`, and
     as many rows as keep the live tiles (stages, ``out`` and ``dout`` in backward, plus the register-held weight
-    gradient partials) within :data:`REGISTER_BUDGET`. The backward (gradients, weight rows and addresses on top of
-    the tiles) and fp64 (two registers a value) run 8 warps: at 4, ptxas spilled to the stack on sm_90."""
+    gradient partials) within :data:`REGISTER_BUDGET`. Warps: 4 for the forward, 8 for the backward (gradients,
+    weight rows and addresses on top of the tiles) and for fp64 (two registers a value). Compiled for sm_80/sm_90,
+    every specialisation of :func:`aot_specializations` has no local-memory spill; 7 of 160 keep 8-32 bytes on the
+    stack (16 warps made it worse: ptxas then caps registers at 128)."""
     block_d = min(triton.next_power_of_2(max(d, 1)), MAX_BLOCK_D)
     live_tiles = n_stages + (2 if backward else 1)
     held = n_stages * (n_stages - first) if backward else 0
