@@ -41,7 +41,12 @@ def _extensions():
                 "avkernels._C_cpu",
                 cpu_sources,
                 include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+                # -fopenmp: at::parallel_for is only parallel in code compiled with OpenMP (torch's CPU build uses
+                # it; the extension then shares torch's libgomp). -ffp-contract=fast: let the ISA clones use FMA. No -std:
+                # torch.utils.cpp_extension adds the standard its headers need (C++20 for torch >= 2.10).
+                # No -march: the kernels carry their own AVX-512 / AVX2 / baseline clones (csrc/cpu/simd.h).
+                extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast"]},
+                extra_link_args=["-fopenmp"],
             )
         )
     cuda_sources = sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))

@@ -1,0 +1,580 @@
+// Fused tanh attention on CPU: o = Drop_p(tanh(scale * q @ k^T)) @ v (SPEC 1), forward and backward.
+//
+// The (Mq x N) map is never stored. A task owns a block of kBM query rows of one batch element and sweeps the keys
+// in blocks of kBN columns: the S tile (kBM x kBN) is computed from small zero-padded packed copies of the current q
+// rows and k/v block, passed through tanh and the dropout mask in registers, parked in an L1-sized buffer and
+// immediately contracted with the v block. Backward recomputes each tile (and redraws its dropout mask from the
+// same Philox offsets) instead of reading a saved map.
+//
+// Zero padding makes every tile full: padded keys have k = v = 0, hence S = 0, tanh(S) = 0 and dS = 0, and padded
+// query rows have q = do = 0, so padding contributes nothing and the micro-kernels have no tail loops.
+//
+// Determinism: forward tasks write disjoint output rows. Backward tasks own their dq rows and accumulate dk/dv into
+// a private buffer; the buffers are then summed in task order. The task partition depends on the shapes only (not
+// on the thread count), so results are bitwise reproducible with any number of threads.
+
+#include "ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+#include "common/philox.h"
+#include "simd.h"
+
+#if AVK_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+namespace avk {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dropout keep flags from Philox (csrc/common/philox.h), 16 offsets at a time.
+//
+// Philox is the most expensive part of a training step on CPU (10 rounds of two 32x32->64 multiplies per map
+// element, twice: forward and backward), and compilers widen those multiplies to full 64x64 products when left to
+// themselves. So it has hand-written AVX-512 and AVX2 versions (one vpmuludq per product, even and odd lanes),
+// selected once at load time, and the portable scalar version of philox.h as the reference and fallback.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int64_t kKeepChunk = 16;  // keep_flags handles n in multiples of this
+
+// keep[j] = 1 if uniform(seed, offset + j) >= p else 0, for j < n.
+void keep_flags_scalar(uint64_t seed, uint64_t offset, int64_t n, float p, float* keep) {
+  for (int64_t j = 0; j < n; ++j) keep[j] = philox::keep(seed, offset + j, p) ? 1.0f : 0.0f;
+}
+
+#if AVK_X86_DISPATCH
+// One Philox-4x32 round on 16 lanes: hi and lo words of c * multiplier from even- and odd-lane vpmuludq.
+__attribute__((target("avx512f"))) inline void philox_rounds_avx512(__m512i& c0, __m512i& c1, __m512i& c2,
+                                                                       __m512i& c3, uint32_t k0, uint32_t k1) {
+  const __m512i round_a = _mm512_set1_epi64(philox::kRoundA), round_b = _mm512_set1_epi64(philox::kRoundB);
+  constexpr __mmask16 kOdd = 0xAAAA;
+  for (int round = 0; round < philox::kRounds; ++round) {
+    const __m512i even_b = _mm512_mul_epu32(c2, round_b), odd_b = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), round_b);
+    const __m512i even_a = _mm512_mul_epu32(c0, round_a), odd_a = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), round_a);
+    const __m512i hi_b = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(even_b, 32), odd_b);
+    const __m512i hi_a = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(even_a, 32), odd_a);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c1 = _mm512_mask_blend_epi32(kOdd, even_b, _mm512_slli_epi64(odd_b, 32));
+    c3 = _mm512_mask_blend_epi32(kOdd, even_a, _mm512_slli_epi64(odd_a, 32));
+    k0 += philox::kKeyA;
+    k1 += philox::kKeyB;
+  }
+}
+
+__attribute__((target("avx512f"))) void keep_flags_avx512(uint64_t seed, uint64_t offset, int64_t n, float p,
+                                                          float* keep) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 threshold = _mm512_set1_ps(p), to_unit = _mm512_set1_ps(philox::kUint31ToUnit);
+  for (int64_t j = 0; j < n; j += 16) {
+    const uint64_t first = offset + j;
+    if (static_cast<uint32_t>(first) > 0xFFFFFFFFu - 15u) {  // the counter's low word wraps inside this chunk
+      keep_flags_scalar(seed, first, 16, p, keep + j);
+      continue;
+    }
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane);
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(first >> 32));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    philox_rounds_avx512(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    const __m512i folded = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
+    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(folded), to_unit);
+    _mm512_storeu_ps(keep + j, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, threshold, _CMP_GE_OQ), _mm512_set1_ps(1.0f)));
+  }
+}
+
+__attribute__((target("avx2"))) void keep_flags_avx2(uint64_t seed, uint64_t offset, int64_t n, float p, float* keep) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i round_a = _mm256_set1_epi64x(philox::kRoundA), round_b = _mm256_set1_epi64x(philox::kRoundB);
+  const __m256 threshold = _mm256_set1_ps(p), to_unit = _mm256_set1_ps(philox::kUint31ToUnit);
+  for (int64_t j = 0; j < n; j += 8) {
+    const uint64_t first = offset + j;
+    if (static_cast<uint32_t>(first) > 0xFFFFFFFFu - 7u) {
+      keep_flags_scalar(seed, first, 8, p, keep + j);
+      continue;
+    }
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), lane);
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(first >> 32));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < philox::kRounds; ++round) {
+      const __m256i even_b = _mm256_mul_epu32(c2, round_b), odd_b = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), round_b);
+      const __m256i even_a = _mm256_mul_epu32(c0, round_a), odd_a = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), round_a);
+      const __m256i hi_b = _mm256_blend_epi32(_mm256_srli_epi64(even_b, 32), odd_b, 0xAA);
+      const __m256i hi_a = _mm256_blend_epi32(_mm256_srli_epi64(even_a, 32), odd_a, 0xAA);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = _mm256_blend_epi32(even_b, _mm256_slli_epi64(odd_b, 32), 0xAA);
+      c3 = _mm256_blend_epi32(even_a, _mm256_slli_epi64(odd_a, 32), 0xAA);
+      k0 += philox::kKeyA;
+      k1 += philox::kKeyB;
+    }
+    const __m256i folded = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(folded), to_unit);
+    _mm256_storeu_ps(keep + j, _mm256_and_ps(_mm256_cmp_ps(u, threshold, _CMP_GE_OQ), _mm256_set1_ps(1.0f)));
+  }
+}
+#endif
+
+using KeepFlagsFn = void (*)(uint64_t, uint64_t, int64_t, float, float*);
+
+KeepFlagsFn select_keep_flags() {
+#if AVK_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return keep_flags_avx512;
+  if (__builtin_cpu_supports("avx2")) return keep_flags_avx2;
+#endif
+  return keep_flags_scalar;
+}
+
+const KeepFlagsFn keep_flags = select_keep_flags();
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tiles and micro-kernels
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Tile {
+  static constexpr int kW = kLanes<T>;    // lanes of one Vec<T>
+  static constexpr int kColVecs = 4;      // a key block is 4 vectors wide: 64 fp32 / 32 fp64 keys
+  static constexpr int kBN = kW * kColVecs;
+  static constexpr int kBM = 32;          // query rows per task block: amortises packing a k/v block 32 times
+  static constexpr int kRows = 4;         // rows per register-blocked step of the accumulating micro-kernel
+  static_assert(kBN % kKeepChunk == 0 && kBM % kRows == 0 && kBN % kRows == 0, "tile sizes");
+};
+
+// dst[r * ld + c] = src[r * src_r + c * src_c] for r < rows, c < cols, and 0 elsewhere in rows_alloc x ld.
+// Reading through strides here is what lets the ops accept any layout without copying whole inputs.
+template <typename T>
+void pack(T* dst, int64_t ld, int64_t rows_alloc, const T* src, int64_t src_r, int64_t src_c, int64_t rows,
+          int64_t cols) {
+  for (int64_t r = 0; r < rows_alloc; ++r) {
+    T* row = dst + r * ld;
+    int64_t c = 0;
+    if (r < rows) {
+      const T* s = src + r * src_r;
+      if (src_c == 1) {
+        std::copy(s, s + cols, row);
+        c = cols;
+      } else {
+        for (; c < cols; ++c) row[c] = s[c * src_c];
+      }
+    }
+    std::fill(row + c, row + ld, T(0));
+  }
+}
+
+// acc[r][c] = sum_t a[r * lda + t] * panel[t * kBN + c * kW] for R rows of a against a (n_inner x kBN) panel:
+// an S or dZ tile. The R x kColVecs accumulators stay in registers; a panel row is loaded once per R rows.
+template <typename T, int R>
+AVK_INLINE void rows_times_panel(const T* a, int64_t lda, const T* panel, int64_t n_inner,
+                                 Vec<T> (&acc)[R][Tile<T>::kColVecs]) {
+  constexpr int C = Tile<T>::kColVecs, W = Tile<T>::kW, BN = Tile<T>::kBN;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec<T>{};
+  for (int64_t t = 0; t < n_inner; ++t) {
+    Vec<T> y[C];
+    for (int c = 0; c < C; ++c) y[c] = load(panel + t * BN + c * W);
+    for (int r = 0; r < R; ++r) {
+      const T ar = a[r * lda + t];
+      for (int c = 0; c < C; ++c) acc[r][c] += ar * y[c];
+    }
+  }
+}
+
+// out[r * ldo + x] += sum_t a[r * a_row + t * a_inner] * y[t * ldy + x] for r < kRows and x < n_cols (a multiple
+// of kW): o += C @ v, dq += dS @ k, dk += dS^T @ q, dv += C^T @ do, depending on the strides of a.
+template <typename T>
+AVK_INLINE void accumulate_rows(T* out, int64_t ldo, const T* a, int64_t a_row, int64_t a_inner, const T* y,
+                                int64_t ldy, int64_t n_inner, int64_t n_cols) {
+  constexpr int R = Tile<T>::kRows, W = Tile<T>::kW;
+  for (int64_t x = 0; x < n_cols; x += W) {
+    Vec<T> acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = load(out + r * ldo + x);
+    for (int64_t t = 0; t < n_inner; ++t) {
+      const Vec<T> yt = load(y + t * ldy + x);
+      for (int r = 0; r < R; ++r) acc[r] += a[r * a_row + t * a_inner] * yt;
+    }
+    for (int r = 0; r < R; ++r) store(out + r * ldo + x, acc[r]);
+  }
+}
+
+// kW keep flags (fp32 0/1) as a Vec<T>.
+template <typename T>
+AVK_INLINE Vec<T> load_keep(const float* keep);
+template <>
+AVK_INLINE Vec<float> load_keep<float>(const float* keep) {
+  return load(keep);
+}
+template <>
+AVK_INLINE Vec<double> load_keep<double>(const float* keep) {
+  typedef float half_vec __attribute__((vector_size(kVecBytes / 2)));
+  half_vec h;
+  std::memcpy(&h, keep, sizeof(h));
+  return __builtin_convertvector(h, Vec<double>);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The problem: sizes, strides (in elements; v's batch stride is 0 when v is shared) and scalars.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Problem {
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t batch, rows, keys, head, value;  // B, Mq, N, D, E
+  int64_t sq[3], sk[3], sv[3];
+  T scale;
+  bool dropout;
+  float p;
+  T inv_keep;  // 1 / (1 - p)
+  uint64_t seed;
+  bool tanh_relu;
+  int64_t head_pad, value_pad;  // D and E rounded up to whole vectors
+  int64_t row_blocks, key_blocks;
+
+  // Philox offset of map element (b, i, j) is (b * Mq + i) * N + j (NATIVE_CONTRACT).
+  uint64_t offset(int64_t b, int64_t i, int64_t j) const {
+    return static_cast<uint64_t>((b * rows + i) * keys + j);
+  }
+  // Keep flags of R rows starting at query row i0 + i against key block j0; padded rows get none.
+  template <int R>
+  void draw_keep(int64_t b, int64_t i, int64_t j0, float* keep) const {
+    constexpr int BN = Tile<T>::kBN;
+    for (int r = 0; r < R; ++r) {
+      if (i + r < rows)
+        keep_flags(seed, offset(b, i + r, j0), BN, p, keep + r * BN);
+      else
+        std::fill(keep + r * BN, keep + (r + 1) * BN, 0.0f);
+    }
+  }
+};
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seed, double scale,
+                        double dropout_p, int64_t activation) {
+  Problem<T> P;
+  P.q = q.data_ptr<T>();
+  P.k = k.data_ptr<T>();
+  P.v = v.data_ptr<T>();
+  P.batch = q.size(0);
+  P.rows = q.size(1);
+  P.keys = k.size(1);
+  P.head = q.size(2);
+  P.value = v.size(2);
+  for (int d = 0; d < 3; ++d) {
+    P.sq[d] = q.stride(d);
+    P.sk[d] = k.stride(d);
+    P.sv[d] = v.stride(d);
+  }
+  if (v.size(0) == 1) P.sv[0] = 0;  // shared over the batch
+  P.scale = static_cast<T>(scale);
+  P.dropout = dropout_p > 0.0;
+  P.p = static_cast<float>(dropout_p);
+  P.inv_keep = static_cast<T>(1.0 / (1.0 - dropout_p));
+  P.seed = static_cast<uint64_t>(seed);
+  P.tanh_relu = activation == 1;
+  P.head_pad = round_up(P.head, Tile<T>::kW);
+  P.value_pad = round_up(P.value, Tile<T>::kW);
+  P.row_blocks = (P.rows + Tile<T>::kBM - 1) / Tile<T>::kBM;
+  P.key_blocks = (P.keys + Tile<T>::kBN - 1) / Tile<T>::kBN;
+  return P;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------------
+
+// Forward tasks [begin, end): task = (batch element, block of kBM query rows).
+//
+// Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
+// Grid: B * ceil(Mq / kBM) independent tasks, split over threads by at::parallel_for.
+template <typename T>
+AVK_CLONES void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t begin, int64_t end) {
+  using TL = Tile<T>;
+  constexpr int W = TL::kW, C = TL::kColVecs, BN = TL::kBN, BM = TL::kBM, R = TL::kRows;
+  const int64_t Dp = P.head_pad, Ep = P.value_pad;
+  std::vector<T> buffer(BM * Dp + P.head * BN + BN * Ep + BM * Ep + BM * BN);
+  T* q_tile = buffer.data();             // (BM, Dp)   query rows
+  T* k_panel = q_tile + BM * Dp;         // (D, BN)    the key block, transposed
+  T* v_block = k_panel + P.head * BN;    // (BN, Ep)   the value block
+  T* o_tile = v_block + BN * Ep;         // (BM, Ep)   output accumulator
+  T* c_tile = o_tile + BM * Ep;          // (BM, BN)   Drop(tanh(S)) of the current block
+  std::vector<float> keep(R * BN, 1.0f);
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / P.row_blocks, i0 = (task % P.row_blocks) * BM;
+    const int64_t n_rows = std::min<int64_t>(BM, P.rows - i0);
+    pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, P.head);
+    std::fill(o_tile, o_tile + BM * Ep, T(0));
+
+    for (int64_t j0 = 0; j0 < P.keys; j0 += BN) {
+      const int64_t n_keys = std::min<int64_t>(BN, P.keys - j0);
+      pack(k_panel, BN, P.head, P.k + b * P.sk[0] + j0 * P.sk[1], P.sk[2], P.sk[1], P.head, n_keys);
+      pack(v_block, Ep, BN, P.v + b * P.sv[0] + j0 * P.sv[1], P.sv[1], P.sv[2], n_keys, P.value);
+
+      for (int64_t i = 0; i < BM; i += R) {
+        Vec<T> s[R][C];
+        rows_times_panel<T, R>(q_tile + i * Dp, Dp, k_panel, P.head, s);
+        if (P.dropout) P.template draw_keep<R>(b, i0 + i, j0, keep.data());
+        for (int r = 0; r < R; ++r) {
+          for (int c = 0; c < C; ++c) {
+            Vec<T> t = tanh_vec(s[r][c] * P.scale);
+            if (P.dropout) t *= load_keep<T>(keep.data() + r * BN + c * W) * P.inv_keep;
+            store(c_tile + (i + r) * BN + c * W, t);
+          }
+          if (mask != nullptr && i + r < n_rows) {
+            bool* m = mask + (b * P.rows + i0 + i + r) * P.keys + j0;
+            for (int64_t j = 0; j < n_keys; ++j) m[j] = keep[r * BN + j] != 0.0f;
+          }
+        }
+      }
+      for (int64_t i = 0; i < BM; i += R) accumulate_rows(o_tile + i * Ep, Ep, c_tile + i * BN, BN, 1, v_block, Ep, BN, Ep);
+    }
+
+    for (int64_t r = 0; r < n_rows; ++r) {
+      T* row = o_tile + r * Ep;
+      if (P.tanh_relu) {
+        for (int64_t x = 0; x < Ep; x += W) {
+          const Vec<T> t = tanh_vec(load(row + x));
+          store(row + x, t > T(0) ? t : Vec<T>{});
+        }
+      }
+      std::copy(row, row + P.value, o + (b * P.rows + i0 + r) * P.value);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Gradients {
+  const T* dout;
+  int64_t sdo[3];
+  const T* out;  // forward output (tanh_relu only), strides so
+  int64_t so[3];
+  T* dq;       // contiguous (B, Mq, D)
+  T* dk_part;  // (tasks, Npad, Dp): each task's private dk accumulator
+  T* dv_part;  // (tasks, Npad, Ep)
+  int64_t chunks;            // tasks per batch element
+  int64_t blocks_per_chunk;  // row blocks per task
+  int64_t keys_pad;          // Npad
+};
+
+// Backward tasks [begin, end): task = (batch element b, chunk of row blocks). Writes the task's dq rows and adds
+// its dk and dv contributions into its own slices of dk_part / dv_part (zeroed by the caller).
+//
+// Per tile: S = q k^T, t = tanh(scale S), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the tanh_relu
+// epilogue), dS = dZ f (1 - t^2) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
+template <typename T>
+AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64_t begin, int64_t end) {
+  using TL = Tile<T>;
+  constexpr int W = TL::kW, C = TL::kColVecs, BN = TL::kBN, BM = TL::kBM, R = TL::kRows;
+  constexpr int RS = 2;  // S and dZ are computed two rows at a time: 2 x 2 x kColVecs accumulators fit the registers
+  const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
+  std::vector<T> buffer(BM * Dp + BM * Ep + BM * Dp + D * BN + BN * Dp + E * BN + 2 * BM * BN);
+  T* q_tile = buffer.data();         // (BM, Dp)
+  T* do_tile = q_tile + BM * Dp;     // (BM, Ep)  output gradient through the epilogue
+  T* dq_tile = do_tile + BM * Ep;    // (BM, Dp)
+  T* k_panel = dq_tile + BM * Dp;    // (D, BN)   key block transposed, for S
+  T* k_block = k_panel + D * BN;     // (BN, Dp)  key block, for dq
+  T* v_panel = k_block + BN * Dp;    // (E, BN)   value block transposed, for dZ
+  T* c_tile = v_panel + E * BN;      // (BM, BN)
+  T* ds_tile = c_tile + BM * BN;     // (BM, BN)
+  std::vector<float> keep(RS * BN, 1.0f);
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / G.chunks, chunk = task % G.chunks;
+    T* dk_acc = G.dk_part + task * G.keys_pad * Dp;
+    T* dv_acc = G.dv_part + task * G.keys_pad * Ep;
+    const int64_t block_end = std::min(P.row_blocks, (chunk + 1) * G.blocks_per_chunk);
+    for (int64_t block = chunk * G.blocks_per_chunk; block < block_end; ++block) {
+      const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
+      pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
+      pack(do_tile, Ep, BM, G.dout + b * G.sdo[0] + i0 * G.sdo[1], G.sdo[1], G.sdo[2], n_rows, E);
+      if (P.tanh_relu) {  // d ReLU(tanh(x)) = [y > 0] (1 - y^2) with y the saved output
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const T* y = G.out + b * G.so[0] + (i0 + r) * G.so[1];
+          for (int64_t e = 0; e < E; ++e) {
+            const T ye = y[e * G.so[2]];
+            do_tile[r * Ep + e] *= ye > T(0) ? T(1) - ye * ye : T(0);
+          }
+        }
+      }
+      std::fill(dq_tile, dq_tile + BM * Dp, T(0));
+
+      for (int64_t j0 = 0; j0 < P.keys; j0 += BN) {
+        const int64_t n_keys = std::min<int64_t>(BN, P.keys - j0);
+        const T* k_src = P.k + b * P.sk[0] + j0 * P.sk[1];
+        pack(k_panel, BN, D, k_src, P.sk[2], P.sk[1], D, n_keys);
+        pack(k_block, Dp, BN, k_src, P.sk[1], P.sk[2], n_keys, D);
+        pack(v_panel, BN, E, P.v + b * P.sv[0] + j0 * P.sv[1], P.sv[2], P.sv[1], E, n_keys);
+
+        for (int64_t i = 0; i < BM; i += RS) {
+          Vec<T> s[RS][C], dz[RS][C];
+          rows_times_panel<T, RS>(q_tile + i * Dp, Dp, k_panel, D, s);
+          rows_times_panel<T, RS>(do_tile + i * Ep, Ep, v_panel, E, dz);
+          if (P.dropout) P.template draw_keep<RS>(b, i0 + i, j0, keep.data());
+          for (int r = 0; r < RS; ++r) {
+            for (int c = 0; c < C; ++c) {
+              const Vec<T> t = tanh_vec(s[r][c] * P.scale);
+              Vec<T> f = splat<T>(1);
+              if (P.dropout) f = load_keep<T>(keep.data() + r * BN + c * W) * P.inv_keep;
+              store(c_tile + (i + r) * BN + c * W, t * f);
+              store(ds_tile + (i + r) * BN + c * W, dz[r][c] * f * (T(1) - t * t) * P.scale);
+            }
+          }
+        }
+        for (int64_t i = 0; i < BM; i += R) accumulate_rows(dq_tile + i * Dp, Dp, ds_tile + i * BN, BN, 1, k_block, Dp, BN, Dp);
+        for (int64_t j = 0; j < BN; j += R) {
+          accumulate_rows(dk_acc + (j0 + j) * Dp, Dp, ds_tile + j, 1, BN, q_tile, Dp, BM, Dp);
+          accumulate_rows(dv_acc + (j0 + j) * Ep, Ep, c_tile + j, 1, BN, do_tile, Ep, BM, Ep);
+        }
+      }
+      for (int64_t r = 0; r < n_rows; ++r) std::copy(dq_tile + r * Dp, dq_tile + r * Dp + D, G.dq + (b * P.rows + i0 + r) * D);
+    }
+  }
+}
+
+// out[g, j, :width] = sum over t < parts of part[g * parts + t, j, :width], added in the order t = 0, 1, ...
+// part is (groups * parts, keys_pad, ld): the tasks' private accumulators.
+template <typename T>
+void sum_partials(T* out, int64_t groups, int64_t keys, int64_t width, const T* part, int64_t parts,
+                  int64_t keys_pad, int64_t ld) {
+  at::parallel_for(0, groups * keys, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / keys, j = row % keys;
+      const T* src = part + (g * parts * keys_pad + j) * ld;
+      T* dst = out + row * width;
+      std::copy(src, src + width, dst);
+      for (int64_t t = 1; t < parts; ++t)
+        for (int64_t x = 0; x < width; ++x) dst[x] += src[t * keys_pad * ld + x];
+    }
+  });
+}
+
+// Tasks per batch element in backward: enough tasks for the threads of a large machine (kMinTasks), but no more
+// than the row blocks, and private dk/dv buffers capped at kMaxPartBytes. Depends on the shapes only.
+constexpr int64_t kMinTasks = 32;
+constexpr int64_t kMaxPartBytes = int64_t(256) << 20;
+
+template <typename T>
+int64_t backward_chunks(const Problem<T>& P, int64_t keys_pad) {
+  const int64_t per_task = keys_pad * (P.head_pad + P.value_pad) * static_cast<int64_t>(sizeof(T));
+  int64_t chunks = std::min(P.row_blocks, (kMinTasks + P.batch - 1) / P.batch);
+  chunks = std::min(chunks, kMaxPartBytes / std::max<int64_t>(1, per_task * P.batch));
+  return std::max<int64_t>(1, chunks);
+}
+
+void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seed,
+                  double dropout_p, int64_t activation) {
+  check_float_cpu(q, fn, "q");
+  check_float_cpu_like(k, q, fn, "k", "q");
+  check_float_cpu_like(v, q, fn, "v", "q");
+  check_shape(q, {-1, -1, -1}, fn, "q", "(B, Mq, D)");
+  check_shape(k, {q.size(0), -1, q.size(2)}, fn, "k", "(B, N, D)");
+  check_shape(v, {-1, k.size(1), -1}, fn, "v", "(B or 1, N, E)");
+  TORCH_CHECK(v.size(0) == q.size(0) || v.size(0) == 1, fn, ": v must have batch size ", q.size(0),
+              " (like q) or 1 (shared), got ", v.size(0));
+  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), fn, ": seed must be in [0, 2**31), got ", seed);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, fn, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(activation == 0 || activation == 1, fn, ": activation must be 0 (none) or 1 (tanh_relu), got ",
+              activation);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, int64_t seed, double scale,
+                                                          double dropout_p, int64_t activation, bool return_mask) {
+  check_inputs("tanh_attention_forward", q, k, v, seed, dropout_p, activation);
+  at::Tensor o = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  const bool with_mask = return_mask && dropout_p > 0.0;
+  at::Tensor mask = at::empty(with_mask ? at::IntArrayRef{q.size(0), q.size(1), k.size(1)} : at::IntArrayRef{0},
+                              q.options().dtype(at::kBool));
+  if (o.numel() == 0) return {o, mask};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tanh_attention_forward", [&] {
+    const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, seed, scale, dropout_p, activation);
+    scalar_t* o_ptr = o.data_ptr<scalar_t>();
+    bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
+    at::parallel_for(0, P.batch * P.row_blocks, 1, [&](int64_t begin, int64_t end) {
+      forward_tasks<scalar_t>(P, o_ptr, mask_ptr, begin, end);
+    });
+  });
+  return {o, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                       const at::Tensor& k, const at::Tensor& v,
+                                                                       const at::Tensor& out, int64_t seed,
+                                                                       double scale, double dropout_p,
+                                                                       int64_t activation, bool deterministic) {
+  (void)deterministic;  // every reduction here runs in a fixed order: always deterministic
+  constexpr const char* fn = "tanh_attention_backward";
+  check_inputs(fn, q, k, v, seed, dropout_p, activation);
+  check_float_cpu_like(dout, q, fn, "dout", "q");
+  check_shape(dout, {q.size(0), q.size(1), v.size(2)}, fn, "dout", "(B, Mq, E)");
+  if (activation == 1) {
+    check_float_cpu_like(out, q, fn, "out", "q");
+    check_shape(out, {q.size(0), q.size(1), v.size(2)}, fn, "out", "(B, Mq, E)");
+  }
+  at::Tensor dq = at::zeros(q.sizes(), q.options());  // contiguous, and the answer when a size is 0
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0 || dout.numel() == 0) return {dq, dk, dv};
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), fn, [&] {
+    using T = scalar_t;
+    const Problem<T> P = make_problem<T>(q, k, v, seed, scale, dropout_p, activation);
+    Gradients<T> G;
+    G.dout = dout.data_ptr<T>();
+    G.out = activation == 1 ? out.data_ptr<T>() : nullptr;
+    for (int d = 0; d < 3; ++d) {
+      G.sdo[d] = dout.stride(d);
+      G.so[d] = activation == 1 ? out.stride(d) : 0;
+    }
+    G.dq = dq.data_ptr<T>();
+    G.keys_pad = P.key_blocks * Tile<T>::kBN;
+    G.chunks = backward_chunks(P, G.keys_pad);
+    G.blocks_per_chunk = (P.row_blocks + G.chunks - 1) / G.chunks;
+    const int64_t tasks = P.batch * G.chunks;
+    at::Tensor dk_part = at::zeros({tasks, G.keys_pad, P.head_pad}, q.options());
+    at::Tensor dv_part = at::zeros({tasks, G.keys_pad, P.value_pad}, q.options());
+    G.dk_part = dk_part.data_ptr<T>();
+    G.dv_part = dv_part.data_ptr<T>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { backward_tasks<T>(P, G, begin, end); });
+
+    // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch.
+    sum_partials(dk.data_ptr<T>(), P.batch, P.keys, P.head, G.dk_part, G.chunks, G.keys_pad, P.head_pad);
+    const int64_t v_groups = v.size(0);
+    sum_partials(dv.data_ptr<T>(), v_groups, P.keys, P.value, G.dv_part, tasks / v_groups, G.keys_pad, P.value_pad);
+  });
+  return {dq, dk, dv};
+}
+
+at::Tensor philox_uniform(int64_t seed, const at::Tensor& offsets) {
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong,
+              "philox_uniform: offsets must be an int64 CPU tensor, got a ", offsets.scalar_type(), " tensor on ",
+              offsets.device());
+  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "philox_uniform: seed must be in [0, 2**31), got ", seed);
+  const at::Tensor flat = offsets.contiguous();
+  at::Tensor u = at::empty(offsets.sizes(), offsets.options().dtype(at::kFloat));
+  const int64_t* off = flat.data_ptr<int64_t>();
+  float* out = u.data_ptr<float>();
+  for (int64_t i = 0; i < flat.numel(); ++i) out[i] = philox::uniform(seed, static_cast<uint64_t>(off[i]));
+  return u;
+}
+
+}  // namespace cpu
+}  // namespace avk
