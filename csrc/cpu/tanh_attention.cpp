@@ -52,28 +52,27 @@ void keep_flags_scalar(uint64_t seed, uint64_t offset, int64_t n, float p, float
 }
 
 #if AVK_X86_DISPATCH
-// One Philox-4x32 round on 16 lanes: hi and lo words of c * multiplier from even- and odd-lane vpmuludq.
-__attribute__((target("avx512f"))) inline void philox_rounds_avx512(__m512i& c0, __m512i& c1, __m512i& c2,
-                                                                       __m512i& c3, uint32_t k0, uint32_t k1) {
-  const __m512i round_a = _mm512_set1_epi64(philox::kRoundA), round_b = _mm512_set1_epi64(philox::kRoundB);
-  constexpr __mmask16 kOdd = 0xAAAA;
-  for (int round = 0; round < philox::kRounds; ++round) {
-    const __m512i even_b = _mm512_mul_epu32(c2, round_b), odd_b = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), round_b);
-    const __m512i even_a = _mm512_mul_epu32(c0, round_a), odd_a = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), round_a);
-    const __m512i hi_b = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(even_b, 32), odd_b);
-    const __m512i hi_a = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(even_a, 32), odd_a);
-    c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-    c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-    c1 = _mm512_mask_blend_epi32(kOdd, even_b, _mm512_slli_epi64(odd_b, 32));
-    c3 = _mm512_mask_blend_epi32(kOdd, even_a, _mm512_slli_epi64(odd_a, 32));
-    k0 += philox::kKeyA;
-    k1 += philox::kKeyB;
-  }
+// The AVX-512 / AVX2 Philox below runs 16 / 8 counters (offset + lane) at once. The low word of each 32x32->64
+// product sits in the even dword of a 64-bit lane, so one multiply covers the even lanes and a second one the odd
+// lanes (moved down by a dword shuffle); shuffles then route the hi and lo halves back into place. Shuffles run on a
+// different port than the multiplies and shifts, which is why they replace shift + blend here.
+//
+// The counter's words 1-3 are the same in every lane (offset_hi, 0, 0), so the first round needs only the product
+// A * c0, and the second only B * c2 plus a scalar product: two multiply pairs saved out of twenty.
+
+// hi and lo 32-bit halves of a * multiplier in every 32-bit lane (multiplier in the even dword of 64-bit lanes).
+__attribute__((target("avx512f"))) inline void mul_wide_avx512(__m512i a, __m512i multiplier, __m512i& hi,
+                                                                  __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, multiplier);
+  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), multiplier);
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);  // even lanes <- even products' high dwords
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);  // odd lanes <- odd products' low dwords
 }
 
 __attribute__((target("avx512f"))) void keep_flags_avx512(uint64_t seed, uint64_t offset, int64_t n, float p,
                                                           float* keep) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i round_a = _mm512_set1_epi64(philox::kRoundA), round_b = _mm512_set1_epi64(philox::kRoundB);
   const __m512 threshold = _mm512_set1_ps(p), to_unit = _mm512_set1_ps(philox::kUint31ToUnit);
   for (int64_t j = 0; j < n; j += 16) {
     const uint64_t first = offset + j;
@@ -81,14 +80,42 @@ __attribute__((target("avx512f"))) void keep_flags_avx512(uint64_t seed, uint64_
       keep_flags_scalar(seed, first, 16, p, keep + j);
       continue;
     }
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane);
-    __m512i c1 = _mm512_set1_epi32(static_cast<int>(first >> 32));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    philox_rounds_avx512(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    const __m512i counter = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane);
+    // Round 1 on (counter, offset_hi, 0, 0): c0 = offset_hi ^ k0 and c1 = 0 are lane-uniform.
+    __m512i c0, c1, c2, c3;
+    mul_wide_avx512(counter, round_a, c2, c3);
+    c2 = _mm512_xor_si512(c2, _mm512_set1_epi32(static_cast<int>(k1)));
+    const uint32_t c0_uniform = static_cast<uint32_t>(first >> 32) ^ k0;
+    k0 += philox::kKeyA;
+    k1 += philox::kKeyB;
+    // Round 2: the product of the uniform c0 is a scalar.
+    mul_wide_avx512(c2, round_b, c0, c1);
+    c0 = _mm512_xor_si512(c0, _mm512_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm512_xor_si512(c3, _mm512_set1_epi32(static_cast<int>(philox::mulhi(philox::kRoundA, c0_uniform) ^ k1)));
+    c3 = _mm512_set1_epi32(static_cast<int>(philox::kRoundA * c0_uniform));
+    for (int round = 2; round < philox::kRounds; ++round) {
+      k0 += philox::kKeyA;
+      k1 += philox::kKeyB;
+      __m512i hi_b, lo_b, hi_a, lo_a;
+      mul_wide_avx512(c2, round_b, hi_b, lo_b);
+      mul_wide_avx512(c0, round_a, hi_a, lo_a);
+      c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // three-way xor
+      c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c1 = lo_b;
+      c3 = lo_a;
+    }
     const __m512i folded = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
     const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(folded), to_unit);
     _mm512_storeu_ps(keep + j, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, threshold, _CMP_GE_OQ), _mm512_set1_ps(1.0f)));
   }
+}
+
+__attribute__((target("avx2"))) inline void mul_wide_avx2(__m256i a, __m256i multiplier, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, multiplier);
+  const __m256i odd = _mm256_mul_epu32(_mm256_shuffle_epi32(a, 0xF5), multiplier);
+  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, 0xF5), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_shuffle_epi32(odd, 0xA0), 0xAA);
 }
 
 __attribute__((target("avx2"))) void keep_flags_avx2(uint64_t seed, uint64_t offset, int64_t n, float p, float* keep) {
@@ -106,14 +133,13 @@ __attribute__((target("avx2"))) void keep_flags_avx2(uint64_t seed, uint64_t off
     __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < philox::kRounds; ++round) {
-      const __m256i even_b = _mm256_mul_epu32(c2, round_b), odd_b = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), round_b);
-      const __m256i even_a = _mm256_mul_epu32(c0, round_a), odd_a = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), round_a);
-      const __m256i hi_b = _mm256_blend_epi32(_mm256_srli_epi64(even_b, 32), odd_b, 0xAA);
-      const __m256i hi_a = _mm256_blend_epi32(_mm256_srli_epi64(even_a, 32), odd_a, 0xAA);
+      __m256i hi_b, lo_b, hi_a, lo_a;
+      mul_wide_avx2(c2, round_b, hi_b, lo_b);
+      mul_wide_avx2(c0, round_a, hi_a, lo_a);
       c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
       c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = _mm256_blend_epi32(even_b, _mm256_slli_epi64(odd_b, 32), 0xAA);
-      c3 = _mm256_blend_epi32(even_a, _mm256_slli_epi64(odd_a, 32), 0xAA);
+      c1 = lo_b;
+      c3 = lo_a;
       k0 += philox::kKeyA;
       k1 += philox::kKeyB;
     }
@@ -226,6 +252,9 @@ AVK_INLINE Vec<double> load_keep<double>(const float* keep) {
 // The problem: sizes, strides (in elements; v's batch stride is 0 when v is shared) and scalars.
 // ---------------------------------------------------------------------------------------------------------------
 
+constexpr int64_t kMinTasks = 32;
+constexpr int64_t kMaxPartBytes = int64_t(256) << 20;
+
 template <typename T>
 struct Problem {
   const T* q;
@@ -240,7 +269,13 @@ struct Problem {
   uint64_t seed;
   bool tanh_relu;
   int64_t head_pad, value_pad;  // D and E rounded up to whole vectors
-  int64_t row_blocks, key_blocks;
+  int64_t row_blocks, key_blocks, keys_pad;
+  int64_t chunks;            // tasks per batch element
+  int64_t blocks_per_chunk;  // row blocks per task
+
+  int64_t tasks() const { return batch * chunks; }
+  int64_t first_block(int64_t task) const { return (task % chunks) * blocks_per_chunk; }
+  int64_t end_block(int64_t task) const { return std::min(row_blocks, (task % chunks + 1) * blocks_per_chunk); }
 
   // Philox offset of map element (b, i, j) is (b * Mq + i) * N + j (NATIVE_CONTRACT).
   uint64_t offset(int64_t b, int64_t i, int64_t j) const {
@@ -287,6 +322,14 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   P.value_pad = round_up(P.value, Tile<T>::kW);
   P.row_blocks = (P.rows + Tile<T>::kBM - 1) / Tile<T>::kBM;
   P.key_blocks = (P.keys + Tile<T>::kBN - 1) / Tile<T>::kBN;
+  P.keys_pad = P.key_blocks * Tile<T>::kBN;
+  // Tasks per batch element: enough for the threads of a large machine (kMinTasks in all) but no more than the row
+  // blocks, and the backward's private dk/dv buffers (one per task) capped at kMaxPartBytes. A function of the
+  // shapes only, so the backward's reduction order does not depend on the thread count.
+  const int64_t part_bytes = P.keys_pad * (P.head_pad + P.value_pad) * static_cast<int64_t>(sizeof(T)) * P.batch;
+  P.chunks = std::min(P.row_blocks, (kMinTasks + P.batch - 1) / P.batch);
+  P.chunks = std::max<int64_t>(1, std::min(P.chunks, kMaxPartBytes / std::max<int64_t>(1, part_bytes)));
+  P.blocks_per_chunk = (P.row_blocks + P.chunks - 1) / P.chunks;
   return P;
 }
 
@@ -294,62 +337,97 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // Forward
 // ---------------------------------------------------------------------------------------------------------------
 
-// Forward tasks [begin, end): task = (batch element, block of kBM query rows).
+// The packed key/value blocks of one batch element, kept while a thread runs that element's tasks: packing them
+// once per task instead of once per row block removes a strided copy per map element.
+template <typename T>
+struct KeyValuePanels {
+  std::vector<T> k_panels;  // (key_blocks, D, BN): each key block transposed, for S = q k^T
+  std::vector<T> k_blocks;  // (key_blocks, BN, Dp): each key block, for dq = dS k (backward only)
+  std::vector<T> v_panels;  // (key_blocks, E, BN): each value block transposed, for dZ = do v^T (backward only)
+  std::vector<T> v_blocks;  // (key_blocks, BN, Ep): each value block, for o = C v (forward only)
+  int64_t batch_index = -1;
+
+  void pack_for(const Problem<T>& P, int64_t b, bool backward) {
+    constexpr int BN = Tile<T>::kBN;
+    if (b == batch_index) return;
+    const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
+    k_panels.resize(P.key_blocks * D * BN);
+    (backward ? k_blocks : v_blocks).resize(P.key_blocks * BN * (backward ? Dp : Ep));
+    if (backward) v_panels.resize(P.key_blocks * E * BN);
+    for (int64_t kb = 0; kb < P.key_blocks; ++kb) {
+      const int64_t j0 = kb * BN, n_keys = std::min<int64_t>(BN, P.keys - j0);
+      const T* k = P.k + b * P.sk[0] + j0 * P.sk[1];
+      const T* v = P.v + b * P.sv[0] + j0 * P.sv[1];
+      pack(k_panels.data() + kb * D * BN, BN, D, k, P.sk[2], P.sk[1], D, n_keys);
+      if (backward) {
+        pack(k_blocks.data() + kb * BN * Dp, Dp, BN, k, P.sk[1], P.sk[2], n_keys, D);
+        pack(v_panels.data() + kb * E * BN, BN, E, v, P.sv[2], P.sv[1], E, n_keys);
+      } else {
+        pack(v_blocks.data() + kb * BN * Ep, Ep, BN, v, P.sv[1], P.sv[2], n_keys, E);
+      }
+    }
+    batch_index = b;
+  }
+};
+
+// Forward tasks [begin, end): task = (batch element, chunk of kBM-row blocks).
 //
 // Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
-// Grid: B * ceil(Mq / kBM) independent tasks, split over threads by at::parallel_for.
+// Grid: P.tasks() independent tasks (disjoint output rows), split over threads by at::parallel_for.
 template <typename T>
 AVK_CLONES void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t begin, int64_t end) {
   using TL = Tile<T>;
   constexpr int W = TL::kW, C = TL::kColVecs, BN = TL::kBN, BM = TL::kBM, R = TL::kRows;
-  const int64_t Dp = P.head_pad, Ep = P.value_pad;
-  std::vector<T> buffer(BM * Dp + P.head * BN + BN * Ep + BM * Ep + BM * BN);
-  T* q_tile = buffer.data();             // (BM, Dp)   query rows
-  T* k_panel = q_tile + BM * Dp;         // (D, BN)    the key block, transposed
-  T* v_block = k_panel + P.head * BN;    // (BN, Ep)   the value block
-  T* o_tile = v_block + BN * Ep;         // (BM, Ep)   output accumulator
-  T* c_tile = o_tile + BM * Ep;          // (BM, BN)   Drop(tanh(S)) of the current block
+  const int64_t D = P.head, Dp = P.head_pad, Ep = P.value_pad;
+  std::vector<T> buffer(BM * Dp + BM * Ep + BM * BN);
+  T* q_tile = buffer.data();      // (BM, Dp)  query rows
+  T* o_tile = q_tile + BM * Dp;   // (BM, Ep)  output accumulator
+  T* c_tile = o_tile + BM * Ep;   // (BM, BN)  Drop(tanh(S)) of the current key block
   std::vector<float> keep(R * BN, 1.0f);
+  KeyValuePanels<T> panels;
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / P.row_blocks, i0 = (task % P.row_blocks) * BM;
-    const int64_t n_rows = std::min<int64_t>(BM, P.rows - i0);
-    pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, P.head);
-    std::fill(o_tile, o_tile + BM * Ep, T(0));
+    const int64_t b = task / P.chunks;
+    panels.pack_for(P, b, /*backward=*/false);
+    for (int64_t block = P.first_block(task); block < P.end_block(task); ++block) {
+      const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
+      pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
+      std::fill(o_tile, o_tile + BM * Ep, T(0));
 
-    for (int64_t j0 = 0; j0 < P.keys; j0 += BN) {
-      const int64_t n_keys = std::min<int64_t>(BN, P.keys - j0);
-      pack(k_panel, BN, P.head, P.k + b * P.sk[0] + j0 * P.sk[1], P.sk[2], P.sk[1], P.head, n_keys);
-      pack(v_block, Ep, BN, P.v + b * P.sv[0] + j0 * P.sv[1], P.sv[1], P.sv[2], n_keys, P.value);
-
-      for (int64_t i = 0; i < BM; i += R) {
-        Vec<T> s[R][C];
-        rows_times_panel<T, R>(q_tile + i * Dp, Dp, k_panel, P.head, s);
-        if (P.dropout) P.template draw_keep<R>(b, i0 + i, j0, keep.data());
-        for (int r = 0; r < R; ++r) {
-          for (int c = 0; c < C; ++c) {
-            Vec<T> t = tanh_vec(s[r][c] * P.scale);
-            if (P.dropout) t *= load_keep<T>(keep.data() + r * BN + c * W) * P.inv_keep;
-            store(c_tile + (i + r) * BN + c * W, t);
-          }
-          if (mask != nullptr && i + r < n_rows) {
-            bool* m = mask + (b * P.rows + i0 + i + r) * P.keys + j0;
-            for (int64_t j = 0; j < n_keys; ++j) m[j] = keep[r * BN + j] != 0.0f;
+      for (int64_t kb = 0; kb < P.key_blocks; ++kb) {
+        const int64_t j0 = kb * BN, n_keys = std::min<int64_t>(BN, P.keys - j0);
+        const T* k_panel = panels.k_panels.data() + kb * D * BN;
+        const T* v_block = panels.v_blocks.data() + kb * BN * Ep;
+        for (int64_t i = 0; i < BM; i += R) {
+          Vec<T> s[R][C];
+          rows_times_panel<T, R>(q_tile + i * Dp, Dp, k_panel, D, s);
+          if (P.dropout) P.template draw_keep<R>(b, i0 + i, j0, keep.data());
+          for (int r = 0; r < R; ++r) {
+            for (int c = 0; c < C; ++c) {
+              Vec<T> t = tanh_vec(s[r][c] * P.scale);
+              if (P.dropout) t *= load_keep<T>(keep.data() + r * BN + c * W) * P.inv_keep;
+              store(c_tile + (i + r) * BN + c * W, t);
+            }
+            if (mask != nullptr && i + r < n_rows) {
+              bool* m = mask + (b * P.rows + i0 + i + r) * P.keys + j0;
+              for (int64_t j = 0; j < n_keys; ++j) m[j] = keep[r * BN + j] != 0.0f;
+            }
           }
         }
+        for (int64_t i = 0; i < BM; i += R)
+          accumulate_rows(o_tile + i * Ep, Ep, c_tile + i * BN, BN, 1, v_block, Ep, BN, Ep);
       }
-      for (int64_t i = 0; i < BM; i += R) accumulate_rows(o_tile + i * Ep, Ep, c_tile + i * BN, BN, 1, v_block, Ep, BN, Ep);
-    }
 
-    for (int64_t r = 0; r < n_rows; ++r) {
-      T* row = o_tile + r * Ep;
-      if (P.tanh_relu) {
-        for (int64_t x = 0; x < Ep; x += W) {
-          const Vec<T> t = tanh_vec(load(row + x));
-          store(row + x, t > T(0) ? t : Vec<T>{});
+      for (int64_t r = 0; r < n_rows; ++r) {
+        T* row = o_tile + r * Ep;
+        if (P.tanh_relu) {
+          for (int64_t x = 0; x < Ep; x += W) {
+            const Vec<T> t = tanh_vec(load(row + x));
+            store(row + x, t > T(0) ? t : Vec<T>{});
+          }
         }
+        std::copy(row, row + P.value, o + (b * P.rows + i0 + r) * P.value);
       }
-      std::copy(row, row + P.value, o + (b * P.rows + i0 + r) * P.value);
     }
   }
 }
@@ -367,9 +445,6 @@ struct Gradients {
   T* dq;       // contiguous (B, Mq, D)
   T* dk_part;  // (tasks, Npad, Dp): each task's private dk accumulator
   T* dv_part;  // (tasks, Npad, Ep)
-  int64_t chunks;            // tasks per batch element
-  int64_t blocks_per_chunk;  // row blocks per task
-  int64_t keys_pad;          // Npad
 };
 
 // Backward tasks [begin, end): task = (batch element b, chunk of row blocks). Writes the task's dq rows and adds
@@ -377,29 +452,28 @@ struct Gradients {
 //
 // Per tile: S = q k^T, t = tanh(scale S), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the tanh_relu
 // epilogue), dS = dZ f (1 - t^2) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
+// Grid: P.tasks() tasks with private outputs, split over threads by at::parallel_for.
 template <typename T>
 AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64_t begin, int64_t end) {
   using TL = Tile<T>;
   constexpr int W = TL::kW, C = TL::kColVecs, BN = TL::kBN, BM = TL::kBM, R = TL::kRows;
   constexpr int RS = 2;  // S and dZ are computed two rows at a time: 2 x 2 x kColVecs accumulators fit the registers
   const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
-  std::vector<T> buffer(BM * Dp + BM * Ep + BM * Dp + D * BN + BN * Dp + E * BN + 2 * BM * BN);
-  T* q_tile = buffer.data();         // (BM, Dp)
-  T* do_tile = q_tile + BM * Dp;     // (BM, Ep)  output gradient through the epilogue
-  T* dq_tile = do_tile + BM * Ep;    // (BM, Dp)
-  T* k_panel = dq_tile + BM * Dp;    // (D, BN)   key block transposed, for S
-  T* k_block = k_panel + D * BN;     // (BN, Dp)  key block, for dq
-  T* v_panel = k_block + BN * Dp;    // (E, BN)   value block transposed, for dZ
-  T* c_tile = v_panel + E * BN;      // (BM, BN)
-  T* ds_tile = c_tile + BM * BN;     // (BM, BN)
+  std::vector<T> buffer(BM * Dp + BM * Ep + BM * Dp + 2 * BM * BN);
+  T* q_tile = buffer.data();       // (BM, Dp)
+  T* do_tile = q_tile + BM * Dp;   // (BM, Ep)  output gradient through the epilogue
+  T* dq_tile = do_tile + BM * Ep;  // (BM, Dp)
+  T* c_tile = dq_tile + BM * Dp;   // (BM, BN)
+  T* ds_tile = c_tile + BM * BN;   // (BM, BN)
   std::vector<float> keep(RS * BN, 1.0f);
+  KeyValuePanels<T> panels;
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / G.chunks, chunk = task % G.chunks;
-    T* dk_acc = G.dk_part + task * G.keys_pad * Dp;
-    T* dv_acc = G.dv_part + task * G.keys_pad * Ep;
-    const int64_t block_end = std::min(P.row_blocks, (chunk + 1) * G.blocks_per_chunk);
-    for (int64_t block = chunk * G.blocks_per_chunk; block < block_end; ++block) {
+    const int64_t b = task / P.chunks;
+    panels.pack_for(P, b, /*backward=*/true);
+    T* dk_acc = G.dk_part + task * P.keys_pad * Dp;
+    T* dv_acc = G.dv_part + task * P.keys_pad * Ep;
+    for (int64_t block = P.first_block(task); block < P.end_block(task); ++block) {
       const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
       pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
       pack(do_tile, Ep, BM, G.dout + b * G.sdo[0] + i0 * G.sdo[1], G.sdo[1], G.sdo[2], n_rows, E);
@@ -414,13 +488,11 @@ AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
       }
       std::fill(dq_tile, dq_tile + BM * Dp, T(0));
 
-      for (int64_t j0 = 0; j0 < P.keys; j0 += BN) {
-        const int64_t n_keys = std::min<int64_t>(BN, P.keys - j0);
-        const T* k_src = P.k + b * P.sk[0] + j0 * P.sk[1];
-        pack(k_panel, BN, D, k_src, P.sk[2], P.sk[1], D, n_keys);
-        pack(k_block, Dp, BN, k_src, P.sk[1], P.sk[2], n_keys, D);
-        pack(v_panel, BN, E, P.v + b * P.sv[0] + j0 * P.sv[1], P.sv[2], P.sv[1], E, n_keys);
-
+      for (int64_t kb = 0; kb < P.key_blocks; ++kb) {
+        const int64_t j0 = kb * BN;
+        const T* k_panel = panels.k_panels.data() + kb * D * BN;
+        const T* k_block = panels.k_blocks.data() + kb * BN * Dp;
+        const T* v_panel = panels.v_panels.data() + kb * E * BN;
         for (int64_t i = 0; i < BM; i += RS) {
           Vec<T> s[RS][C], dz[RS][C];
           rows_times_panel<T, RS>(q_tile + i * Dp, Dp, k_panel, D, s);
@@ -436,13 +508,15 @@ AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
             }
           }
         }
-        for (int64_t i = 0; i < BM; i += R) accumulate_rows(dq_tile + i * Dp, Dp, ds_tile + i * BN, BN, 1, k_block, Dp, BN, Dp);
+        for (int64_t i = 0; i < BM; i += R)
+          accumulate_rows(dq_tile + i * Dp, Dp, ds_tile + i * BN, BN, 1, k_block, Dp, BN, Dp);
         for (int64_t j = 0; j < BN; j += R) {
           accumulate_rows(dk_acc + (j0 + j) * Dp, Dp, ds_tile + j, 1, BN, q_tile, Dp, BM, Dp);
           accumulate_rows(dv_acc + (j0 + j) * Ep, Ep, c_tile + j, 1, BN, do_tile, Ep, BM, Ep);
         }
       }
-      for (int64_t r = 0; r < n_rows; ++r) std::copy(dq_tile + r * Dp, dq_tile + r * Dp + D, G.dq + (b * P.rows + i0 + r) * D);
+      for (int64_t r = 0; r < n_rows; ++r)
+        std::copy(dq_tile + r * Dp, dq_tile + r * Dp + D, G.dq + (b * P.rows + i0 + r) * D);
     }
   }
 }
@@ -462,19 +536,6 @@ void sum_partials(T* out, int64_t groups, int64_t keys, int64_t width, const T* 
         for (int64_t x = 0; x < width; ++x) dst[x] += src[t * keys_pad * ld + x];
     }
   });
-}
-
-// Tasks per batch element in backward: enough tasks for the threads of a large machine (kMinTasks), but no more
-// than the row blocks, and private dk/dv buffers capped at kMaxPartBytes. Depends on the shapes only.
-constexpr int64_t kMinTasks = 32;
-constexpr int64_t kMaxPartBytes = int64_t(256) << 20;
-
-template <typename T>
-int64_t backward_chunks(const Problem<T>& P, int64_t keys_pad) {
-  const int64_t per_task = keys_pad * (P.head_pad + P.value_pad) * static_cast<int64_t>(sizeof(T));
-  int64_t chunks = std::min(P.row_blocks, (kMinTasks + P.batch - 1) / P.batch);
-  chunks = std::min(chunks, kMaxPartBytes / std::max<int64_t>(1, per_task * P.batch));
-  return std::max<int64_t>(1, chunks);
 }
 
 void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seed,
@@ -508,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
     const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, seed, scale, dropout_p, activation);
     scalar_t* o_ptr = o.data_ptr<scalar_t>();
     bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
-    at::parallel_for(0, P.batch * P.row_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
       forward_tasks<scalar_t>(P, o_ptr, mask_ptr, begin, end);
     });
   });
@@ -545,20 +606,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
       G.so[d] = activation == 1 ? out.stride(d) : 0;
     }
     G.dq = dq.data_ptr<T>();
-    G.keys_pad = P.key_blocks * Tile<T>::kBN;
-    G.chunks = backward_chunks(P, G.keys_pad);
-    G.blocks_per_chunk = (P.row_blocks + G.chunks - 1) / G.chunks;
-    const int64_t tasks = P.batch * G.chunks;
-    at::Tensor dk_part = at::zeros({tasks, G.keys_pad, P.head_pad}, q.options());
-    at::Tensor dv_part = at::zeros({tasks, G.keys_pad, P.value_pad}, q.options());
+    const int64_t tasks = P.tasks();
+    at::Tensor dk_part = at::zeros({tasks, P.keys_pad, P.head_pad}, q.options());
+    at::Tensor dv_part = at::zeros({tasks, P.keys_pad, P.value_pad}, q.options());
     G.dk_part = dk_part.data_ptr<T>();
     G.dv_part = dv_part.data_ptr<T>();
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { backward_tasks<T>(P, G, begin, end); });
 
     // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch.
-    sum_partials(dk.data_ptr<T>(), P.batch, P.keys, P.head, G.dk_part, G.chunks, G.keys_pad, P.head_pad);
+    sum_partials(dk.data_ptr<T>(), P.batch, P.keys, P.head, G.dk_part, P.chunks, P.keys_pad, P.head_pad);
     const int64_t v_groups = v.size(0);
-    sum_partials(dv.data_ptr<T>(), v_groups, P.keys, P.value, G.dv_part, tasks / v_groups, G.keys_pad, P.value_pad);
+    sum_partials(dv.data_ptr<T>(), v_groups, P.keys, P.value, G.dv_part, tasks / v_groups, P.keys_pad, P.value_pad);
   });
   return {dq, dk, dv};
 }
