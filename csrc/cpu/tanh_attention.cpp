@@ -6,8 +6,9 @@
 // immediately contracted with the v block. Backward recomputes each tile (and redraws its dropout mask from the
 // same Philox offsets) instead of reading a saved map.
 //
-// Zero padding makes every tile full: padded keys have k = v = 0, hence S = 0, tanh(S) = 0 and dS = 0, and padded
-// query rows have q = do = 0, so padding contributes nothing and the micro-kernels have no tail loops.
+// Zero padding makes every tile full, so the micro-kernels have no tail loops: padded keys have k = v = 0 and padded
+// query rows q = do = 0. The padded rows and columns of the C and dS tiles are cleared before they are contracted,
+// so that they contribute nothing even when a real input is infinite (inf * 0 would be NaN).
 //
 // Determinism: forward tasks write disjoint output rows. Backward tasks own their dq rows and accumulate dk/dv into
 // a private buffer; the buffers are then summed in task order. The task partition depends on the shapes only (not
@@ -233,6 +234,15 @@ AVK_INLINE void accumulate_rows(T* out, int64_t ldo, const T* a, int64_t a_row, 
   }
 }
 
+// Zeroes the rows >= n_rows and the columns >= n_keys of a (kBM, kBN) tile: the padding of a partial block.
+template <typename T>
+void clear_padding(T* tile, int64_t n_rows, int64_t n_keys) {
+  constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM;
+  if (n_keys < BN)
+    for (int64_t r = 0; r < n_rows; ++r) std::fill(tile + r * BN + n_keys, tile + (r + 1) * BN, T(0));
+  if (n_rows < BM) std::fill(tile + n_rows * BN, tile + BM * BN, T(0));
+}
+
 // kW keep flags (fp32 0/1) as a Vec<T>.
 template <typename T>
 AVK_INLINE Vec<T> load_keep(const float* keep);
@@ -414,6 +424,7 @@ AVK_CLONES void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t beg
             }
           }
         }
+        clear_padding(c_tile, n_rows, n_keys);
         for (int64_t i = 0; i < BM; i += R)
           accumulate_rows(o_tile + i * Ep, Ep, c_tile + i * BN, BN, 1, v_block, Ep, BN, Ep);
       }
@@ -489,7 +500,7 @@ AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
       std::fill(dq_tile, dq_tile + BM * Dp, T(0));
 
       for (int64_t kb = 0; kb < P.key_blocks; ++kb) {
-        const int64_t j0 = kb * BN;
+        const int64_t j0 = kb * BN, n_keys = std::min<int64_t>(BN, P.keys - j0);
         const T* k_panel = panels.k_panels.data() + kb * D * BN;
         const T* k_block = panels.k_blocks.data() + kb * BN * Dp;
         const T* v_panel = panels.v_panels.data() + kb * E * BN;
@@ -508,6 +519,8 @@ AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
             }
           }
         }
+        clear_padding(c_tile, n_rows, n_keys);
+        clear_padding(ds_tile, n_rows, n_keys);
         for (int64_t i = 0; i < BM; i += R)
           accumulate_rows(dq_tile + i * Dp, Dp, ds_tile + i * BN, BN, 1, k_block, Dp, BN, Dp);
         for (int64_t j = 0; j < BN; j += R) {
