@@ -33,13 +33,22 @@ def _extensions():
     cfg = runpy.run_path(os.path.join(HERE, "avkernels", "_build_config.py"))
 
     class OptionalBuildExtension(BuildExtension):
-        """Builds each extension if it can; a failure is reported and skipped, never fatal."""
+        """Builds each extension if it can; a failure is reported and skipped, never fatal.
+
+        A failed extension is dropped from the list once all are built, so the later steps (the in-place copy of
+        ``build_ext --inplace``, the output mapping of an editable install) do not look for its missing binary.
+        """
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any compiler failure must leave a usable install
+                self._failed = getattr(self, "_failed", set()) | {ext.name}
                 warnings.warn(f"avkernels: could not build {ext.name}; its backend will be unavailable: {exc}")
+
+        def build_extensions(self):
+            super().build_extensions()
+            self.extensions = [ext for ext in self.extensions if ext.name not in getattr(self, "_failed", set())]
 
     ext_modules = []
     cpu_sources = _sources(cfg["CPU_SOURCES"])
