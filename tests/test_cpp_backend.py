@@ -216,6 +216,48 @@ def test_deterministic_bits(ext):
             assert torch.equal(a, b)
 
 
+ISA_CHECK = """
+import torch, avkernels
+from avkernels import reference
+torch.manual_seed(0)
+for dtype in (torch.float64, torch.float32):
+    q, k = torch.randn(2, 45, 7, dtype=dtype), torch.randn(2, 100, 7, dtype=dtype)
+    v, do = torch.randn(1, 100, 5, dtype=dtype), torch.randn(2, 45, 5, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, mask = avkernels.tanh_attention(*leaves, dropout_p=0.4, training=True, return_mask=True,
+                                       activation="tanh_relu", backend="cpp")
+    grads = torch.autograd.grad(o, leaves, do)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, _ = reference.tanh_attention(*ref, 7 ** -0.5, 0.4, "tanh_relu", dropout_mask=mask)
+    for a, b in zip((o, *grads), (o_ref, *torch.autograd.grad(o_ref, ref, do.double()))):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    torch.save(mask, MASK_PATH + str(dtype))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_isa_variant(ext, isa, tmp_path):
+    """The AVX2 and baseline builds of the kernels (AVKERNELS_CPU_ISA lowers the choice) give the same results and
+    draw the same dropout masks as the widest variant this machine runs."""
+    import os
+    import subprocess
+    import sys
+
+    def run(isa_name):
+        path = str(tmp_path / f"mask_{isa_name}_")
+        code = f"MASK_PATH = {path!r}\n" + ISA_CHECK
+        if isa_name is None:  # this process: the widest variant the machine has
+            exec(code, {})
+        else:
+            env = {**os.environ, "AVKERNELS_CPU_ISA": isa_name}
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+        return [torch.load(path + str(dtype)) for dtype in (torch.float64, torch.float32)]
+
+    for ours, widest in zip(run(isa), run(None)):
+        assert torch.equal(ours, widest)
+
+
 def test_opcheck_custom_ops(ext):
     q, k, v = torch.randn(2, 5, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 4)
     seed = torch.tensor([7])

@@ -59,7 +59,8 @@ void keep_flags_scalar(uint64_t seed, uint64_t offset, int64_t n, float p, float
 // different port than the multiplies and shifts, which is why they replace shift + blend here.
 //
 // The counter's words 1-3 are the same in every lane (offset_hi, 0, 0), so the first round needs only the product
-// A * c0, and the second only B * c2 plus a scalar product: two multiply pairs saved out of twenty.
+// A * c0, and the second only B * c2 plus a scalar product; the last round only B * c2 (only word 0 is used): three
+// multiply pairs saved out of twenty.
 
 // hi and lo 32-bit halves of a * multiplier in every 32-bit lane (multiplier in the even dword of 64-bit lanes).
 __attribute__((target("avx512f"))) inline void mul_wide_avx512(__m512i a, __m512i multiplier, __m512i& hi,
@@ -95,7 +96,7 @@ __attribute__((target("avx512f"))) void keep_flags_avx512(uint64_t seed, uint64_
     c0 = _mm512_xor_si512(c0, _mm512_set1_epi32(static_cast<int>(k0)));
     c2 = _mm512_xor_si512(c3, _mm512_set1_epi32(static_cast<int>(philox::mulhi(philox::kRoundA, c0_uniform) ^ k1)));
     c3 = _mm512_set1_epi32(static_cast<int>(philox::kRoundA * c0_uniform));
-    for (int round = 2; round < philox::kRounds; ++round) {
+    for (int round = 2; round < philox::kRounds - 1; ++round) {
       k0 += philox::kKeyA;
       k1 += philox::kKeyB;
       __m512i hi_b, lo_b, hi_a, lo_a;
@@ -106,6 +107,11 @@ __attribute__((target("avx512f"))) void keep_flags_avx512(uint64_t seed, uint64_
       c1 = lo_b;
       c3 = lo_a;
     }
+    // Last round: only the output word c0 is used, which needs only B * c2.
+    k0 += philox::kKeyA;
+    __m512i hi_b, lo_b;
+    mul_wide_avx512(c2, round_b, hi_b, lo_b);
+    c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
     const __m512i folded = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
     const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(folded), to_unit);
     _mm512_storeu_ps(keep + j, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, threshold, _CMP_GE_OQ), _mm512_set1_ps(1.0f)));
@@ -155,9 +161,8 @@ using KeepFlagsFn = void (*)(uint64_t, uint64_t, int64_t, float, float*);
 
 KeepFlagsFn select_keep_flags() {
 #if AVK_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return keep_flags_avx512;
-  if (__builtin_cpu_supports("avx2")) return keep_flags_avx2;
+  if (cpu_isa() == Isa::kAvx512) return keep_flags_avx512;
+  if (cpu_isa() == Isa::kAvx2) return keep_flags_avx2;
 #endif
   return keep_flags_scalar;
 }
@@ -168,14 +173,28 @@ const KeepFlagsFn keep_flags = select_keep_flags();
 // Tiles and micro-kernels
 // ---------------------------------------------------------------------------------------------------------------
 
+// Tile sizes shared by every ISA variant, so that the task partition, the padding and hence the order of every sum
+// are the same whichever variant runs.
 template <typename T>
 struct Tile {
-  static constexpr int kW = kLanes<T>;    // lanes of one Vec<T>
-  static constexpr int kColVecs = 4;      // a key block is 4 vectors wide: 64 fp32 / 32 fp64 keys
-  static constexpr int kBN = kW * kColVecs;
-  static constexpr int kBM = 32;          // query rows per task block: amortises packing a k/v block 32 times
-  static constexpr int kRows = 4;         // rows per register-blocked step of the accumulating micro-kernel
-  static_assert(kBN % kKeepChunk == 0 && kBM % kRows == 0 && kBN % kRows == 0, "tile sizes");
+  static constexpr int kBN = 256 / sizeof(T);            // keys per block: 64 fp32 / 32 fp64
+  static constexpr int kBM = 32;                         // query rows per block: amortises the packed panels
+  static constexpr int kPad = kMaxVecBytes / sizeof(T);  // D and E are padded to whole 64-byte vectors
+  static constexpr int kAccRows = 4;                     // rows per step of accumulate_rows
+  static_assert(kBN % kKeepChunk == 0 && kBM % kAccRows == 0 && kBN % kAccRows == 0, "tile sizes");
+};
+
+// Register blocking of one ISA variant (VB-byte vectors): S and dZ tiles are computed kGroup vectors at a time for
+// kFwdRows (forward) or kBwdRows (backward, S and dZ together) rows, sized to the register file: 16 accumulators
+// of the 32 AVX-512 registers, 8 of the 16 AVX2 / SSE registers.
+template <typename T, int VB>
+struct Blocking {
+  static constexpr int kW = kLanes<T, VB>;
+  static constexpr int kGroup = 4;
+  static constexpr int kGroups = Tile<T>::kBN / (kW * kGroup);
+  static constexpr int kFwdRows = VB == 64 ? 4 : 2;
+  static constexpr int kBwdRows = VB == 64 ? 2 : 1;
+  static_assert(kGroups >= 1 && Tile<T>::kBN % (kW * kGroup) == 0 && Tile<T>::kPad % kW == 0, "blocking");
 };
 
 // dst[r * ld + c] = src[r * src_r + c * src_c] for r < rows, c < cols, and 0 elsewhere in rows_alloc x ld.
@@ -199,17 +218,18 @@ void pack(T* dst, int64_t ld, int64_t rows_alloc, const T* src, int64_t src_r, i
   }
 }
 
-// acc[r][c] = sum_t a[r * lda + t] * panel[t * kBN + c * kW] for R rows of a against a (n_inner x kBN) panel:
-// an S or dZ tile. The R x kColVecs accumulators stay in registers; a panel row is loaded once per R rows.
-template <typename T, int R>
+// acc[r][c] = sum_t a[r * lda + t] * panel[t * kBN + c * kW] for R rows of a against kGroup vectors of a
+// (n_inner x kBN) panel: part of an S or dZ tile. The accumulators stay in registers; a panel row is loaded once
+// per R rows.
+template <typename T, int VB, int R>
 AVK_INLINE void rows_times_panel(const T* a, int64_t lda, const T* panel, int64_t n_inner,
-                                 Vec<T> (&acc)[R][Tile<T>::kColVecs]) {
-  constexpr int C = Tile<T>::kColVecs, W = Tile<T>::kW, BN = Tile<T>::kBN;
+                                 Vec<T, VB> (&acc)[R][Blocking<T, VB>::kGroup]) {
+  constexpr int C = Blocking<T, VB>::kGroup, W = Blocking<T, VB>::kW, BN = Tile<T>::kBN;
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = Vec<T>{};
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec<T, VB>{};
   for (int64_t t = 0; t < n_inner; ++t) {
-    Vec<T> y[C];
-    for (int c = 0; c < C; ++c) y[c] = load(panel + t * BN + c * W);
+    Vec<T, VB> y[C];
+    for (int c = 0; c < C; ++c) y[c] = load<T, VB>(panel + t * BN + c * W);
     for (int r = 0; r < R; ++r) {
       const T ar = a[r * lda + t];
       for (int c = 0; c < C; ++c) acc[r][c] += ar * y[c];
@@ -217,20 +237,20 @@ AVK_INLINE void rows_times_panel(const T* a, int64_t lda, const T* panel, int64_
   }
 }
 
-// out[r * ldo + x] += sum_t a[r * a_row + t * a_inner] * y[t * ldy + x] for r < kRows and x < n_cols (a multiple
-// of kW): o += C @ v, dq += dS @ k, dk += dS^T @ q, dv += C^T @ do, depending on the strides of a.
-template <typename T>
+// out[r * ldo + x] += sum_t a[r * a_row + t * a_inner] * y[t * ldy + x] for r < kAccRows and x < n_cols (a multiple
+// of kPad): o += C @ v, dq += dS @ k, dk += dS^T @ q, dv += C^T @ do, depending on the strides of a.
+template <typename T, int VB>
 AVK_INLINE void accumulate_rows(T* out, int64_t ldo, const T* a, int64_t a_row, int64_t a_inner, const T* y,
                                 int64_t ldy, int64_t n_inner, int64_t n_cols) {
-  constexpr int R = Tile<T>::kRows, W = Tile<T>::kW;
+  constexpr int R = Tile<T>::kAccRows, W = Blocking<T, VB>::kW;
   for (int64_t x = 0; x < n_cols; x += W) {
-    Vec<T> acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = load(out + r * ldo + x);
+    Vec<T, VB> acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = load<T, VB>(out + r * ldo + x);
     for (int64_t t = 0; t < n_inner; ++t) {
-      const Vec<T> yt = load(y + t * ldy + x);
+      const Vec<T, VB> yt = load<T, VB>(y + t * ldy + x);
       for (int r = 0; r < R; ++r) acc[r] += a[r * a_row + t * a_inner] * yt;
     }
-    for (int r = 0; r < R; ++r) store(out + r * ldo + x, acc[r]);
+    for (int r = 0; r < R; ++r) store<T, VB>(out + r * ldo + x, acc[r]);
   }
 }
 
@@ -243,19 +263,14 @@ void clear_padding(T* tile, int64_t n_rows, int64_t n_keys) {
   if (n_rows < BM) std::fill(tile + n_rows * BN, tile + BM * BN, T(0));
 }
 
-// kW keep flags (fp32 0/1) as a Vec<T>.
-template <typename T>
-AVK_INLINE Vec<T> load_keep(const float* keep);
-template <>
-AVK_INLINE Vec<float> load_keep<float>(const float* keep) {
-  return load(keep);
-}
-template <>
-AVK_INLINE Vec<double> load_keep<double>(const float* keep) {
-  typedef float half_vec __attribute__((vector_size(kVecBytes / 2)));
-  half_vec h;
-  std::memcpy(&h, keep, sizeof(h));
-  return __builtin_convertvector(h, Vec<double>);
+// kW keep flags (fp32 0/1) as a Vec<T, VB>.
+template <typename T, int VB>
+AVK_INLINE Vec<T, VB> load_keep(const float* keep) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return load<float, VB>(keep);
+  } else {
+    return __builtin_convertvector(load<float, VB / 2>(keep), Vec<T, VB>);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -328,8 +343,8 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   P.inv_keep = static_cast<T>(1.0 / (1.0 - dropout_p));
   P.seed = static_cast<uint64_t>(seed);
   P.tanh_relu = activation == 1;
-  P.head_pad = round_up(P.head, Tile<T>::kW);
-  P.value_pad = round_up(P.value, Tile<T>::kW);
+  P.head_pad = round_up(P.head, Tile<T>::kPad);
+  P.value_pad = round_up(P.value, Tile<T>::kPad);
   P.row_blocks = (P.rows + Tile<T>::kBM - 1) / Tile<T>::kBM;
   P.key_blocks = (P.keys + Tile<T>::kBN - 1) / Tile<T>::kBN;
   P.keys_pad = P.key_blocks * Tile<T>::kBN;
@@ -384,16 +399,17 @@ struct KeyValuePanels {
 //
 // Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
 // Grid: P.tasks() independent tasks (disjoint output rows), split over threads by at::parallel_for.
-template <typename T>
-AVK_CLONES void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t begin, int64_t end) {
-  using TL = Tile<T>;
-  constexpr int W = TL::kW, C = TL::kColVecs, BN = TL::kBN, BM = TL::kBM, R = TL::kRows;
+template <typename T, int VB>
+AVK_INLINE void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t begin, int64_t end) {
+  using Vt = Vec<T, VB>;
+  constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
+  constexpr int W = Blocking<T, VB>::kW, G = Blocking<T, VB>::kGroup, RF = Blocking<T, VB>::kFwdRows;
   const int64_t D = P.head, Dp = P.head_pad, Ep = P.value_pad;
   std::vector<T> buffer(BM * Dp + BM * Ep + BM * BN);
   T* q_tile = buffer.data();      // (BM, Dp)  query rows
   T* o_tile = q_tile + BM * Dp;   // (BM, Ep)  output accumulator
   T* c_tile = o_tile + BM * Ep;   // (BM, BN)  Drop(tanh(S)) of the current key block
-  std::vector<float> keep(R * BN, 1.0f);
+  std::vector<float> keep(RF * BN, 1.0f);
   KeyValuePanels<T> panels;
 
   for (int64_t task = begin; task < end; ++task) {
@@ -408,33 +424,36 @@ AVK_CLONES void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t beg
         const int64_t j0 = kb * BN, n_keys = std::min<int64_t>(BN, P.keys - j0);
         const T* k_panel = panels.k_panels.data() + kb * D * BN;
         const T* v_block = panels.v_blocks.data() + kb * BN * Ep;
-        for (int64_t i = 0; i < BM; i += R) {
-          Vec<T> s[R][C];
-          rows_times_panel<T, R>(q_tile + i * Dp, Dp, k_panel, D, s);
-          if (P.dropout) P.template draw_keep<R>(b, i0 + i, j0, keep.data());
-          for (int r = 0; r < R; ++r) {
-            for (int c = 0; c < C; ++c) {
-              Vec<T> t = tanh_vec(s[r][c] * P.scale);
-              if (P.dropout) t *= load_keep<T>(keep.data() + r * BN + c * W) * P.inv_keep;
-              store(c_tile + (i + r) * BN + c * W, t);
+        for (int64_t i = 0; i < BM; i += RF) {
+          if (P.dropout) P.template draw_keep<RF>(b, i0 + i, j0, keep.data());
+          for (int64_t col0 = 0; col0 < BN; col0 += G * W) {
+            Vt s[RF][G];
+            rows_times_panel<T, VB, RF>(q_tile + i * Dp, Dp, k_panel + col0, D, s);
+            for (int r = 0; r < RF; ++r) {
+              for (int c = 0; c < G; ++c) {
+                const int64_t col = col0 + c * W;
+                Vt t = tanh_vec<VB>(s[r][c] * P.scale);
+                if (P.dropout) t *= load_keep<T, VB>(keep.data() + r * BN + col) * P.inv_keep;
+                store<T, VB>(c_tile + (i + r) * BN + col, t);
+              }
             }
-            if (mask != nullptr && i + r < n_rows) {
-              bool* m = mask + (b * P.rows + i0 + i + r) * P.keys + j0;
-              for (int64_t j = 0; j < n_keys; ++j) m[j] = keep[r * BN + j] != 0.0f;
-            }
+          }
+          for (int r = 0; r < RF && mask != nullptr && i + r < n_rows; ++r) {
+            bool* m = mask + (b * P.rows + i0 + i + r) * P.keys + j0;
+            for (int64_t j = 0; j < n_keys; ++j) m[j] = keep[r * BN + j] != 0.0f;
           }
         }
         clear_padding(c_tile, n_rows, n_keys);
         for (int64_t i = 0; i < BM; i += R)
-          accumulate_rows(o_tile + i * Ep, Ep, c_tile + i * BN, BN, 1, v_block, Ep, BN, Ep);
+          accumulate_rows<T, VB>(o_tile + i * Ep, Ep, c_tile + i * BN, BN, 1, v_block, Ep, BN, Ep);
       }
 
       for (int64_t r = 0; r < n_rows; ++r) {
         T* row = o_tile + r * Ep;
         if (P.tanh_relu) {
           for (int64_t x = 0; x < Ep; x += W) {
-            const Vec<T> t = tanh_vec(load(row + x));
-            store(row + x, t > T(0) ? t : Vec<T>{});
+            const Vt t = tanh_vec<VB>(load<T, VB>(row + x));
+            store<T, VB>(row + x, t > T(0) ? t : Vt{});
           }
         }
         std::copy(row, row + P.value, o + (b * P.rows + i0 + r) * P.value);
@@ -464,11 +483,11 @@ struct Gradients {
 // Per tile: S = q k^T, t = tanh(scale S), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the tanh_relu
 // epilogue), dS = dZ f (1 - t^2) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
 // Grid: P.tasks() tasks with private outputs, split over threads by at::parallel_for.
-template <typename T>
-AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64_t begin, int64_t end) {
-  using TL = Tile<T>;
-  constexpr int W = TL::kW, C = TL::kColVecs, BN = TL::kBN, BM = TL::kBM, R = TL::kRows;
-  constexpr int RS = 2;  // S and dZ are computed two rows at a time: 2 x 2 x kColVecs accumulators fit the registers
+template <typename T, int VB>
+AVK_INLINE void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64_t begin, int64_t end) {
+  using Vt = Vec<T, VB>;
+  constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
+  constexpr int W = Blocking<T, VB>::kW, NG = Blocking<T, VB>::kGroup, RB = Blocking<T, VB>::kBwdRows;
   const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
   std::vector<T> buffer(BM * Dp + BM * Ep + BM * Dp + 2 * BM * BN);
   T* q_tile = buffer.data();       // (BM, Dp)
@@ -476,7 +495,7 @@ AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
   T* dq_tile = do_tile + BM * Ep;  // (BM, Dp)
   T* c_tile = dq_tile + BM * Dp;   // (BM, BN)
   T* ds_tile = c_tile + BM * BN;   // (BM, BN)
-  std::vector<float> keep(RS * BN, 1.0f);
+  std::vector<float> keep(RB * BN, 1.0f);
   KeyValuePanels<T> panels;
 
   for (int64_t task = begin; task < end; ++task) {
@@ -504,28 +523,31 @@ AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
         const T* k_panel = panels.k_panels.data() + kb * D * BN;
         const T* k_block = panels.k_blocks.data() + kb * BN * Dp;
         const T* v_panel = panels.v_panels.data() + kb * E * BN;
-        for (int64_t i = 0; i < BM; i += RS) {
-          Vec<T> s[RS][C], dz[RS][C];
-          rows_times_panel<T, RS>(q_tile + i * Dp, Dp, k_panel, D, s);
-          rows_times_panel<T, RS>(do_tile + i * Ep, Ep, v_panel, E, dz);
-          if (P.dropout) P.template draw_keep<RS>(b, i0 + i, j0, keep.data());
-          for (int r = 0; r < RS; ++r) {
-            for (int c = 0; c < C; ++c) {
-              const Vec<T> t = tanh_vec(s[r][c] * P.scale);
-              Vec<T> f = splat<T>(1);
-              if (P.dropout) f = load_keep<T>(keep.data() + r * BN + c * W) * P.inv_keep;
-              store(c_tile + (i + r) * BN + c * W, t * f);
-              store(ds_tile + (i + r) * BN + c * W, dz[r][c] * f * (T(1) - t * t) * P.scale);
+        for (int64_t i = 0; i < BM; i += RB) {
+          if (P.dropout) P.template draw_keep<RB>(b, i0 + i, j0, keep.data());
+          for (int64_t col0 = 0; col0 < BN; col0 += NG * W) {
+            Vt s[RB][NG], dz[RB][NG];
+            rows_times_panel<T, VB, RB>(q_tile + i * Dp, Dp, k_panel + col0, D, s);
+            rows_times_panel<T, VB, RB>(do_tile + i * Ep, Ep, v_panel + col0, E, dz);
+            for (int r = 0; r < RB; ++r) {
+              for (int c = 0; c < NG; ++c) {
+                const int64_t col = col0 + c * W;
+                const Vt t = tanh_vec<VB>(s[r][c] * P.scale);
+                Vt f = splat<T, VB>(1);
+                if (P.dropout) f = load_keep<T, VB>(keep.data() + r * BN + col) * P.inv_keep;
+                store<T, VB>(c_tile + (i + r) * BN + col, t * f);
+                store<T, VB>(ds_tile + (i + r) * BN + col, dz[r][c] * f * (T(1) - t * t) * P.scale);
+              }
             }
           }
         }
         clear_padding(c_tile, n_rows, n_keys);
         clear_padding(ds_tile, n_rows, n_keys);
         for (int64_t i = 0; i < BM; i += R)
-          accumulate_rows(dq_tile + i * Dp, Dp, ds_tile + i * BN, BN, 1, k_block, Dp, BN, Dp);
+          accumulate_rows<T, VB>(dq_tile + i * Dp, Dp, ds_tile + i * BN, BN, 1, k_block, Dp, BN, Dp);
         for (int64_t j = 0; j < BN; j += R) {
-          accumulate_rows(dk_acc + (j0 + j) * Dp, Dp, ds_tile + j, 1, BN, q_tile, Dp, BM, Dp);
-          accumulate_rows(dv_acc + (j0 + j) * Ep, Ep, c_tile + j, 1, BN, do_tile, Ep, BM, Ep);
+          accumulate_rows<T, VB>(dk_acc + (j0 + j) * Dp, Dp, ds_tile + j, 1, BN, q_tile, Dp, BM, Dp);
+          accumulate_rows<T, VB>(dv_acc + (j0 + j) * Ep, Ep, c_tile + j, 1, BN, do_tile, Ep, BM, Ep);
         }
       }
       for (int64_t r = 0; r < n_rows; ++r)
@@ -533,6 +555,24 @@ AVK_CLONES void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
     }
   }
 }
+
+// One entry point per ISA around each kernel body (see simd.h), with that ISA's vector width.
+#define AVK_DEFINE_ISA_ENTRY(attributes, suffix, vector_bytes)                                         \
+  template <typename T>                                                                                \
+  attributes void forward_tasks_##suffix(const Problem<T>& P, T* o, bool* mask, int64_t b, int64_t e) { \
+    forward_tasks<T, vector_bytes>(P, o, mask, b, e);                                                  \
+  }                                                                                                    \
+  template <typename T>                                                                                \
+  attributes void backward_tasks_##suffix(const Problem<T>& P, const Gradients<T>& G, int64_t b,       \
+                                          int64_t e) {                                                 \
+    backward_tasks<T, vector_bytes>(P, G, b, e);                                                       \
+  }
+AVK_DEFINE_ISA_ENTRY(, baseline, 16)
+#if AVK_X86_DISPATCH
+AVK_DEFINE_ISA_ENTRY(AVK_TARGET_AVX2, avx2, 32)
+AVK_DEFINE_ISA_ENTRY(AVK_TARGET_AVX512, avx512, 64)
+#endif
+#undef AVK_DEFINE_ISA_ENTRY
 
 // out[g, j, :width] = sum over t < parts of part[g * parts + t, j, :width], added in the order t = 0, 1, ...
 // part is (groups * parts, keys_pad, ld): the tasks' private accumulators.
@@ -583,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
     scalar_t* o_ptr = o.data_ptr<scalar_t>();
     bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
     at::parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
-      forward_tasks<scalar_t>(P, o_ptr, mask_ptr, begin, end);
+      AVK_DISPATCH_ISA(forward_tasks, scalar_t, P, o_ptr, mask_ptr, begin, end);
     });
   });
   return {o, mask};
@@ -624,7 +664,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
     at::Tensor dv_part = at::zeros({tasks, P.keys_pad, P.value_pad}, q.options());
     G.dk_part = dk_part.data_ptr<T>();
     G.dv_part = dv_part.data_ptr<T>();
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { backward_tasks<T>(P, G, begin, end); });
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      AVK_DISPATCH_ISA(backward_tasks, T, P, G, begin, end);
+    });
 
     // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch.
     sum_partials(dk.data_ptr<T>(), P.batch, P.keys, P.head, G.dk_part, P.chunks, P.keys_pad, P.head_pad);
