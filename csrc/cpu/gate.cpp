@@ -53,11 +53,7 @@ std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, cons
       for (int64_t r = begin; r < end; ++r) {
         const T* a = a_rows.row(r);
         const T* u = u_rows.row(r);
-        T z[2] = {bias_p[0], bias_p[1]};
-        for (int64_t x = 0; x < d; ++x) {
-          z[0] += a[x * a_rows.s2] * w0[x];
-          z[1] += a[x * a_rows.s2] * w1[x];
-        }
+        T z[2] = {bias_p[0] + dot(a, a_rows.s2, w0, d), bias_p[1] + dot(a, a_rows.s2, w1, d)};
         softmax_in_place(z, 2, static_cast<T>(tau));
         g_p[2 * r] = z[0];
         g_p[2 * r + 1] = z[1];

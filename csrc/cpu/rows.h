@@ -22,6 +22,20 @@ struct RowView {
   const T* row(int64_t r) const { return data + (r / length) * s0 + (r % length) * s1; }
 };
 
+// sum_i x[i * stride] * w[i]. A contiguous row (the usual case) is summed in SIMD lanes: `omp simd` allows the
+// reassociation the compiler may not do on its own (the order is still fixed, so results stay reproducible).
+template <typename T>
+inline T dot(const T* x, int64_t stride, const T* w, int64_t n) {
+  T acc = 0;
+  if (stride == 1) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * w[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc += x[i * stride] * w[i];
+  }
+  return acc;
+}
+
 // z[0..n) <- softmax(z / tau), computed as torch does: subtract the max, exponentiate, normalise.
 template <typename T>
 inline void softmax_in_place(T* z, int64_t n, T tau) {

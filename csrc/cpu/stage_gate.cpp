@@ -69,11 +69,7 @@ std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tens
         T* z = s_p + r * n;  // logits, then softmax in place
         for (int64_t t = 0; t < n; ++t) {
           T acc = bias_p[t];
-          for (int64_t src = 0; src < n; ++src) {
-            const T* x = x_rows[src].row(r);
-            const T* w_row = w_p + t * n * d + src * d;
-            for (int64_t i = 0; i < d; ++i) acc += x[i * x_rows[src].s2] * w_row[i];
-          }
+          for (int64_t src = 0; src < n; ++src) acc += dot(x_rows[src].row(r), x_rows[src].s2, w_p + (t * n + src) * d, d);
           z[t] = acc;
         }
         softmax_in_place(z, n, static_cast<T>(tau));
