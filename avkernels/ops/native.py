@@ -45,6 +45,8 @@ def _load(backend: str) -> None:
 def _not_built(backend: str) -> Optional[str]:
     if backend in _MODULES:
         return None
+    if backend == "cuda" and torch.version.cuda is None:
+        return "avkernels._C_cuda was not built: this torch has no CUDA support"
     return (
         f"{_MODULE_NAMES[backend]} was not built ({_IMPORT_ERRORS.get(backend, 'unknown reason')}); reinstall with "
         "a C++ compiler (`pip install --no-build-isolation -e .`) or call avkernels.ops.native.build_jit"

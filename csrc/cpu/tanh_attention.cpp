@@ -1,9 +1,9 @@
 // Fused tanh attention on CPU: o = Drop_p(tanh(scale * q @ k^T)) @ v (SPEC 1), forward and backward.
 //
-// The (Mq x N) map is never stored. A task owns a block of kBM query rows of one batch element and sweeps the keys
-// in blocks of kBN columns: the S tile (kBM x kBN) is computed from small zero-padded packed copies of the current q
-// rows and k/v block, passed through tanh and the dropout mask in registers, parked in an L1-sized buffer and
-// immediately contracted with the v block. Backward recomputes each tile (and redraws its dropout mask from the
+// The (Mq x N) map is never stored. A task owns a chunk of query rows of one batch element, packs that element's
+// k and v once (zero-padded key blocks of kBN columns), and for each block of kBM rows sweeps the key blocks: the S
+// tile (kBM x kBN) is computed from the packed q rows and key block, passed through tanh and the dropout mask in
+// registers, parked in an L1-sized buffer and immediately contracted with the value block. Backward recomputes each tile (and redraws its dropout mask from the
 // same Philox offsets) instead of reading a saved map.
 //
 // Zero padding makes every tile full, so the micro-kernels have no tail loops: padded keys have k = v = 0 and padded
