@@ -159,11 +159,16 @@ class ResumableSampler(DistributedSampler):
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` without ever leaving a partial file there (write a temp file, then rename)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class JsonlLog:
