@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--joint-layers", type=int, default=2)
     g.add_argument("--head-hidden", type=int, default=128)
     g.add_argument("--head-dropout", type=float, default=0.6)
+    g.add_argument("--spatial-attention", action="store_true",
+                   help="video features are flattened C x 49 maps (TSAV: 25088 = 512 x 7 x 7): audio-guided "
+                        "spatial attention reduces them to C features")
+    g.add_argument("--scrambled-reshape", action="store_true",
+                   help="with --spatial-attention, the official code's view(N, 49, 512) instead of the correct one")
     g.add_argument("--backend", help="backend of the fused ops (default: the fastest for the device)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20)
@@ -181,6 +186,16 @@ def build_datasets(args):
 
 
 def build_model(args, dims: Sequence[int]) -> AVRegressor:
+    """The regressor for features of sizes ``dims`` (video first)."""
+    spatial = {}
+    if args.spatial_attention:
+        positions = 49
+        if dims[0] % positions:
+            raise SystemExit(f"--spatial-attention: video features of size {dims[0]} are not C x {positions} maps")
+        channels = dims[0] // positions
+        spatial = dict(spatial_attention=True, spatial_channels=channels, spatial_positions=positions,
+                       scrambled_reshape=args.scrambled_reshape)
+        dims = (channels, *dims[1:])
     fusion_kwargs: Dict[str, Any] = {"form": args.form, "dropout": args.fusion_dropout}
     if args.iterations is not None:
         fusion_kwargs["iterations"] = args.iterations
@@ -191,7 +206,7 @@ def build_model(args, dims: Sequence[int]) -> AVRegressor:
     return AVRegressor(
         tuple(dims), args.seq_len, fusion=args.fusion, fusion_kwargs=fusion_kwargs, encoders=not args.no_encoders,
         encoder_layers=args.encoder_layers, joint_dim=args.joint_dim, joint_layers=args.joint_layers,
-        head_hidden=args.head_hidden, head_dropout=args.head_dropout,
+        head_hidden=args.head_hidden, head_dropout=args.head_dropout, **spatial,
     )
 
 

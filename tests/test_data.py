@@ -306,7 +306,7 @@ def test_recola_missing_and_empty_files(recola, tmp_path):
 def test_recola_feature_rows_must_match(recola):
     root, written = recola
     path = os.path.join(root, "features", "video", "train_1.npy")
-    np.save(path, np.zeros((40, 5), np.float32))
+    np.save(path, np.zeros((40, 6), np.float32))
     with pytest.raises(DataFormatError, match=re.escape(path) + r": 40 feature rows but the labels of 'train_1' have 37"):
         RECOLA(root, "train")
 

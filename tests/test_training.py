@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,3 +202,28 @@ def test_iemocap_protocol_on_real_format_files(tmp_path):
     assert len(test_records) == 1 and test_records[0]["balanced_accuracy"] == result["test"]["balanced_accuracy"]
     config = _records(out, "config")[0]
     assert config["dropped_no_video"] == {"train": 1, "dev": 1, "test": 1}
+
+
+REAL_TINY = ["--seq-len", "4", "--clip-stride", "8", "--batch-size", "4", "--encoder-layers", "1", "--joint-dim", "8",
+             "--joint-layers", "1", "--head-hidden", "4", "--no-progress", "--device", "cpu", "--epochs", "1",
+             "--fusion", "rjca"]
+
+
+def test_affwild2_with_spatial_attention_and_recola_through_the_training_script(tmp_path):
+    aw2 = str(tmp_path / "affwild2")
+    make_samples.write_affwild2(aw2)
+    for name, n in make_samples.AFFWILD2_VIDEOS.items():  # TSAV-like video maps: C x 49 with C = 2
+        np.save(os.path.join(aw2, "features", "video", name + ".npy"), np.random.rand(n, 98).astype(np.float32))
+    args = train_av.build_parser().parse_args(
+        REAL_TINY + ["--dataset", "affwild2", "--data-root", aw2, "--spatial-attention", "--out-dir", str(tmp_path / "a")])
+    result = train_av.run(args)
+    assert result["trainer"].model.spatial_attention is not None
+    assert -1 <= result["best"]["ccc_valence"] <= 1
+    # Every validation frame was predicted once (frame_values raises otherwise), -5 frames left out of the CCC.
+    assert result["val_set"].stats.n_windows_dropped == 0
+
+    recola = str(tmp_path / "recola")
+    make_samples.write_recola(recola)
+    args = train_av.build_parser().parse_args(
+        REAL_TINY + ["--dataset", "recola", "--data-root", recola, "--out-dir", str(tmp_path / "r")])
+    assert -1 <= train_av.run(args)["best"]["ccc_arousal_smoothed"] <= 1

@@ -17,7 +17,7 @@ import numpy as np
 AFFWILD2_VIDEOS = {"video_a": 70, "video_b-30-640x360": 45}  # frames per video
 AFFWILD2_DIMS = {"video": 6, "audio": 4}
 RECOLA_FRAMES = 37
-RECOLA_DIMS = {"video": 5, "audio": 3}
+RECOLA_DIMS = {"video": 6, "audio": 4}
 IEMOCAP_N = {"train": 4, "dev": 3, "test": 3}
 IEMOCAP_VOCAB = 11
 
