@@ -29,7 +29,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import Context, Task, TrainConfig, Trainer, seed_everything, setup_context, teardown_context  # noqa: E402
 
-from avkernels.data import AffWild2VA, RECOLA, SyntheticAV, SyntheticAVConfig  # noqa: E402
+from avkernels.data import INVALID_LABEL, AffWild2VA, RECOLA, SyntheticAV, SyntheticAVConfig  # noqa: E402
 from avkernels.losses import CCCLoss  # noqa: E402
 from avkernels.metrics import SMOOTHING_WINDOWS, ccc, smooth_predictions  # noqa: E402
 from avkernels.models import AVRegressor  # noqa: E402
@@ -53,9 +53,17 @@ class VARegressionTask(Task):
         return model(*(batch[m] for m in self.modalities), **kwargs)
 
     def loss(self, model, batch):
-        valence, arousal = self.predict(model, batch)
-        # The CCC's moments are taken in float32 even under autocast.
-        return self.criterion((valence.float(), arousal.float()), (batch["valence"], batch["arousal"]))
+        total = 0.0
+        for prediction, dim in zip(self.predict(model, batch), DIMENSIONS):
+            target = batch[dim]
+            if bool((target != INVALID_LABEL).any()):
+                # The CCC's moments are taken in float32 even under autocast.
+                total = total + self.criterion((prediction.float(),), (target,))
+            else:
+                # No label of this dimension in the batch: no loss term, but the head stays in the graph (DDP
+                # expects a gradient for every parameter).
+                total = total + 0.0 * prediction.float().sum()
+        return total
 
     def evaluate(self, model, loader, ctx: Context, autocast) -> Dict[str, float]:
         windows, predictions = [], {d: [] for d in DIMENSIONS}
@@ -78,7 +86,7 @@ def va_metrics(dataset, windows: np.ndarray, predictions: Dict[str, np.ndarray])
         per_video = dataset.frame_values(windows, predictions[dim])
         targets = [y[:, k] for y in labels]
         target = np.concatenate(targets)
-        valid = target != -5
+        valid = target != INVALID_LABEL
         raw = np.concatenate(per_video)
         if np.isnan(raw).any():
             raise ValueError(f"{dataset.name}: some frames got no prediction; evaluate on windows='all'")
@@ -104,14 +112,16 @@ class WarmupCosine:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="synthetic")
     g.add_argument("--data-root", help="dataset folder (affwild2, recola); layouts in docs/datasets.md")
     g.add_argument("--modalities", nargs="+", default=["video", "audio"],
                    help="feature folders, in fusion order (video first, as the official code)")
     g.add_argument("--seq-len", type=int, default=16, help="L, clips per sample")
-    g.add_argument("--clip-stride", type=int, help="frames between clip ends (default: 32 affwild2, 16 recola, 1 synthetic)")
+    g.add_argument("--clip-stride", type=int,
+                   help="frames between clip ends (default: 32 affwild2, 16 recola, 1 synthetic)")
     g.add_argument("--train-windows", choices=("labelled", "masked"), default="masked",
                    help="training windows: only fully annotated ones (official) or all with -5 masked in the loss")
     g.add_argument("--exclude", nargs="*", default=[], help="Aff-Wild2 training videos to leave out")
@@ -257,7 +267,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     result = run(args)
     if int(os.environ.get("RANK", "0")) == 0 and result["best"] is not None:
         best = result["best"]
-        print(f"best epoch {best['epoch'] + 1}: CCC valence {best['ccc_valence']:.4f} arousal {best['ccc_arousal']:.4f} "
+        print(f"best epoch {best['epoch'] + 1}: CCC valence {best['ccc_valence']:.4f} "
+              f"arousal {best['ccc_arousal']:.4f} "
               f"(smoothed {best['ccc_valence_smoothed']:.4f} / {best['ccc_arousal_smoothed']:.4f})")
 
 

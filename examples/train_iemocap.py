@@ -8,6 +8,7 @@ The paper's protocol (the defaults): cross-entropy, Adam lr 1e-3, batch 32, Redu
 patience 10) on the validation loss, early stopping when the validation overall accuracy has not improved for 10
 epochs, then the best checkpoint is evaluated on the test split. The paper ran 5 folds x seeds 1..10 and reports
 mean (std) over the 50 runs; ``--epochs`` caps a run (the code's cap was 20,000, i.e. early stopping only).
+The code trained in float64; this script trains in float32 (fp16 autocast on CUDA unless ``--no-amp``).
 
 Metric names: "balanced accuracy" (mean per-class recall) is what the paper calls WA, "overall accuracy" what it
 calls UWA (research/selfcross-spec.md 1.6).
@@ -67,7 +68,8 @@ class ClassificationTask(Task):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--fold-dir", required=True, help="a fold folder of Yoon's IEMOCAP (layout: docs/datasets.md)")
     p.add_argument("--model", choices=tuple(MODELS), default="self")
     p.add_argument("--modalities", nargs="+", choices=("text", "video", "audio"), default=["text", "video", "audio"])

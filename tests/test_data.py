@@ -188,7 +188,8 @@ def test_affwild2_feature_rows_must_match_annotation_lines(affwild2):
     root, written = affwild2
     path = os.path.join(root, "features", "video", "video_a.npy")
     np.save(path, written["features"]["video"]["video_a"][:-1])
-    with pytest.raises(DataFormatError, match=re.escape(path) + r": 69 feature rows but the labels of 'video_a' have 70"):
+    message = r": 69 feature rows but the labels of 'video_a' have 70"
+    with pytest.raises(DataFormatError, match=re.escape(path) + message):
         _aw2(root)
 
 
@@ -307,7 +308,8 @@ def test_recola_feature_rows_must_match(recola):
     root, written = recola
     path = os.path.join(root, "features", "video", "train_1.npy")
     np.save(path, np.zeros((40, 6), np.float32))
-    with pytest.raises(DataFormatError, match=re.escape(path) + r": 40 feature rows but the labels of 'train_1' have 37"):
+    message = r": 40 feature rows but the labels of 'train_1' have 37"
+    with pytest.raises(DataFormatError, match=re.escape(path) + message):
         RECOLA(root, "train")
 
 
@@ -373,7 +375,8 @@ def test_iemocap_label_out_of_range_names_file_and_index(iemocap):
     with pytest.raises(DataFormatError, match=re.escape(path) + r": labels must lie in 0..6, got 7 at index 2"):
         IEMOCAPFold(fold, "train")
     np.save(path, np.array([0.0, 1.5, 2.0, 1.0]))
-    with pytest.raises(DataFormatError, match=re.escape(path) + r": IEMOCAP train labels must hold integers, got 1.5 at index 1"):
+    message = r": IEMOCAP train labels must hold integers, got 1.5 at index 1"
+    with pytest.raises(DataFormatError, match=re.escape(path) + message):
         IEMOCAPFold(fold, "train")
 
 

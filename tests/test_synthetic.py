@@ -105,7 +105,8 @@ def test_corrupted_segments_do_not_predict_the_labels(modality, code):
 
 @pytest.mark.parametrize(
     "override, message",
-    [({"n_frames": 0}, "n_frames"), ({"corrupt_share": 1.5}, "corrupt_share"), ({"invalid_share": 0.6}, "invalid_share"),
+    [({"n_frames": 0}, "n_frames"), ({"corrupt_share": 1.5}, "corrupt_share"),
+     ({"invalid_share": 0.6}, "invalid_share"),
      ({"min_period": 300.0}, "min_period"), ({"video_noise": -1.0}, "video_noise")],
 )
 def test_config_validation(override, message):

@@ -215,7 +215,8 @@ def test_affwild2_with_spatial_attention_and_recola_through_the_training_script(
     for name, n in make_samples.AFFWILD2_VIDEOS.items():  # TSAV-like video maps: C x 49 with C = 2
         np.save(os.path.join(aw2, "features", "video", name + ".npy"), np.random.rand(n, 98).astype(np.float32))
     args = train_av.build_parser().parse_args(
-        REAL_TINY + ["--dataset", "affwild2", "--data-root", aw2, "--spatial-attention", "--out-dir", str(tmp_path / "a")])
+        REAL_TINY + ["--dataset", "affwild2", "--data-root", aw2, "--spatial-attention",
+                     "--out-dir", str(tmp_path / "a")])
     result = train_av.run(args)
     assert result["trainer"].model.spatial_attention is not None
     assert -1 <= result["best"]["ccc_valence"] <= 1
@@ -227,3 +228,20 @@ def test_affwild2_with_spatial_attention_and_recola_through_the_training_script(
     args = train_av.build_parser().parse_args(
         REAL_TINY + ["--dataset", "recola", "--data-root", recola, "--out-dir", str(tmp_path / "r")])
     assert -1 <= train_av.run(args)["best"]["ccc_arousal_smoothed"] <= 1
+
+
+def test_a_batch_without_any_label_of_one_dimension_still_trains():
+    args = _args("--fusion", "jca")
+    train_set, _ = train_av.build_datasets(args)
+    model = train_av.build_model(args, [train_set.feature_dims[m] for m in train_set.modalities])
+    batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=4)))
+    batch["valence"][:] = -5.0
+    task = train_av.VARegressionTask(train_set.modalities)
+    model.eval()  # no dropout: the loss can be compared with the arousal term alone
+    loss = task.loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.valence_head.parameters())  # in the graph, with zero gradient
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.valence_head.parameters())
+    arousal_term = task.criterion((model(batch["video"], batch["audio"])[1],), (batch["arousal"],))
+    assert loss.item() == pytest.approx(arousal_term.item(), rel=1e-6)

@@ -16,8 +16,15 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from avkernels.data.formats import INVALID_LABEL, DataFormatError, PathLike, read_name_list, read_va_annotation
-from avkernels.data.formats import load_array, require_file
+from avkernels.data.formats import (
+    INVALID_LABEL,
+    DataFormatError,
+    PathLike,
+    load_array,
+    read_name_list,
+    read_va_annotation,
+    require_file,
+)
 from avkernels.data.windows import AVWindowDataset, load_videos_features
 
 

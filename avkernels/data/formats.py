@@ -176,7 +176,8 @@ def load_array(
             whole = np.isfinite(array) & (np.floor(array) == array)
             if not whole.all():
                 index = _first_index(~whole)
-                raise DataFormatError(f"{path}: {what} must hold integers, got {array[index].item()!r} at index {index}")
+                got = array[index].item()
+                raise DataFormatError(f"{path}: {what} must hold integers, got {got!r} at index {index}")
         elif not np.issubdtype(array.dtype, np.integer):
             raise DataFormatError(f"{path}: {what} must hold integers, got dtype {array.dtype}")
     return array

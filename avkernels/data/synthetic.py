@@ -91,9 +91,13 @@ class SyntheticAVConfig:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: expected a share in [0, 1], got {value!r}")
         if self.invalid_share >= 0.5:
-            raise ValueError(f"invalid_share: expected < 0.5 (most frames must stay annotated), got {self.invalid_share}")
+            raise ValueError(
+                f"invalid_share: expected < 0.5 (most frames must stay annotated), got {self.invalid_share}"
+            )
         if not 0.0 < self.min_period <= self.max_period:
-            raise ValueError(f"min_period, max_period: expected 0 < min <= max, got {self.min_period}, {self.max_period}")
+            raise ValueError(
+                f"min_period, max_period: expected 0 < min <= max, got {self.min_period}, {self.max_period}"
+            )
         if self.video_noise < 0 or self.audio_noise < 0:
             raise ValueError("video_noise, audio_noise: expected non-negative standard deviations")
 

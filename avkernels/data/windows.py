@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -171,11 +171,14 @@ class AVWindowDataset(Dataset):
                 f"{self.name}: video {video.name!r} has modalities {tuple(video.features)}, expected {self.modalities}"
             )
         if video.labels.ndim != 2 or video.labels.shape[1] != 2:
-            raise ValueError(f"{self.name}: video {video.name!r} labels must be (n_frames, 2), got {video.labels.shape}")
+            raise ValueError(
+                f"{self.name}: video {video.name!r} labels must be (n_frames, 2), got {video.labels.shape}"
+            )
         for m, x in video.features.items():
             if x.ndim != 2 or x.shape[1] != self.feature_dims[m] or x.shape[0] != video.n_frames:
                 raise ValueError(
-                    f"{self.name}: video {video.name!r} {m} features must be ({video.n_frames}, {self.feature_dims[m]}) "
+                    f"{self.name}: video {video.name!r} {m} features must be "
+                    f"({video.n_frames}, {self.feature_dims[m]}) "
                     f"(one row per annotated frame, same size as the first video), got {tuple(x.shape)}"
                 )
         if tuple(video.extras) != self.extra_names:
