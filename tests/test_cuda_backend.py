@@ -250,7 +250,8 @@ def test_gate_forward_and_backward(dtype, shape):
     tau = 0.1
     out, g = C.gate_forward(attended, unattended, weight, bias, tau)
     grads = C.gate_backward(dout, dg, attended, unattended, weight, g, out, tau, True)
-    ref64 = _reference_gate(*(x.double() for x in (attended, unattended, weight, bias)), tau, dout.double(), dg.double())
+    inputs64 = (x.double() for x in (attended, unattended, weight, bias))
+    ref64 = _reference_gate(*inputs64, tau, dout.double(), dg.double())
     ref_lowp = _reference_gate(attended, unattended, weight, bias, tau, dout, dg)
     names = ("out", "g", "d_attended", "d_unattended", "d_weight", "d_bias")
     for name, ours, r, r64 in zip(names, (out, g, *grads), (*ref_lowp[0], *ref_lowp[1]), (*ref64[0], *ref64[1])):

@@ -93,7 +93,8 @@ __device__ void gate_values(const SoftmaxGateInputs& in, int64_t b, int64_t l, i
 // Args: params (gate.cuh), with num_candidates <= kMaxC; out and gates contiguous.
 // Grid: ceil(batch * seq_len / kRowsPerBlock) blocks of kRowThreads (one warp per row).
 template <typename T, int kMaxC>
-__global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm) softmax_gate_forward_kernel(const SoftmaxGateForwardParams params) {
+__global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
+    softmax_gate_forward_kernel(const SoftmaxGateForwardParams params) {
   using Acc = acc_t<T>;
   const SoftmaxGateInputs& in = params.inputs;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;

@@ -16,6 +16,13 @@
 //     tiles (tanh cost grows with ceil(E / kSize)): the JCA shapes have D = E = L = 16..32, a single chunk.
 //   * Loads walk each tile along the source's unit-stride axis, so transposed views (the dense JCA passes
 //     q = Q^T) are read coalesced without a copy.
+//   * The element-wise work on a map tile (tanh, Philox, keep-mask, dS) runs in Tiles::map_elements on the tile in
+//     shared memory, in a rolled loop: that keeps every kernel within 128 registers without spills.
+//   * Backward: one kernel for dq (query tiles, loop over key tiles), one for dk and dv (key tiles, loop over query
+//     tiles); the map is recomputed for dq, dk and dv separately. FlashAttention-2 computes dk and dv from one
+//     recomputation; worth doing once the kernels can be profiled on a GPU (none has been run on one yet).
+//   * A v shared over the batch gets dv as per-batch partials summed in batch order by a second kernel
+//     (deterministic), or as fp32/fp64 atomics into one slice when determinism is not requested.
 #include "cuda/tanh_attention.cuh"
 
 #include "common/philox.h"
@@ -37,7 +44,9 @@ struct Matrix {
   const T* data;
   int64_t rows, cols, row_stride, col_stride;
 
-  __device__ acc_t<T> operator()(int64_t r, int64_t c) const { return to_acc<T>(data[r * row_stride + c * col_stride]); }
+  __device__ acc_t<T> operator()(int64_t r, int64_t c) const {
+    return to_acc<T>(data[r * row_stride + c * col_stride]);
+  }
   __device__ bool rows_fastest() const { return row_stride == 1 && col_stride != 1; }
 };
 
@@ -199,7 +208,8 @@ struct Tiles {
 // Grid: x = batch * ceil(Mq / kSize) (batch-major), y = max(1, ceil(E / kSize)); kThreads threads.
 // Only blocks with blockIdx.y == 0 write the keep-mask (the others draw the same bits).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) tanh_attention_forward_kernel(const TanhAttentionForwardParams params) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    tanh_attention_forward_kernel(const TanhAttentionForwardParams params) {
   using Acc = acc_t<T>;
   using Tl = Tiles<Acc>;
   __shared__ typename Tl::Shared sm;
@@ -259,7 +269,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) tanh_attention_forw
 // Args: params (see tanh_attention.cuh); dq contiguous.
 // Grid: x = batch * ceil(Mq / kSize), y = ceil(D / kSize); kThreads threads.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) tanh_attention_backward_dq_kernel(const TanhAttentionBackwardParams params) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    tanh_attention_backward_dq_kernel(const TanhAttentionBackwardParams params) {
   using Acc = acc_t<T>;
   using Tl = Tiles<Acc>;
   __shared__ typename Tl::Shared sm;
