@@ -27,8 +27,9 @@ except ImportError as exc:
 
 DEVICE = "cuda"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Floors of the flash rule, relative to the reference's magnitude.
-FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Floors of the flash rule, relative to the reference's magnitude. fp32: the CPU emulation of these kernels
+# (tests/test_cuda_compile.py) measured at most 5.5e-6 (the gates' 1/tau = 10 amplifies rounding).
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ACTIVATIONS = {"none": 0, "tanh_relu": 1}
 SEED = 1234567
 
