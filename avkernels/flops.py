@@ -188,3 +188,23 @@ def fusion_cost(model, batch: int, *, mode: str = "forward", itemsize: int = 4) 
         for dm in dims:
             cost = cost + stage_gate_cost(batch, seq_len, dm, n_stages, mode=mode, itemsize=itemsize)
     return cost
+
+
+def lstm_cost(batch: int, seq_len: int, input_size: int, hidden_size: int, *, num_layers: int = 1,
+              bidirectional: bool = False, mode: str = "forward", itemsize: int = 4) -> Cost:
+    """An ``nn.LSTM`` over ``(B, L, input_size)``: per step, direction and layer, the gates ``x W_ih^T + h W_hh^T``
+    (``2 * 4H * (in + H)`` FLOPs per sample) and ``5H`` transcendentals (three sigmoids, two tanh). Layers after the
+    first read ``H`` (or ``2H`` when bidirectional) features. Bytes: each layer's input and output sequences and
+    weights, once."""
+    directions = 2 if bidirectional else 1
+    cost = Cost()
+    layer_in = input_size
+    for _ in range(num_layers):
+        weights = directions * 4 * hidden_size * (layer_in + hidden_size + 2)
+        per_step = Cost(flops=2 * 4 * hidden_size * (layer_in + hidden_size), transcendentals=5 * hidden_size)
+        sequences = batch * seq_len * (layer_in + directions * hidden_size)
+        forward = per_step * (batch * seq_len * directions) + Cost(bytes=itemsize * (sequences + weights))
+        backward = Cost(flops=2 * forward.flops, bytes=itemsize * 2 * (sequences + weights))
+        cost = cost + _by_mode(mode, forward, backward)
+        layer_in = directions * hidden_size
+    return cost

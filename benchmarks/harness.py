@@ -12,8 +12,9 @@ modes
     the forward runs untimed before each round), ``full`` for ops / ``train`` for models (forward + backward, and
     for models an Adam step), ``inference`` (eval mode under ``torch.no_grad``).
 time
-    ``benchmark.pedantic`` after two untimed warm-up calls (the first compiles, the second sizes the number of
-    rounds to about ``--bench-target-s`` seconds, at least ``MIN_ROUNDS``). On GPU every timed call ends
+    ``benchmark.pedantic`` after one untimed warm-up call (two for ``torch_compile`` and for any first call slower
+    than ``COMPILE_SUSPECT_S``, since the first compiles); the last warm-up call sizes the number of rounds to about
+    ``--bench-target-s`` seconds, at least ``MIN_ROUNDS``. On GPU every timed call ends
     in ``torch.cuda.synchronize()`` and CUDA events time each round too (``cuda_event_median_s``).
 memory
     one more call after timing. ``peak_bytes``: the highest amount of memory allocated during the call above what
@@ -39,9 +40,11 @@ from torch import nn
 import avkernels
 from avkernels.flops import Cost
 
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 BASELINES = ("reference", "torch_compile")
 MIN_ROUNDS = 3
 MAX_ROUNDS = 50
+COMPILE_SUSPECT_S = 5.0  # a first call slower than this may have been compiling (Triton): warm up once more
 
 
 def device() -> torch.device:
@@ -63,7 +66,9 @@ def synchronize(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _median_time(fn: Callable[[], object], dev: torch.device, repeats: int) -> float:
+def _best_time(fn: Callable[[], object], dev: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` calls after one warm-up: a roof is a peak rate, and on a loaded machine the
+    fastest call is the one least disturbed."""
     fn()
     synchronize(dev)
     times = []
@@ -72,7 +77,7 @@ def _median_time(fn: Callable[[], object], dev: torch.device, repeats: int) -> f
         fn()
         synchronize(dev)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,25 +85,25 @@ def machine_rates(dev_type: str) -> Dict[str, float]:
     """The roofs of this machine, measured with torch: fp32 GEMM FLOP/s, copy bandwidth, tanh throughput.
 
     ``matmul_gflops``: a square fp32 GEMM (2048 on CPU, 8192 on GPU). ``bandwidth_gbs``: bytes read plus written
-    by copying a 256 MiB tensor. ``tanh_gelems``: ``torch.tanh`` on a 1 MiB tensor (cache-resident on CPU), in
-    billions of elements per second.
+    by copying a 256 MiB tensor. ``tanh_gelems``: ``torch.tanh`` on a 4 MiB tensor (L2/L3-resident on CPU), in
+    billions of elements per second. Each is the fastest of 7 timed calls.
     """
     dev = torch.device(dev_type)
     n = 8192 if dev.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    gemm = _median_time(lambda: torch.mm(a, b), dev, 5)
+    gemm = _best_time(lambda: torch.mm(a, b), dev, 7)
     big = torch.empty(64 * 2**20, device=dev)
     big_out = torch.empty_like(big)
-    copy = _median_time(lambda: big_out.copy_(big), dev, 5)
-    small = torch.randn(2**18, device=dev)
+    copy = _best_time(lambda: big_out.copy_(big), dev, 7)
+    small = torch.randn(2**20, device=dev)
     small_out = torch.empty_like(small)
-    reps = 64 if dev.type == "cuda" else 8
+    reps = 64 if dev.type == "cuda" else 4
 
     def tanh_loop():
         for _ in range(reps):
             torch.tanh(small, out=small_out)
 
-    tanh = _median_time(tanh_loop, dev, 5)
+    tanh = _best_time(tanh_loop, dev, 7)
     return {
         "matmul_gflops": 2 * n**3 / gemm / 1e9,
         "bandwidth_gbs": 2 * big.numel() * big.element_size() / copy / 1e9,
@@ -137,6 +142,9 @@ def machine_info(dev: torch.device) -> Dict[str, object]:
         "avkernels_backends": avkernels.backends(),
         "device": dev.type,
         "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        # other work on the machine while the suite ran (1-minute load average at the start and at the end)
+        "load_average_start": LOAD_AT_START,
+        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     info.update(machine_rates(dev.type))
     return info
@@ -272,6 +280,14 @@ def build_mode(case: Case, provider: str, mode: str, dev: torch.device):
     return setup, fn
 
 
+def _timed_call(setup, fn, dev: torch.device) -> float:
+    args, kwargs = setup()
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    synchronize(dev)
+    return time.perf_counter() - start
+
+
 def _cpu_peak(setup, fn) -> Tuple[int, int]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -306,12 +322,9 @@ def run(benchmark, case: Case, provider: str, mode: str, *, target_s: float = 1.
     if smoke:
         rounds = 1
     else:
-        args, kwargs = setup()
-        fn(*args, **kwargs)  # compiles (torch.compile, Triton) and warms caches
-        args, kwargs = setup()
-        start = time.perf_counter()
-        fn(*args, **kwargs)
-        once = time.perf_counter() - start
+        once = _timed_call(setup, fn, dev)  # compiles (torch.compile, Triton) and warms caches
+        if provider == "torch_compile" or once > COMPILE_SUSPECT_S:
+            once = _timed_call(setup, fn, dev)  # the first call may have compiled: size the rounds on a second
         rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(target_s / max(once, 1e-6)))))
 
     events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []

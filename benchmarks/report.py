@@ -68,7 +68,8 @@ def header(report: dict, note: str = "") -> str:
         f"avkernels {m.get('avkernels_version')} (backends: {', '.join(m.get('avkernels_backends', []))}), "
         f"commit {report.get('commit_info', {}).get('id', '?')[:10]}.",
         f"Roofs measured in the same run: fp32 GEMM {m['matmul_gflops']:.0f} GFLOP/s, "
-        f"copy bandwidth {m['bandwidth_gbs']:.1f} GB/s, tanh {m['tanh_gelems']:.2f} G/s.",
+        f"copy bandwidth {m['bandwidth_gbs']:.1f} GB/s, tanh {m['tanh_gelems']:.2f} G/s. "
+        f"Load average (1 min) at start / end: {m.get('load_average_start')} / {m.get('load_average_end')}.",
     ]
     if note:
         lines.append(note)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import avkernels
-from avkernels.flops import Cost, fusion_cost, gate_cost, linear_cost, stage_gate_cost, tanh_attention_cost
+from avkernels.flops import Cost, fusion_cost, gate_cost, linear_cost, lstm_cost, stage_gate_cost, tanh_attention_cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,3 +146,12 @@ def test_benchmark_suite_collects_and_one_tiny_benchmark_runs(tmp_path):
     assert info["provider"] == "reference" and info["op"] == "gate"
     assert info["flops"] == gate_cost(info["batch"], info["seq_len"], info["dim"], mode=info["mode"]).flops
     assert info["peak_bytes"] >= 0 and bench[0]["stats"]["rounds"] >= 1
+
+
+def test_lstm_counts_by_hand():
+    # B=2, L=3, in=5, H=4, two bidirectional layers: layer 2 reads 8 features
+    cost = lstm_cost(2, 3, 5, 4, num_layers=2, bidirectional=True)
+    steps = 2 * 3 * 2
+    assert cost.flops == steps * 2 * 16 * (5 + 4) + steps * 2 * 16 * (8 + 4)
+    assert cost.transcendentals == 2 * steps * 20
+    assert lstm_cost(2, 3, 5, 4, mode="backward").flops == 2 * lstm_cost(2, 3, 5, 4).flops
