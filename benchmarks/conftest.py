@@ -92,4 +92,4 @@ def bench(benchmark, request):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info.update(harness.machine_info(harness.device()))
+    machine_info.update(harness.machine_info(harness.device(), quick=_level(config) == "smoke"))

@@ -81,21 +81,24 @@ def _best_time(fn: Callable[[], object], dev: torch.device, repeats: int) -> flo
 
 
 @functools.lru_cache(maxsize=None)
-def machine_rates(dev_type: str) -> Dict[str, float]:
+def machine_rates(dev_type: str, quick: bool = False) -> Dict[str, float]:
     """The roofs of this machine, measured with torch: fp32 GEMM FLOP/s, copy bandwidth, tanh throughput.
 
     ``matmul_gflops``: a square fp32 GEMM (2048 on CPU, 8192 on GPU). ``bandwidth_gbs``: bytes read plus written
     by copying a 256 MiB tensor. ``tanh_gelems``: ``torch.tanh`` on a 4 MiB tensor (L2/L3-resident on CPU), in
-    billions of elements per second. Each is the fastest of 7 timed calls.
+    billions of elements per second. Each is the fastest of 7 timed calls. ``quick`` (the smoke level) uses
+    sizes 16 times smaller and 2 calls: a check that the code runs, not a measurement.
     """
     dev = torch.device(dev_type)
     n = 8192 if dev.type == "cuda" else 2048
+    shrink, repeats = (16, 2) if quick else (1, 7)
+    n //= 4 if quick else 1
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    gemm = _best_time(lambda: torch.mm(a, b), dev, 7)
-    big = torch.empty(64 * 2**20, device=dev)
+    gemm = _best_time(lambda: torch.mm(a, b), dev, repeats)
+    big = torch.empty(64 * 2**20 // shrink, device=dev)
     big_out = torch.empty_like(big)
-    copy = _best_time(lambda: big_out.copy_(big), dev, 7)
-    small = torch.randn(2**20, device=dev)
+    copy = _best_time(lambda: big_out.copy_(big), dev, repeats)
+    small = torch.randn(2**20 // shrink, device=dev)
     small_out = torch.empty_like(small)
     reps = 64 if dev.type == "cuda" else 4
 
@@ -103,7 +106,7 @@ def machine_rates(dev_type: str) -> Dict[str, float]:
         for _ in range(reps):
             torch.tanh(small, out=small_out)
 
-    tanh = _best_time(tanh_loop, dev, 7)
+    tanh = _best_time(tanh_loop, dev, repeats)
     return {
         "matmul_gflops": 2 * n**3 / gemm / 1e9,
         "bandwidth_gbs": 2 * big.numel() * big.element_size() / copy / 1e9,
@@ -132,7 +135,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(dev: torch.device) -> Dict[str, object]:
+def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:
     info: Dict[str, object] = {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
@@ -146,7 +149,7 @@ def machine_info(dev: torch.device) -> Dict[str, object]:
         "load_average_start": LOAD_AT_START,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    info.update(machine_rates(dev.type))
+    info.update(machine_rates(dev.type, quick))
     return info
 
 
@@ -342,7 +345,7 @@ def run(benchmark, case: Case, provider: str, mode: str, *, target_s: float = 1.
 
     peak, retained = _cuda_peak(setup, fn, dev) if dev.type == "cuda" else _cpu_peak(setup, fn)
     cost = case.cost(mode)
-    rates = machine_rates(dev.type)
+    rates = machine_rates(dev.type, smoke)
     info = benchmark.extra_info
     info.update({"op": case.op, "shape": case.shape, "provider": provider, "mode": mode, "device": dev.type})
     info.update(case.params)

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 BASELINE = "reference"
 PROVIDER_ORDER = ("reference", "torch_compile", "cpp", "triton", "cuda")
@@ -76,45 +76,42 @@ def header(report: dict, note: str = "") -> str:
     return "\n".join(lines)
 
 
-def time_table(providers: List[str], rows) -> str:
+def _table(providers: List[str], rows, head: List[str], other_head: str,
+           row_cells: Callable[[dict], List[str]], base_cell: Callable[[dict], str],
+           other_cell: Callable[[dict, dict], str]) -> str:
+    """One markdown row per (op, shape, sizes, mode): fixed cells, the eager cell, then one cell per provider."""
     others = [p for p in providers if p != BASELINE]
-    head = ["op", "shape", "B", "L", "sizes", "mode", "floor ms", "eager ms (of floor)"]
-    head += [f"{p}: ms, speedup, of floor" for p in others]
+    head = ["op", "shape", "B", "L", "sizes", "mode"] + head + [f"{p}: {other_head}" for p in others]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (op, shape, batch, seq_len, size, mode), by_provider in rows.items():
+    for key, by_provider in rows.items():
         base = by_provider.get(BASELINE)
-        any_info = next(iter(by_provider.values()))
-        cells = [op, shape, str(batch), str(seq_len), size, mode, _ms(any_info["floor_s"])]
-        cells.append(f"{_ms(base['median_s'])} ({_pct(base['fraction_of_floor'])})" if base else "-")
-        for p in others:
-            info = by_provider.get(p)
-            if info is None:
-                cells.append("-")
-                continue
-            speedup = f"{base['median_s'] / info['median_s']:.2f}x" if base else "?"
-            cells.append(f"{_ms(info['median_s'])}, **{speedup}**, {_pct(info['fraction_of_floor'])}")
+        cells = [str(k) for k in key] + row_cells(next(iter(by_provider.values())))
+        cells.append(base_cell(base) if base else "-")
+        cells += [other_cell(by_provider[p], base) if p in by_provider else "-" for p in others]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def time_table(providers: List[str], rows) -> str:
+    def other(info, base):
+        speedup = f"{base['median_s'] / info['median_s']:.2f}x" if base else "?"
+        return f"{_ms(info['median_s'])}, **{speedup}**, {_pct(info['fraction_of_floor'])}"
+
+    return _table(providers, rows, ["floor ms", "eager ms (of floor)"], "ms, speedup, of floor",
+                  lambda info: [_ms(info["floor_s"])],
+                  lambda base: f"{_ms(base['median_s'])} ({_pct(base['fraction_of_floor'])})", other)
 
 
 def memory_table(providers: List[str], rows) -> str:
-    others = [p for p in providers if p != BASELINE]
-    head = ["op", "shape", "B", "L", "sizes", "mode", "eager peak MB (retained)"]
-    head += [f"{p}: peak MB, ratio" for p in others]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (op, shape, batch, seq_len, size, mode), by_provider in rows.items():
-        base = by_provider.get(BASELINE)
-        cells = [op, shape, str(batch), str(seq_len), size, mode]
-        cells.append(f"{_mb(base['peak_bytes'])} ({_mb(base['retained_bytes'])})" if base else "-")
-        for p in others:
-            info = by_provider.get(p)
-            if info is None:
-                cells.append("-")
-                continue
-            ratio = f"{info['peak_bytes'] / base['peak_bytes']:.2f}x" if base and base["peak_bytes"] else "?"
-            cells.append(f"{_mb(info['peak_bytes'])}, {ratio}")
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    def cell(info):
+        return f"{_mb(info['peak_bytes'])} ({_mb(info['retained_bytes'])})"
+
+    def other(info, base):
+        ratio = f"{info['peak_bytes'] / base['peak_bytes']:.2f}x" if base and base["peak_bytes"] else "?"
+        return f"{cell(info)}, {ratio}"
+
+    return _table(providers, rows, ["eager peak MB (retained)"], "peak MB (retained), peak ratio",
+                  lambda info: [], cell, other)
 
 
 def render(report: dict, note: str = "") -> str:
@@ -123,7 +120,8 @@ def render(report: dict, note: str = "") -> str:
         header(report, note),
         "### Time (median of the rounds; speedup = eager time / provider time, same run)",
         time_table(providers, rows),
-        "### Peak memory during the call (MB above what was allocated before it; ratio to eager)",
+        "### Memory (MB): peak allocated during the call above what was allocated before it, and (retained) what "
+        "is still allocated after it while its result is held; ratio of peaks to eager",
         memory_table(providers, rows),
     ]) + "\n"
 
