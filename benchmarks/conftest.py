@@ -32,8 +32,17 @@ def pytest_addoption(parser):
     group.addoption("--bench-providers", default=None,
                     help="comma-separated subset of providers (default: reference, torch_compile and every fused "
                          "backend that runs on this device)")
+    group.addoption("--bench-threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's choice); 1 on a loaded shared machine, "
+                         "where every multi-threaded op waits for its preempted threads")
     group.addoption("--bench-target-s", type=float, default=1.0,
                     help="approximate timed seconds per benchmark (rounds are sized to it, at least 3)")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads", default=None)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _level(config) -> str:

@@ -26,7 +26,7 @@ SWEEPS = (("batch", ("seq_len", 16)), ("seq_len", ("batch", 8)))
 OFFICIAL_DIMS = [512, 512]
 
 
-def series(report: dict, x_name: str, fixed: tuple):
+def series(report: dict, x_name: str, fixed: tuple, stat: str = "median"):
     """``{(op, mode): {provider: [(x, median_s), ...]}}`` over the official widths with ``fixed`` held."""
     fixed_name, fixed_value = fixed
     out = defaultdict(lambda: defaultdict(dict))
@@ -34,11 +34,12 @@ def series(report: dict, x_name: str, fixed: tuple):
         info = bench["extra_info"]
         if info.get("dims") != OFFICIAL_DIMS or info.get(fixed_name) != fixed_value or "median_s" not in info:
             continue
-        out[(info["op"], info["mode"])][info["provider"]][info[x_name]] = info["median_s"]
+        seconds = info["median_s"] if stat == "median" and "cuda_event_median_s" in info else bench["stats"][stat]
+        out[(info["op"], info["mode"])][info["provider"]][info[x_name]] = seconds
     return {key: {p: sorted(points.items()) for p, points in by_p.items()} for key, by_p in out.items()}
 
 
-def plot_one(path: str, title: str, x_name: str, by_provider: dict) -> None:
+def plot_one(path: str, title: str, x_name: str, by_provider: dict, stat: str) -> None:
     fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(10, 4))
     base = dict(by_provider.get(BASELINE, []))
     for provider in [p for p in PROVIDER_ORDER if p in by_provider] + sorted(set(by_provider) - set(PROVIDER_ORDER)):
@@ -54,7 +55,7 @@ def plot_one(path: str, title: str, x_name: str, by_provider: dict) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     ax_time.set_yscale("log")
-    ax_time.set_ylabel("median time (ms)")
+    ax_time.set_ylabel(f"{stat} time (ms)")
     ax_speed.set_ylabel("speedup over eager reference")
     ax_speed.axhline(1.0, color="grey", linewidth=0.8)
     fig.suptitle(title)
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json")
     parser.add_argument("--out-dir", default=None, help="default: plots/ beside the JSON")
+    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"))
     args = parser.parse_args(argv)
     report = load(args.json)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)), "plots")
@@ -75,12 +77,12 @@ def main(argv=None) -> int:
     device = report["machine_info"].get("gpu_name") or report["machine_info"].get("cpu_model")
     written = []
     for x_name, fixed in SWEEPS:
-        for (op, mode), by_provider in sorted(series(report, x_name, fixed).items()):
+        for (op, mode), by_provider in sorted(series(report, x_name, fixed, args.stat).items()):
             if max(len(points) for points in by_provider.values()) < 2:
                 continue
             path = os.path.join(out_dir, f"{name}-{op}-{mode}-vs-{x_name}.png")
             title = f"{op} {mode}, dims 512/512, {fixed[0]}={fixed[1]} ({device})"
-            plot_one(path, title, x_name, by_provider)
+            plot_one(path, title, x_name, by_provider, args.stat)
             written.append(path)
     for path in written:
         print(path)

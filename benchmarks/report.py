@@ -33,13 +33,24 @@ def _row_key(info: dict) -> Tuple:
     return (info["op"], info["shape"], info["batch"], info["seq_len"], size, info["mode"])
 
 
-def collect(report: dict) -> Tuple[List[str], "OrderedDict[Tuple, Dict[str, dict]]"]:
+def floor_seconds(info: dict, machine: dict) -> float:
+    """The roofline floor of one result at the roofs in ``machine_info`` (the better of the start and end
+    measurements; each result's own ``extra_info["floor_s"]`` used the start measurement only)."""
+    return max(info["flops"] / (machine["matmul_gflops"] * 1e9), info["bytes"] / (machine["bandwidth_gbs"] * 1e9),
+               info["transcendentals"] / (machine["tanh_gelems"] * 1e9))
+
+
+def collect(report: dict, stat: str = "median") -> Tuple[List[str], "OrderedDict[Tuple, Dict[str, dict]]"]:
     rows: "OrderedDict[Tuple, Dict[str, dict]]" = OrderedDict()
     seen = set()
     for bench in report["benchmarks"]:
-        info = bench["extra_info"]
+        info = dict(bench["extra_info"])
         if "median_s" not in info:
             continue
+        if stat != "median" or "cuda_event_median_s" not in info:
+            info["median_s"] = bench["stats"][stat]  # the tables' time, whichever statistic was asked for
+        info["floor_s"] = floor_seconds(info, report["machine_info"])
+        info["fraction_of_floor"] = info["floor_s"] / info["median_s"]
         rows.setdefault(_row_key(info), {})[info["provider"]] = info
         seen.add(info["provider"])
     providers = [p for p in PROVIDER_ORDER if p in seen] + sorted(seen - set(PROVIDER_ORDER))
@@ -114,11 +125,12 @@ def memory_table(providers: List[str], rows) -> str:
                   lambda info: [], cell, other)
 
 
-def render(report: dict, note: str = "") -> str:
-    providers, rows = collect(report)
+def render(report: dict, note: str = "", stat: str = "median") -> str:
+    providers, rows = collect(report, stat)
     return "\n\n".join([
         header(report, note),
-        "### Time (median of the rounds; speedup = eager time / provider time, same run)",
+        f"### Time ({stat} of the rounds; speedup = eager time / provider time, same run; floor = roofline floor "
+        "at the roofs above, 'of floor' = floor / time)",
         time_table(providers, rows),
         "### Memory (MB): peak allocated during the call above what was allocated before it, and (retained) what "
         "is still allocated after it while its result is held; ratio of peaks to eager",
@@ -131,8 +143,11 @@ def main(argv=None) -> int:
     parser.add_argument("json", help="pytest-benchmark JSON written by benchmarks/run.py")
     parser.add_argument("--out", help="markdown file to write (default: the JSON path with .md)")
     parser.add_argument("--note", default="", help="a line added under the header (e.g. about machine load)")
+    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"),
+                        help="statistic of the rounds shown as the time (min: the least disturbed round, for a "
+                             "loaded machine)")
     args = parser.parse_args(argv)
-    text = render(load(args.json), args.note)
+    text = render(load(args.json), args.note, args.stat)
     out = args.out or args.json.rsplit(".", 1)[0] + ".md"
     with open(out, "w") as f:
         f.write(text)

@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--note", default="", help="a line for the table header (e.g. 'noisy, shared machine')")
     parser.add_argument("--target-s", type=float, default=None, help="approximate timed seconds per benchmark")
+    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"),
+                        help="statistic of the rounds in the tables and plots (min for a loaded machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded shared machine)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
         cmd.append("--bench-full")
     if args.providers:
         cmd.append(f"--bench-providers={args.providers}")
+    if args.threads:
+        cmd.append(f"--bench-threads={args.threads}")
     if args.target_s:
         cmd.append(f"--bench-target-s={args.target_s}")
     cmd += extra
@@ -59,11 +64,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     import report
 
-    report.main([json_path, "--note", args.note])
+    report.main([json_path, "--note", args.note, "--stat", args.stat])
     if not args.no_plots:
         import plot
 
-        plot.main([json_path, "--out-dir", os.path.join(args.out_dir, "plots")])
+        plot.main([json_path, "--out-dir", os.path.join(args.out_dir, "plots"), "--stat", args.stat])
     return status
 
 
