@@ -144,6 +144,7 @@ def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:
         "torch_version": torch.__version__,
         "avkernels_version": avkernels.__version__,
         "avkernels_backends": avkernels.backends(),
+        "avkernels_backend_status": avkernels.backend_status(),  # why a backend is missing from the results
         "device": dev.type,
         "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         # other work on the machine while the suite ran (1-minute load average at the start and at the end)
