@@ -15,4 +15,4 @@ test: install
 	$(PYTHON) -m pytest tests
 
 bench: install
-	$(PYTHON) -m pytest benchmarks
+	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
