@@ -109,18 +109,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
         for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
           const T *a = a_rows.row(r), *u = u_rows.row(r), *o = o_rows.row(r), *dy = do_rows.row(r);
           const T gate[2] = {g_rows.row(r)[0], g_rows.row(r)[g_rows.s2]};
-          T dgate[2] = {dg_rows.row(r)[0], dg_rows.row(r)[dg_rows.s2]};
+          T dgate0 = 0, dgate1 = 0;
           T* da = da_p + r * d;
           T* du = du_p + r * d;
+          // `omp simd` lets the two reductions run in vector lanes (a fixed reassociation: still reproducible); _Pragma
+          // because a #pragma cannot stand inside the AT_DISPATCH macro argument.
+_Pragma("omp simd reduction(+ : dgate0, dgate1)")
           for (int64_t x = 0; x < d; ++x) {
             const T dpre = o[x * o_rows.s2] > T(0) ? dy[x * do_rows.s2] : T(0);  // through the ReLU
             du[x] = dpre * gate[0];
             da[x] = dpre * gate[1];
-            dgate[0] += dpre * u[x * u_rows.s2];
-            dgate[1] += dpre * a[x * a_rows.s2];
+            dgate0 += dpre * u[x * u_rows.s2];
+            dgate1 += dpre * a[x * a_rows.s2];
           }
+          const T dgate[2] = {dg_rows.row(r)[0] + dgate0, dg_rows.row(r)[dg_rows.s2] + dgate1};
           T dz[2];
           softmax_backward(gate, dgate, dz, 2, static_cast<T>(tau));
+_Pragma("omp simd")
           for (int64_t x = 0; x < d; ++x) {
             const T ax = a[x * a_rows.s2];
             da[x] += dz[0] * w0[x] + dz[1] * w1[x];  // the logits are computed from the attended features

@@ -136,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
             T acc = ds_rows.row(r)[t * ds_rows.s2];
             const T* x = x_rows[t].row(r);
             T* dx = dx_p + (t * rows + r) * d;
+_Pragma("omp simd reduction(+ : acc)")
             for (int64_t i = 0; i < d; ++i) {
               dx[i] = dpre[i] * gate[t];
               acc += dpre[i] * x[i * x_rows[t].s2];
@@ -150,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
             for (int64_t t = 0; t < n; ++t) {
               const T* w_row = w_p + t * n * d + src * d;
               T* dw_row = dw + t * n * d + src * d;
+_Pragma("omp simd")
               for (int64_t i = 0; i < d; ++i) {
                 dx[i] += dz[t] * w_row[i];
                 dw_row[i] += dz[t] * x[i * x_rows[src].s2];
