@@ -1,0 +1,480 @@
+"""Triton kernels for ``tanh_attention`` (SPEC 1): ``o = Drop_p(tanh(scale * q @ k^T)) @ v``.
+
+Flash-style: the ``(Mq, N)`` map lives only in registers, one ``(BLOCK_M, BLOCK_N)`` tile at a time, in forward and
+backward alike (backward recomputes it). Three kernels:
+
+* ``_tanh_attention_fwd_kernel``: one program per (Mq block, E chunk, batch), looping over N.
+* ``_tanh_attention_bwd_dq_kernel``: one program per (Mq block, D chunk, batch), looping over N.
+* ``_tanh_attention_bwd_dkdv_kernel``: one program per (N block, D/E chunk, batch), looping over Mq.
+
+Every output element is written by exactly one program and summed in a fixed order, with no atomics, so results are
+bitwise reproducible run to run and ``torch.use_deterministic_algorithms(True)`` needs nothing extra. When ``v`` is
+shared over the batch (``Bv == 1``), the dk/dv kernel writes one ``dv`` partial per batch element into a
+``(B, N, E)`` buffer that the host sums over the batch: a deterministic reduction that keeps ``B`` times more
+programs busy than looping over the batch inside one program would (the official shape has only 8 N blocks).
+
+Dropout draws ``keep = rand(seed, (b * Mq + i) * N + j) >= p`` from Triton's Philox generator (int64 offsets), so
+backward redraws the identical mask without storing it; ``return_mask=True`` also writes the keep-mask (debug only).
+
+Numerics: tiles are cast to the accumulator type right after load (fp32, or fp64 for fp64 inputs: gradcheck runs
+through the interpreter). The dot products on GPU follow torch's matmul precision setting for fp32 inputs
+(``"ieee"`` under ``torch.get_float32_matmul_precision() == "highest"``, the default, else TF32); fp16/bf16 inputs use
+TF32, which represents their values exactly and rounds the tanh map to 10 bits, finer than the reference's own
+rounding of the map to the input dtype. ``tanh`` is computed exactly from one ``exp`` (no libdevice, which the
+interpreter lacks), with an absolute error of a few ulps of 1.
+
+Sizes: any ``D``, ``E``, ``Mq``, ``N`` (tails are masked; ``D`` and ``E`` above 64 are processed in chunks of 64).
+Block sizes are picked by the launcher per size class of ``max(D, E)`` (no autotuning, so the interpreter runs the
+same configurations as the GPU); :func:`aot_specializations` lists every kernel variant the launchers can produce, and
+``tests/test_triton_compile.py`` compiles each for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from avkernels.backends import OpImpl, register_impl
+
+
+@triton.jit
+def _tanh(x):
+    # exp of -2|x| is in (0, 1]: it never overflows, and (1 - t) / (1 + t) never cancels catastrophically, unlike
+    # 2 * sigmoid(2x) - 1 for large |x|. Absolute error: a few ulps of 1.
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, ACC: tl.constexpr):
+    """The ``(len(rows), len(cols))`` tile ``ptr[rows, cols]``, zero outside ``[0, n_rows) x [0, n_cols)``.
+
+    Cast to ``ACC`` at once: the interpreter computes garbage on raw bf16, and the math is done in ``ACC`` anyway.
+    """
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offsets = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _load_grad_out(DO, O, rows, cols, stride_do_row, stride_do_col, stride_o_row, stride_o_col, n_rows, n_cols,
+                   tanh_relu, ACC: tl.constexpr):
+    """The gradient with respect to the pre-activation output: ``do``, or ``do * (1 - o^2) * (o > 0)`` when the
+    ``ReLU(tanh(.))`` epilogue ran (``o`` is the saved output; ``o > 0`` exactly where its pre-activation was)."""
+    do = _load_tile(DO, rows, cols, stride_do_row, stride_do_col, n_rows, n_cols, ACC)
+    if tanh_relu:
+        o = _load_tile(O, rows, cols, stride_o_row, stride_o_col, n_rows, n_cols, ACC)
+        do = tl.where(o > 0, do * (1.0 - o * o), 0.0)
+    return do
+
+
+@triton.jit
+def _dot_nt(A, a_rows, stride_a_row, stride_a_k, n_a, B, b_rows, stride_b_row, stride_b_k, n_b, K,
+            ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """``A[a_rows, :] @ B[b_rows, :]^T``, contracting over ``K`` in chunks of ``BLOCK_K``: a (BLOCK_A, BLOCK_B) tile."""
+    out = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = _load_tile(A, a_rows, ks, stride_a_row, stride_a_k, n_a, K, ACC)
+        # B is read already transposed (its strides swapped) rather than transposed in registers.
+        b_t = _load_tile(B, ks, b_rows, stride_b_k, stride_b_row, K, n_b, ACC)
+        out = tl.dot(a, b_t, out, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _dot_grad_out_v(DO, O, do_rows, stride_do_row, stride_do_e, stride_o_row, stride_o_e, n_do,
+                    V, v_rows, stride_v_row, stride_v_e, n_v, E, tanh_relu,
+                    ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_E: tl.constexpr, V_FIRST: tl.constexpr):
+    """``dP = do_pre @ v^T`` as a (BLOCK_DO, BLOCK_V) tile, or its transpose ``v @ do_pre^T`` as a (BLOCK_V, BLOCK_DO)
+    tile when ``V_FIRST``, contracting over ``E`` in chunks of ``BLOCK_E``."""
+    if V_FIRST:
+        out = tl.zeros((BLOCK_V, BLOCK_DO), dtype=ACC)
+    else:
+        out = tl.zeros((BLOCK_DO, BLOCK_V), dtype=ACC)
+    for e0 in range(0, E, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        if V_FIRST:
+            v = _load_tile(V, v_rows, es, stride_v_row, stride_v_e, n_v, E, ACC)
+            do_t = _load_grad_out(DO, O, es, do_rows, stride_do_e, stride_do_row, stride_o_e, stride_o_row, E, n_do,
+                                  tanh_relu, ACC)
+            out = tl.dot(v, do_t, out, input_precision=PRECISION)
+        else:
+            do = _load_grad_out(DO, O, do_rows, es, stride_do_row, stride_do_e, stride_o_row, stride_o_e, n_do, E,
+                                tanh_relu, ACC)
+            v_t = _load_tile(V, es, v_rows, stride_v_e, stride_v_row, E, n_v, ACC)
+            out = tl.dot(do, v_t, out, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _keep_mask(seed, batch, i, j, Mq, N, dropout_p):
+    """Dropout keep-mask at map positions ``(batch, i, j)`` (``i``, ``j`` broadcastable index tiles).
+
+    The Philox counter is the element's linear index in the ``(B, Mq, N)`` map, in int64 so that maps above 2**31
+    elements draw distinct numbers; any tiling of the map therefore draws the same mask.
+    """
+    offsets = (batch * Mq + i.to(tl.int64)) * N + j.to(tl.int64)
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _fp32_pair(hi, lo, ACC: tl.constexpr):
+    """``hi + lo`` in ``ACC``: scalars reach the kernel as fp32, and the pair restores fp64 precision when needed."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _split_program_id(n_fast, n_mid):
+    """Program id -> (fastest index, middle index, batch) for a flattened grid of ``n_fast * n_mid * B`` programs
+    (flattened so that no grid axis limit of 65535 applies to the batch)."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid % n_fast, (pid // n_fast) % n_mid, pid // (n_fast * n_mid)
+
+
+@triton.jit
+def _tanh_attention_fwd_kernel(
+    Q, K, V, O, MASK,
+    stride_qb, stride_qm, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_ve,
+    stride_ob, stride_om, stride_oe,
+    Mq, N, D, E,
+    scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr, RETURN_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Forward: ``o[b, rows, cols] = act(sum_n Drop(tanh(scale * q k^T))[rows, n] v[n, cols])``.
+
+    Args:
+        Q, K, V: ``(B, Mq, D)``, ``(B, N, D)``, ``(B or 1, N, E)`` inputs with arbitrary strides (``stride_vb`` is 0
+            when ``v`` is shared over the batch).
+        O: ``(B, Mq, E)`` output.
+        MASK: ``(B, Mq, N)`` bool keep-mask, written only when ``RETURN_MASK`` (debug/tests).
+        stride_*: element strides of each tensor, by axis.
+        Mq, N, D, E: sizes.
+        scale_hi, scale_lo: the map scale as an fp32 pair (``hi + lo`` carries fp64 precision for fp64 inputs;
+            scalar arguments are fp32 on GPU).
+        keep_scale_hi, keep_scale_lo: ``1 / (1 - dropout_p)`` as an fp32 pair.
+        dropout_p, seed: dropout probability and Philox seed (used when ``DROPOUT``).
+        tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (runtime flag: it costs one branch per program).
+        ACC: compute dtype (fp32, or fp64 for fp64 inputs).
+        PRECISION: ``tl.dot`` input precision ("ieee" or "tf32").
+        DROPOUT, RETURN_MASK: compile-time switches (the Philox code is large; leave it out when unused).
+        BLOCK_M, BLOCK_N: map tile; BLOCK_D: contraction chunk over D; BLOCK_E: output columns per program.
+
+    Grid: ``(cdiv(Mq, BLOCK_M) * cdiv(E, BLOCK_E) * B,)``; Mq blocks vary fastest so that programs running together
+    share the same ``k`` and ``v`` in L2.
+    """
+    pid_m, pid_e, b = _split_program_id(tl.cdiv(Mq, BLOCK_M), tl.cdiv(E, BLOCK_E))
+    scale = _fp32_pair(scale_hi, scale_lo, ACC)
+    keep_scale = _fp32_pair(keep_scale_hi, keep_scale_lo, ACC)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        cols_n = n0 + tl.arange(0, BLOCK_N)
+        # Out-of-range rows/columns load zeros: their map entries are tanh(0) = 0 and their v rows are 0, so they
+        # add nothing and need no mask here.
+        s = _dot_nt(Qb, rows, stride_qm, stride_qd, Mq, Kb, cols_n, stride_kn, stride_kd, N, D,
+                    ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        c = _tanh(s * scale)
+        if DROPOUT:
+            keep = _keep_mask(seed, b, rows[:, None], cols_n[None, :], Mq, N, dropout_p)
+            c = tl.where(keep, c * keep_scale, 0.0)
+            if RETURN_MASK:
+                if pid_e == 0:
+                    in_map = (rows[:, None] < Mq) & (cols_n[None, :] < N)
+                    mask_offsets = (b * Mq + rows[:, None]) * N + cols_n[None, :]
+                    tl.store(MASK + mask_offsets, keep, mask=in_map)
+        v = _load_tile(Vb, cols_n, cols_e, stride_vn, stride_ve, N, E, ACC)
+        acc = tl.dot(c, v, acc, input_precision=PRECISION)
+    if tanh_relu:
+        acc = tl.maximum(_tanh(acc), 0.0)
+    out_mask = (rows[:, None] < Mq) & (cols_e[None, :] < E)
+    out_offsets = b * stride_ob + rows[:, None] * stride_om + cols_e[None, :] * stride_oe
+    tl.store(O + out_offsets, acc.to(O.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _tanh_attention_bwd_dq_kernel(
+    DO, O, Q, K, V, DQ,
+    stride_dob, stride_dom, stride_doe,
+    stride_ob, stride_om, stride_oe,
+    stride_qb, stride_qm, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_ve,
+    stride_dqb, stride_dqm, stride_dqd,
+    Mq, N, D, E,
+    scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Backward for q: ``dq[b, rows, cols] = sum_n dS[rows, n] k[n, cols]`` with
+    ``dS = (do_pre @ v^T) * keep / (1 - p) * (1 - tanh(S)^2) * scale``, the map recomputed tile by tile.
+
+    Args:
+        DO: ``(B, Mq, E)`` output gradient, any strides. O: the forward output (read only when ``tanh_relu``).
+        Q, K, V: forward inputs (``stride_vb`` 0 when ``v`` is shared). DQ: ``(B, Mq, D)`` output.
+        stride_*, Mq, N, D, E, scale_*, keep_scale_*, dropout_p, seed, tanh_relu, ACC, PRECISION, DROPOUT:
+            as in ``_tanh_attention_fwd_kernel``.
+        BLOCK_M, BLOCK_N: map tile; BLOCK_D: dq columns per program (and the chunk of the S contraction);
+            BLOCK_E: chunk of the ``do @ v^T`` contraction.
+
+    Grid: ``(cdiv(Mq, BLOCK_M) * cdiv(D, BLOCK_D) * B,)``.
+    """
+    pid_m, pid_d, b = _split_program_id(tl.cdiv(Mq, BLOCK_M), tl.cdiv(D, BLOCK_D))
+    scale = _fp32_pair(scale_hi, scale_lo, ACC)
+    keep_scale = _fp32_pair(keep_scale_hi, keep_scale_lo, ACC)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    DOb = DO + b * stride_dob
+    Ob = O + b * stride_ob
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        cols_n = n0 + tl.arange(0, BLOCK_N)
+        s = _dot_nt(Qb, rows, stride_qm, stride_qd, Mq, Kb, cols_n, stride_kn, stride_kd, N, D,
+                    ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        c = _tanh(s * scale)
+        dp = _dot_grad_out_v(DOb, Ob, rows, stride_dom, stride_doe, stride_om, stride_oe, Mq,
+                             Vb, cols_n, stride_vn, stride_ve, N, E, tanh_relu,
+                             ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E, False)
+        ds = dp * (1.0 - c * c) * scale
+        if DROPOUT:
+            keep = _keep_mask(seed, b, rows[:, None], cols_n[None, :], Mq, N, dropout_p)
+            ds = tl.where(keep, ds * keep_scale, 0.0)
+        k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
+        acc = tl.dot(ds, k, acc, input_precision=PRECISION)
+    out_mask = (rows[:, None] < Mq) & (cols_d[None, :] < D)
+    out_offsets = b * stride_dqb + rows[:, None] * stride_dqm + cols_d[None, :] * stride_dqd
+    tl.store(DQ + out_offsets, acc.to(DQ.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _tanh_attention_bwd_dkdv_kernel(
+    DO, O, Q, K, V, DK, DV,
+    stride_dob, stride_dom, stride_doe,
+    stride_ob, stride_om, stride_oe,
+    stride_qb, stride_qm, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_ve,
+    stride_dkb, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvn, stride_dve,
+    Mq, N, D, E,
+    scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Backward for k and v, on the transposed map (rows are N positions):
+    ``dk[b, rows, :] = sum_m dS^T[rows, m] q[m, :]`` and ``dv[b, rows, :] = sum_m P^T[rows, m] do_pre[m, :]`` with
+    ``P = Drop(tanh(S))``.
+
+    Args:
+        DO, O, Q, K, V: as in ``_tanh_attention_bwd_dq_kernel``.
+        DK: ``(B, N, D)`` output. DV: ``(B, N, E)`` output in ``ACC``; per-batch partials when ``v`` is shared, summed
+            over the batch by the host.
+        stride_*, Mq, N, D, E, scale_*, keep_scale_*, dropout_p, seed, tanh_relu, ACC, PRECISION, DROPOUT:
+            as in ``_tanh_attention_fwd_kernel``.
+        BLOCK_N: rows (N positions) per program; BLOCK_M: Mq positions per loop step; BLOCK_D, BLOCK_E: dk and dv
+            columns per program, also the chunks of the contractions over D and E.
+
+    Grid: ``(cdiv(N, BLOCK_N) * max(cdiv(D, BLOCK_D), cdiv(E, BLOCK_E)) * B,)``; program ``(n, c, b)`` writes dk
+    chunk ``c`` and dv chunk ``c`` of its rows, whichever exist.
+    """
+    n_chunks = tl.maximum(tl.cdiv(D, BLOCK_D), tl.cdiv(E, BLOCK_E))
+    pid_n, chunk, b = _split_program_id(tl.cdiv(N, BLOCK_N), n_chunks)
+    scale = _fp32_pair(scale_hi, scale_lo, ACC)
+    keep_scale = _fp32_pair(keep_scale_hi, keep_scale_lo, ACC)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols_e = chunk * BLOCK_E + tl.arange(0, BLOCK_E)
+    has_dk = chunk * BLOCK_D < D
+    has_dv = chunk * BLOCK_E < E
+    DOb = DO + b * stride_dob
+    Ob = O + b * stride_ob
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    dv = tl.zeros((BLOCK_N, BLOCK_E), dtype=ACC)
+    for m0 in range(0, Mq, BLOCK_M):
+        cols_m = m0 + tl.arange(0, BLOCK_M)
+        s_t = _dot_nt(Kb, rows, stride_kn, stride_kd, N, Qb, cols_m, stride_qm, stride_qd, Mq, D,
+                      ACC, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D)
+        c_t = _tanh(s_t * scale)
+        if DROPOUT:
+            keep_t = _keep_mask(seed, b, cols_m[None, :], rows[:, None], Mq, N, dropout_p)
+        if has_dv:
+            p_t = c_t
+            if DROPOUT:
+                p_t = tl.where(keep_t, c_t * keep_scale, 0.0)
+            do = _load_grad_out(DOb, Ob, cols_m, cols_e, stride_dom, stride_doe, stride_om, stride_oe, Mq, E,
+                                tanh_relu, ACC)
+            dv = tl.dot(p_t, do, dv, input_precision=PRECISION)
+        if has_dk:
+            dp_t = _dot_grad_out_v(DOb, Ob, cols_m, stride_dom, stride_doe, stride_om, stride_oe, Mq,
+                                   Vb, rows, stride_vn, stride_ve, N, E, tanh_relu,
+                                   ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E, True)
+            ds_t = dp_t * (1.0 - c_t * c_t) * scale
+            if DROPOUT:
+                ds_t = tl.where(keep_t, ds_t * keep_scale, 0.0)
+            q = _load_tile(Qb, cols_m, cols_d, stride_qm, stride_qd, Mq, D, ACC)
+            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+    dk_mask = (rows[:, None] < N) & (cols_d[None, :] < D)
+    dk_offsets = b * stride_dkb + rows[:, None] * stride_dkn + cols_d[None, :] * stride_dkd
+    tl.store(DK + dk_offsets, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    dv_mask = (rows[:, None] < N) & (cols_e[None, :] < E)
+    dv_offsets = b * stride_dvb + rows[:, None] * stride_dvn + cols_e[None, :] * stride_dve
+    tl.store(DV + dv_offsets, dv.to(DV.dtype.element_ty), mask=dv_mask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------------------------
+
+# Beyond this, D and E are processed in chunks (the loops over D and E in the kernels), which bounds the registers a
+# program needs whatever the head size.
+MAX_HEAD_BLOCK = 64
+
+
+class LaunchConfig(NamedTuple):
+    """Tile sizes and warps for one size class (rows are the program's own axis: Mq in forward/dq, N in dk/dv)."""
+
+    block_rows: int
+    block_loop: int
+    num_warps: int
+
+
+# Keyed by the head block (16, 32 or 64). At small D and E the work per map element is a single 16-wide MMA step
+# and one tanh, so large tiles and 8 warps keep enough tanh in flight; wider heads need the registers for the
+# operand tiles and accumulators instead.
+_CONFIGS: Dict[int, LaunchConfig] = {
+    16: LaunchConfig(block_rows=128, block_loop=64, num_warps=8),
+    32: LaunchConfig(block_rows=64, block_loop=64, num_warps=4),
+    64: LaunchConfig(block_rows=64, block_loop=32, num_warps=4),
+}
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                torch.float64: tl.float64}
+
+
+def _head_block(d: int, e: int) -> int:
+    return min(MAX_HEAD_BLOCK, max(16, triton.next_power_of_2(max(d, e))))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _split(x: float) -> Tuple[float, float]:
+    """``x`` as an fp32 pair ``(hi, lo)`` with ``hi + lo == x`` to ~48 bits (Triton passes float scalars as fp32)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if q.dtype == torch.float64 and q.device.type == "cuda":
+        raise TypeError(
+            "tanh_attention: the triton backend computes float64 only in the interpreter (TRITON_INTERPRET=1, CPU "
+            "tensors, for gradcheck); on CUDA use float32/float16/bfloat16 or backend='reference'"
+        )
+
+
+def _common_args(q, k, v, scale, dropout_p, seed, activation):
+    scale_hi, scale_lo = _split(scale)
+    keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else (1.0, 0.0)
+    return [q.shape[1], k.shape[1], q.shape[2], v.shape[2], scale_hi, scale_lo, keep_hi, keep_lo,
+            float(dropout_p), int(seed), activation == "tanh_relu"]
+
+
+def _meta(q: torch.Tensor, e: int):
+    head = _head_block(q.shape[2], e)
+    cfg = _CONFIGS[head]
+    meta = dict(ACC=_TORCH_TO_TL[_acc_dtype(q.dtype)], PRECISION=_precision(q.dtype), BLOCK_D=head, BLOCK_E=head)
+    return cfg, meta
+
+
+def _strides(x: torch.Tensor):
+    return list(x.stride())
+
+
+def forward(q, k, v, seed, scale, dropout_p, activation, return_mask):
+    """The ``tanh_attention`` forward contract (see :mod:`avkernels.ops.tanh_attention`)."""
+    _check_device(q)
+    batch, mq, _ = q.shape
+    n, e = k.shape[1], v.shape[2]
+    o = torch.empty(batch, mq, e, dtype=q.dtype, device=q.device)
+    dropout = dropout_p > 0
+    write_mask = return_mask and dropout
+    mask = torch.empty(batch, mq, n, dtype=torch.bool, device=q.device) if write_mask else o.new_empty(0, dtype=torch.bool)
+    v_strides = _strides(v)
+    if v.shape[0] == 1:
+        v_strides[0] = 0
+    cfg, meta = _meta(q, e)
+    grid = (triton.cdiv(mq, cfg.block_rows) * triton.cdiv(e, meta["BLOCK_E"]) * batch,)
+    _tanh_attention_fwd_kernel[grid](
+        q, k, v, o, mask,
+        *_strides(q), *_strides(k), *v_strides, *_strides(o),
+        *_common_args(q, k, v, scale, dropout_p, seed, activation),
+        DROPOUT=dropout, RETURN_MASK=write_mask, BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop,
+        num_warps=cfg.num_warps, **meta,
+    )
+    return o, (mask if write_mask else None)
+
+
+def backward(do, q, k, v, o, seed, scale, dropout_p, activation):
+    """The ``tanh_attention`` backward contract (see :mod:`avkernels.ops.tanh_attention`)."""
+    _check_device(q)
+    batch, mq, d = q.shape
+    n, e = k.shape[1], v.shape[2]
+    shared_v = v.shape[0] == 1 and batch > 1
+    v_strides = _strides(v)
+    if v.shape[0] == 1:
+        v_strides[0] = 0
+    if activation != "tanh_relu":
+        o = do  # never read; any tensor of the right dtype keeps the kernel signature fixed
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    acc_dtype = _acc_dtype(q.dtype)
+    dv_rows = batch if shared_v else v.shape[0]
+    dv_buf = torch.empty(dv_rows, n, e, dtype=acc_dtype, device=q.device)
+    cfg, meta = _meta(q, e)
+    common = [*_strides(do), *_strides(o), *_strides(q), *_strides(k), *v_strides]
+    scalars = _common_args(q, k, v, scale, dropout_p, seed, activation)
+    dropout = dropout_p > 0
+    grid_dq = (triton.cdiv(mq, cfg.block_rows) * triton.cdiv(d, meta["BLOCK_D"]) * batch,)
+    _tanh_attention_bwd_dq_kernel[grid_dq](
+        do, o, q, k, v, dq, *common, *_strides(dq), *scalars,
+        DROPOUT=dropout, BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop, num_warps=cfg.num_warps, **meta,
+    )
+    n_chunks = max(triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(e, meta["BLOCK_E"]))
+    grid_dkdv = (triton.cdiv(n, cfg.block_rows) * n_chunks * batch,)
+    _tanh_attention_bwd_dkdv_kernel[grid_dkdv](
+        do, o, q, k, v, dk, dv_buf, *common, *_strides(dk), *_strides(dv_buf), *scalars,
+        DROPOUT=dropout, BLOCK_M=cfg.block_loop, BLOCK_N=cfg.block_rows, num_warps=cfg.num_warps, **meta,
+    )
+    dv = dv_buf.sum(0, keepdim=True) if shared_v else dv_buf
+    return dq, dk, dv.to(v.dtype)
+
+
+register_impl("tanh_attention", "triton", OpImpl(forward, backward))
