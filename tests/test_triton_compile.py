@@ -1,0 +1,105 @@
+"""Every Triton kernel variant the library launches compiles for sm_80 and sm_90 without register spills.
+
+No GPU is needed: Triton compiles ahead of time to a cubin, and ``cuobjdump -res-usage`` (shipped in the triton
+wheel) reports registers, stack and local memory (docs: /work/shared/notes/triton-without-a-gpu.md). The variants
+come from each ``avkernels.ops.triton`` module's ``aot_specializations()``, a list of
+``(kernel, signature, constexprs[, compile options])``.
+
+The compiles run in a subprocess with ``TRITON_INTERPRET=0``: under the interpreter ``@triton.jit`` yields
+interpreted functions, which cannot be compiled.
+
+Compiling is slow on a CPU-only CI machine (seconds per variant), so by default this file compiles a representative
+subset that fits its time budget: for each module, every kernel at the variant with the most state (dropout and
+mask writing on) in each dtype family's first size class for sm_90, and the first variant of each kernel for sm_80.
+``AVKERNELS_AOT_FULL=1`` compiles every variant for both targets (minutes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+FULL = os.environ.get("AVKERNELS_AOT_FULL", "0") == "1"
+MAX_REGISTERS = 255
+
+# Runs in the subprocess: compile the selected variants of every module and print one JSON line per variant.
+_SCRIPT = textwrap.dedent(
+    """
+    import importlib, json, os, pkgutil, re, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import avkernels.ops.triton as package
+
+    full = sys.argv[1] == "1"
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+    def selected(specs, arch):
+        if full:
+            return specs
+        chosen, seen = [], set()
+        # Variants with the most state first: dropout and mask writing on (they hold the most registers).
+        ranked = sorted(specs, key=lambda s: -sum(bool(s[2].get(f)) for f in ("DROPOUT", "RETURN_MASK")))
+        for spec in ranked:
+            kernel, signature, constexprs = spec[:3]
+            ptr = next(t for t in signature.values() if t.startswith("*") and t != "*i1")
+            key = (kernel.__name__, ptr if arch == 90 else None)
+            if key not in seen:
+                seen.add(key)
+                chosen.append(spec)
+        return chosen
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if not hasattr(module, "aot_specializations"):
+            continue
+        specs = module.aot_specializations()
+        for arch in (90, 80):
+            for spec in selected(specs, arch):
+                kernel, signature, constexprs = spec[:3]
+                options = spec[3] if len(spec) > 3 else {}
+                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                                           capture_output=True, text=True, check=True).stdout
+                found = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:\\d+ LOCAL:(\\d+)", usage)
+                print(json.dumps({
+                    "module": info.name, "kernel": kernel.__name__, "arch": arch,
+                    "variant": {k: str(v) for k, v in constexprs.items() if not k.startswith("stride")},
+                    "pointers": sorted({t for t in signature.values() if t.startswith("*")}),
+                    "registers": int(found.group(1)), "stack": int(found.group(2)), "local": int(found.group(3)),
+                }), flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _SCRIPT, "1" if FULL else "0"], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_module_contributes(compiled):
+    kernels = {(r["module"], r["kernel"]) for r in compiled}
+    assert ("tanh_attention", "_tanh_attention_fwd_kernel") in kernels
+    assert ("tanh_attention", "_tanh_attention_bwd_dq_kernel") in kernels
+    assert ("tanh_attention", "_tanh_attention_bwd_dkdv_kernel") in kernels
+    assert {r["arch"] for r in compiled} == {80, 90}
+
+
+def test_no_register_spills(compiled):
+    bad = [r for r in compiled if r["local"] != 0 or r["stack"] != 0 or r["registers"] > MAX_REGISTERS]
+    assert not bad, "register spills (stack/local memory) or too many registers:\n" + "\n".join(map(str, bad))
