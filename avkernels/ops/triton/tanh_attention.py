@@ -415,19 +415,23 @@ class LaunchConfig(NamedTuple):
 
 
 # Keyed by (head block, head loops): the head block is the power of two covering max(D, E), at least 16 (the
-# smallest MMA) and at most the widest block of the precision (below); wider heads loop over chunks of that block.
+# smallest MMA) and at most the widest block of the table; wider heads loop over chunks of that block.
 # At small heads the work per map element is one MMA step and one tanh, so tall tiles over 8 warps keep many tanh
 # in flight; wider heads spend the registers on operand tiles and accumulators instead. Every entry compiles without
 # register spills for sm_80 and sm_90 (tests/test_triton_compile.py; AVKERNELS_AOT_FULL=1 checks them all).
 _CONFIGS: Dict[Tuple[int, bool], LaunchConfig] = {
     (16, False): LaunchConfig(block_rows=128, block_loop=32, num_warps=8, num_stages=2),
     (32, False): LaunchConfig(block_rows=128, block_loop=32, num_warps=8, num_stages=2),
-    (32, True): LaunchConfig(block_rows=64, block_loop=32, num_warps=8, num_stages=1),
     (64, False): LaunchConfig(block_rows=64, block_loop=32, num_warps=8, num_stages=2),
     (64, True): LaunchConfig(block_rows=64, block_loop=32, num_warps=8, num_stages=1),
 }
-# TF32x3 keeps three operand splits live, so its heads are chunked from 32 on.
-_WIDEST_HEAD_BLOCK = {"tf32x3": 32, "tf32": 64, "ieee": 64}
+# TF32x3 (fp32 inputs at torch's default "highest" precision) keeps the split operands live: half-height tiles, and
+# heads chunked from 32 on.
+_CONFIGS_TF32X3: Dict[Tuple[int, bool], LaunchConfig] = {
+    (16, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=2),
+    (32, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=1),
+    (32, True): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=1),
+}
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
                 torch.float64: tl.float64}
 
@@ -442,20 +446,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _size_classes(precision: str) -> List[Tuple[int, bool]]:
-    widest = _WIDEST_HEAD_BLOCK[precision]
-    return [(head, loops) for head, loops in _CONFIGS if head < widest and not loops or head == widest]
+def _configs(precision: str) -> Dict[Tuple[int, bool], LaunchConfig]:
+    return _CONFIGS_TF32X3 if precision == "tf32x3" else _CONFIGS
 
 
 def _meta(dtype: torch.dtype, d: int, e: int):
     """The launch config and the compile-time arguments shared by the three kernels."""
     precision = _precision(dtype)
-    widest = _WIDEST_HEAD_BLOCK[precision]
+    configs = _configs(precision)
+    widest = max(head for head, _ in configs)
     head = min(widest, max(16, triton.next_power_of_2(max(d, e))))
     loops = max(d, e) > widest
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops)
-    return _CONFIGS[(head, loops)], meta
+    return configs[(head, loops)], meta
 
 
 def _split(x: float) -> Tuple[float, float]:
@@ -602,8 +606,7 @@ def aot_specializations() -> List[Tuple]:
                 for precision in (("tf32x3", "tf32") if dtype == torch.float32 else ("tf32",))]
     for dtype, precision in variants:
         ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        for head, loops in _size_classes(precision):
-            cfg = _CONFIGS[(head, loops)]
+        for (head, loops), cfg in _configs(precision).items():
             options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops)
             rows_on_mq = dict(BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop)
