@@ -6,6 +6,7 @@ inside a kernel to learn that they passed (B, d, L) instead of (B, L, d).
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -14,7 +15,9 @@ Dim = Union[int, str, None]  # an int is checked exactly; a str or None only nam
 
 
 def shape_str(dims: Sequence[Dim]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+    """``(B, 3, ?)``; a one-axis shape prints as ``(3,)`` like ``tuple(x.shape)`` does, so messages compare alike."""
+    inner = ", ".join("?" if d is None else str(d) for d in dims)
+    return f"({inner},)" if len(dims) == 1 else f"({inner})"
 
 
 def check_float_tensor(x: object, name: str) -> torch.Tensor:
@@ -40,20 +43,27 @@ def check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], *, dtype: 
             raise ValueError(f"{n}: expected a tensor on {first.device} like {first_name}, got one on {t.device}")
     want = dtype if dtype is not None else first.dtype
     want_from = "the module's parameters" if dtype is not None else first_name
-    if torch.is_autocast_enabled(first.device.type):
+    if _autocast_enabled(first.device):
         return
     for t, n in zip(tensors, names):
         if t.dtype != want:
             raise TypeError(f"{n}: expected dtype {want} like {want_from}, got {t.dtype}")
 
 
+def _autocast_enabled(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # device types without autocast (e.g. "meta", used for shape inference)
+        return False
+
+
 def check_probability(p: float, name: str) -> float:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 <= float(p) < 1.0):
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not (0.0 <= float(p) < 1.0):
         raise ValueError(f"{name}: expected a float in [0, 1), got {p!r}")
     return float(p)
 
 
 def check_positive(x: float, name: str) -> float:
-    if not isinstance(x, (int, float)) or isinstance(x, bool) or not float(x) > 0.0:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not float(x) > 0.0:
         raise ValueError(f"{name}: expected a positive number, got {x!r}")
     return float(x)

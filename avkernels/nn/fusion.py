@@ -12,7 +12,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from avkernels._validation import check_float_tensor, check_same, check_shape
+from avkernels._validation import check_float_tensor, check_positive, check_probability, check_same, check_shape
+from avkernels.backends import KNOWN_BACKENDS
 from avkernels.nn.blocks import AdditiveJointCrossAttention, DenseJointCrossAttention
 from avkernels.nn.gates import Gate, StageGate
 
@@ -21,6 +22,12 @@ GATINGS = (None, "final", "recursive")
 GATE_UNATTENDED = ("previous", "original")
 
 Outputs = Tuple[torch.Tensor, ...]
+
+
+def _check_backend_name(backend: Optional[str]) -> None:
+    # Availability depends on the inputs' device and is checked per call; a misspelt name is caught at once.
+    if backend is not None and backend not in KNOWN_BACKENDS:
+        raise ValueError(f"backend: expected None or one of {KNOWN_BACKENDS}, got {backend!r}")
 
 
 class RecursiveJointCrossAttention(nn.Module):
@@ -74,8 +81,10 @@ class RecursiveJointCrossAttention(nn.Module):
             raise ValueError(f"gating: expected one of {GATINGS}, got {gating!r}")
         if gate_unattended not in GATE_UNATTENDED:
             raise ValueError(f"gate_unattended: expected one of {GATE_UNATTENDED}, got {gate_unattended!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+        check_probability(dropout, "dropout")
+        check_positive(tau, "tau")
+        check_positive(stage_tau, "stage_tau")
+        _check_backend_name(backend)
         self.dims, self.seq_len, self.form, self.iterations = dims, seq_len, form, iterations
         self.gating, self.gate_unattended, self.stage_include_input = gating, gate_unattended, stage_include_input
         self.share_weights = share_weights
@@ -108,6 +117,7 @@ class RecursiveJointCrossAttention(nn.Module):
 
     def set_backend(self, backend: Optional[str]) -> "RecursiveJointCrossAttention":
         """Route every fused op of this module through ``backend`` (``None``: the fastest for the inputs)."""
+        _check_backend_name(backend)
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = backend

@@ -22,6 +22,7 @@ autograd formula, whose body calls the chosen backend's kernels. A backend provi
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -146,7 +147,8 @@ def tanh_attention(
     batch, _, head = q.shape
     check_shape(k, "k", (batch, "N", head))
     n = k.shape[1]
-    if v.dim() == 2:
+    if v.dim() == 2:  # one (N, E) value matrix shared by the batch
+        check_shape(v, "v", (n, "E"))
         v = v.unsqueeze(0)
     check_shape(v, "v", ("B or 1", n, "E"))
     if v.shape[0] not in (1, batch):
@@ -159,6 +161,8 @@ def tanh_attention(
         p = 0.0
     if scale is None:
         scale = 1.0 / math.sqrt(head) if head > 0 else 1.0
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 

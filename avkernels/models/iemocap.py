@@ -1,0 +1,223 @@
+"""The IEMOCAP self- and cross-attention classifiers of Rajan, Brutti and Cavallaro (ICASSP 2022), SPEC 4.
+
+Per modality an encoder: optional input dropout, a kernel-1 ``Conv1d`` over the time-as-channel axis (it mixes all
+input time steps into fewer output steps, per feature), a 1-layer BiGRU. Then ``nn.MultiheadAttention`` (softmax
+attention, no residual or normalisation) per modality (self) or per ordered pair of modalities (cross: the target is
+the query, the source the keys and values), a mean over time, and statistical pooling: the unbiased std and the
+mean across the stacked vectors, concatenated as ``[std | mean]`` (the code's order), then ``Linear -> Linear``
+(no nonlinearity between them, as in the code) to class logits.
+
+Defaults are the code's (smartcameras/SelfCrossAttn): text ``(128, 300)`` GloVe with dropout 0.25, video
+``(32, 2048)`` with ``Conv1d(32 -> 25)``, audio ``(1000, 120)`` MFCC with ``Conv1d(1000 -> 500)``, BiGRU 60 per
+direction, 6 heads with dropout 0.1, FC 240 -> 60 -> 7. Tri-modal parameter counts: self 1,645,892, cross 1,820,132.
+As in the code there is no padding mask: padded steps take part in the GRUs, the attention and the temporal mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avkernels._validation import check_probability
+from avkernels.models._checks import check_features, check_positive_int
+
+POOLINGS = ("statistics", "concat")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """The input layout and front end of one modality.
+
+    Attributes:
+        length: input time steps; ``None`` accepts any length (only without ``conv_length``, which fixes it).
+        dim: features per time step.
+        conv_length: output steps of the kernel-1 ``Conv1d(length -> conv_length)`` over the time axis; ``None``
+            for no convolution.
+        input_dropout: dropout on the raw inputs, in training only.
+    """
+
+    length: Optional[int]
+    dim: int
+    conv_length: Optional[int] = None
+    input_dropout: float = 0.0
+
+
+IEMOCAP_MODALITIES: Dict[str, ModalitySpec] = {
+    "text": ModalitySpec(length=128, dim=300, input_dropout=0.25),
+    "video": ModalitySpec(length=32, dim=2048, conv_length=25),
+    "audio": ModalitySpec(length=1000, dim=120, conv_length=500),
+}
+
+
+def _check_spec(spec: object, name: str) -> ModalitySpec:
+    if not isinstance(spec, ModalitySpec):
+        raise TypeError(f"{name}: expected a ModalitySpec, got {type(spec).__name__}")
+    check_positive_int(spec.dim, f"{name}.dim")
+    for field in ("length", "conv_length"):
+        if getattr(spec, field) is not None:
+            check_positive_int(getattr(spec, field), f"{name}.{field} (or None)")
+    if spec.conv_length is not None and spec.length is None:
+        raise ValueError(f"{name}: conv_length needs a fixed length (the convolution's input channels)")
+    check_probability(spec.input_dropout, f"{name}.input_dropout")
+    return spec
+
+
+class ModalityEncoder(nn.Module):
+    """Input dropout, optional kernel-1 convolution over the time axis, BiGRU: ``(B, T, dim) -> (B, T', 2h)``."""
+
+    def __init__(self, spec: ModalitySpec, hidden: int):
+        super().__init__()
+        self.input_dropout = spec.input_dropout
+        # (B, T, dim) is read by Conv1d as T channels of length dim: each output step mixes every input step.
+        self.conv = nn.Conv1d(spec.length, spec.conv_length, kernel_size=1) if spec.conv_length is not None else None
+        self.rnn = nn.GRU(spec.dim, hidden, batch_first=True, bidirectional=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, self.input_dropout, self.training)
+        if self.conv is not None:
+            x = self.conv(x)
+        return self.rnn(x)[0]
+
+
+class _AttentionClassifier(nn.Module):
+    """Encoders, attention (by the subclass), temporal mean, pooling and the two-layer classifier."""
+
+    min_modalities = 1
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = ("text", "video", "audio"),
+        *,
+        specs: Optional[Mapping[str, ModalitySpec]] = None,
+        num_classes: int = 7,
+        rnn_hidden: int = 60,
+        num_heads: int = 6,
+        attention_dropout: float = 0.1,
+        fc_hidden: int = 60,
+        pooling: str = "statistics",
+    ):
+        super().__init__()
+        modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+        specs = {**IEMOCAP_MODALITIES, **dict(specs or {})}
+        unknown = [m for m in modalities if m not in specs]
+        if unknown or len(set(modalities)) != len(modalities) or len(modalities) < self.min_modalities:
+            raise ValueError(
+                f"modalities: expected {self.min_modalities} or more distinct names among {tuple(specs)}, "
+                f"got {modalities!r}"
+            )
+        for name, value in (("num_classes", num_classes), ("rnn_hidden", rnn_hidden), ("num_heads", num_heads),
+                            ("fc_hidden", fc_hidden)):
+            check_positive_int(value, name)
+        embed = 2 * rnn_hidden
+        if embed % num_heads:
+            raise ValueError(f"num_heads: must divide the attention width 2 * rnn_hidden = {embed}, got {num_heads}")
+        check_probability(attention_dropout, "attention_dropout")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+
+        self.modalities = modalities
+        self.specs = {m: _check_spec(specs[m], f"specs[{m!r}]") for m in modalities}
+        self.pooling = pooling
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(self.specs[m], rnn_hidden) for m in modalities})
+        self.attention = nn.ModuleDict(
+            {key: nn.MultiheadAttention(embed, num_heads, dropout=attention_dropout, batch_first=True)
+             for key in self.attention_keys()}
+        )
+        n_vectors = len(self.attention)
+        if pooling == "concat":
+            pooled = n_vectors * embed
+        else:
+            # The std of a single vector is undefined (unbiased) or zero: uni-modal pooling keeps the mean only.
+            pooled = 2 * embed if n_vectors > 1 else embed
+        self.embedding = nn.Linear(pooled, fc_hidden)
+        self.classifier = nn.Linear(fc_hidden, num_classes)
+
+    def attention_keys(self) -> List[str]:
+        raise NotImplementedError
+
+    def attend(self, encoded: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """One ``(B, T, 2h)`` attended sequence per attention module, in the order of :meth:`attention_keys`."""
+        raise NotImplementedError
+
+    def forward(
+        self, *features: torch.Tensor, return_embedding: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Classify utterances.
+
+        Args:
+            *features: one ``(B, length, dim)`` tensor per modality, in the order of ``modalities``. ``B = 0`` is
+                allowed and gives empty logits.
+            return_embedding: also return the ``(B, fc_hidden)`` output of the first linear layer.
+        Returns:
+            ``(B, num_classes)`` logits (and the embedding when ``return_embedding``).
+        """
+        shapes = [(self.specs[m].length or "T", self.specs[m].dim) for m in self.modalities]
+        check_features(features, self.modalities, shapes, self)
+        encoded = {m: self.encoders[m](x) for m, x in zip(self.modalities, features)}
+        vectors = torch.stack([seq.mean(dim=1) for seq in self.attend(encoded)], dim=1)  # (B, n, 2h)
+        if self.pooling == "concat":
+            pooled = vectors.flatten(1)
+        elif vectors.shape[1] == 1:
+            pooled = vectors[:, 0]
+        else:
+            # Unbiased std across the stacked vectors, written out because torch.std warns on an empty batch.
+            mean = vectors.mean(dim=1)
+            std = (vectors - mean.unsqueeze(1)).square().sum(dim=1).div(vectors.shape[1] - 1).sqrt()
+            pooled = torch.cat([std, mean], dim=-1)
+        embedding = self.embedding(pooled)
+        logits = self.classifier(embedding)
+        return (logits, embedding) if return_embedding else logits
+
+    def extra_repr(self) -> str:
+        return f"modalities={self.modalities}, pooling={self.pooling!r}"
+
+
+class SelfAttentionClassifier(_AttentionClassifier):
+    """Self-attention per modality (``TVAModel_Self``): tri-, bi- or uni-modal.
+
+    Args:
+        modalities: any non-empty subset of ``("text", "video", "audio")`` (the default, tri-modal) or of the names in
+            ``specs``; the inputs of :meth:`forward` come in this order.
+        specs: per-modality :class:`ModalitySpec` overriding :data:`IEMOCAP_MODALITIES` (e.g. shorter sequences).
+        num_classes: 7 for the paper's IEMOCAP setting.
+        rnn_hidden: BiGRU units per direction; the attention width is ``2 * rnn_hidden``.
+        num_heads, attention_dropout: of every ``nn.MultiheadAttention``.
+        fc_hidden: output size of the first linear layer.
+        pooling: ``"statistics"`` (``[std | mean]`` across modalities; the mean alone with one modality) or
+            ``"concat"`` (the paper's no-statistical-pooling ablation: the temporal means concatenated).
+    """
+
+    def attention_keys(self) -> List[str]:
+        return list(self.modalities)
+
+    def attend(self, encoded: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        return [self.attention[m](encoded[m], encoded[m], encoded[m], need_weights=False)[0] for m in self.modalities]
+
+
+class CrossAttentionClassifier(_AttentionClassifier):
+    """Cross-attention per ordered pair of modalities (``TVAModel_Cross``): two or three modalities.
+
+    For every target modality and every other (source) modality, ``MHA(Q = target, K = V = source)``: the output
+    keeps the target's length. The pairs are ordered target by target in the order of ``modalities``; this order
+    only matters for ``pooling="concat"``. Arguments as :class:`SelfAttentionClassifier`, with at least two
+    modalities.
+    """
+
+    min_modalities = 2
+
+    def pairs(self) -> List[Tuple[str, str]]:
+        """``(target, source)`` pairs, one per attention module."""
+        return [(t, s) for t in self.modalities for s in self.modalities if s != t]
+
+    def attention_keys(self) -> List[str]:
+        return [f"{source}_to_{target}" for target, source in self.pairs()]
+
+    def attend(self, encoded: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        return [
+            self.attention[key](encoded[target], encoded[source], encoded[source], need_weights=False)[0]
+            for key, (target, source) in zip(self.attention_keys(), self.pairs())
+        ]

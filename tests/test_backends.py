@@ -1,0 +1,395 @@
+"""The backend registry (choice, forcing, errors) and the custom-op plumbing that every fused backend goes through.
+
+The plumbing (``torch.ops.avkernels.*``: seeds, masks, saved tensors, gradient routing, the batch-shared ``v``) is
+exercised with a stand-in backend registered for the duration of a test under the name "cpp": it implements the
+OpImpl contracts documented at the top of ``avkernels/ops/{tanh_attention,gate,stage_gate}.py`` in plain PyTorch,
+drawing its dropout mask from the seed it is given and writing its backward from the SPEC's formulas, so a
+plumbing bug (a wrong seed in backward, a gradient routed to the wrong input, a missing reduction) shows up as a
+mismatch with the reference backend.
+"""
+
+import importlib
+import re
+
+import pytest
+import torch
+
+import avkernels
+import reference_spec as spec  # tests/ is on sys.path (pytest's rootdir-less conftest layout)
+from avkernels import reference as lib_reference
+from avkernels.backends import BACKEND_ENV_VAR, DEFAULT_PREFERENCE, KNOWN_BACKENDS, BackendInfo, OpImpl
+
+# The module, not the function avkernels.backends() that the package exports under the same name.
+registry = importlib.import_module("avkernels.backends")
+F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+def rand(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=F64, requires_grad=requires_grad)
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A stand-in backend implementing the OpImpl contracts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _keep_mask(seed, shape, p, device):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=generator, dtype=F64) >= p).to(device)
+
+
+def _tanh_attention_impl(calls):
+    def forward(q, k, v, seed, scale, dropout_p, activation, return_mask):
+        assert q.dim() == k.dim() == v.dim() == 3 and v.shape[0] in (1, q.shape[0])
+        assert isinstance(seed, int) and 0 <= seed < 2**31 and activation in ("none", "tanh_relu")
+        calls.append(("tanh_attention", "forward", seed, dropout_p, tuple(v.shape)))
+        keep = _keep_mask(seed, (q.shape[0], q.shape[1], k.shape[1]), dropout_p, q.device) if dropout_p > 0 else None
+        act = None if activation == "none" else activation
+        o, _ = lib_reference.tanh_attention(q, k, v, scale, dropout_p, act, dropout_mask=keep)
+        return o.contiguous(), (keep if return_mask else None)
+
+    def backward(do, q, k, v, o, seed, scale, dropout_p, activation):
+        calls.append(("tanh_attention", "backward", seed, dropout_p, tuple(v.shape)))
+        keep = _keep_mask(seed, (q.shape[0], q.shape[1], k.shape[1]), dropout_p, q.device) if dropout_p > 0 else None
+        if activation == "tanh_relu":  # o = ReLU(tanh(z)): do/dz = (o > 0) * (1 - o^2)
+            do = do * (o > 0) * (1 - o * o)
+        else:
+            assert o.numel() == 0
+        grads = spec.tanh_attention_backward(do, q, k, v, scale, keep, dropout_p)
+        return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v)))
+
+    return OpImpl(forward, backward)
+
+
+def _softmax_backward(y, dy, tau):
+    return y * (dy - (y * dy).sum(-1, keepdim=True)) / tau
+
+
+def _gate_impl(calls):
+    def forward(attended, unattended, weight, bias, tau):
+        calls.append(("gate", "forward"))
+        out, g = lib_reference.gate(attended, unattended, weight, bias, tau)
+        return out.contiguous(), g.contiguous()
+
+    def backward(dout, dg, attended, unattended, weight, g, out, tau):
+        calls.append(("gate", "backward"))
+        dpre = dout * (out > 0)
+        dg = dg + torch.stack([(dpre * unattended).sum(-1), (dpre * attended).sum(-1)], dim=-1)
+        dlogits = _softmax_backward(g, dg, tau)
+        d_att = dpre * g[..., 1:] + dlogits @ weight
+        d_unatt = dpre * g[..., :1]
+        d_weight = torch.einsum("blk,bld->kd", dlogits, attended)
+        return d_att.contiguous(), d_unatt.contiguous(), d_weight, dlogits.sum((0, 1))
+
+    return OpImpl(forward, backward)
+
+
+def _stage_gate_impl(calls):
+    def forward(stages, weight, bias, tau):
+        calls.append(("stage_gate", "forward"))
+        out, s = lib_reference.stage_gate(stages, weight, bias, tau)
+        return out.contiguous(), s.contiguous()
+
+    def backward(dout, ds, stages, weight, s, out, tau):
+        calls.append(("stage_gate", "backward"))
+        dpre = dout * (out > 0)
+        ds = ds + torch.stack([(dpre * x).sum(-1) for x in stages], dim=-1)
+        dlogits = _softmax_backward(s, ds, tau)
+        d_cat = (dlogits @ weight).split(stages[0].shape[-1], dim=-1)
+        d_stages = torch.stack([dpre * s[..., t : t + 1] + d_cat[t] for t in range(len(stages))])
+        d_weight = torch.einsum("blk,bld->kd", dlogits, torch.cat(stages, dim=-1))
+        return d_stages.contiguous(), d_weight, dlogits.sum((0, 1))
+
+    return OpImpl(forward, backward)
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """The registry's tables, restored after the test whatever it registers."""
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    monkeypatch.setattr(registry, "_IMPLS", dict(registry._IMPLS))
+
+
+@pytest.fixture
+def standin(isolated_registry):
+    """Registers the stand-in as "cpp" (first choice on CPU); yields the list of calls it receives."""
+    calls = []
+    registry.register_backend(BackendInfo("cpp", lambda: None, lambda device: None))
+    registry.register_impl("tanh_attention", "cpp", _tanh_attention_impl(calls))
+    registry.register_impl("gate", "cpp", _gate_impl(calls))
+    registry.register_impl("stage_gate", "cpp", _stage_gate_impl(calls))
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing a backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _first_usable_on_cpu(op):
+    for name in DEFAULT_PREFERENCE["cpu"]:
+        try:
+            return registry.resolve(op, name, CPU)
+        except RuntimeError:
+            continue
+    raise AssertionError("no usable backend on CPU")
+
+
+@pytest.mark.parametrize("op", ["tanh_attention", "gate", "stage_gate"])
+def test_default_is_first_usable_of_cpu_preference(op):
+    assert DEFAULT_PREFERENCE["cpu"][-1] == "reference"
+    assert registry.resolve(op, None, CPU) == _first_usable_on_cpu(op)
+
+
+def test_default_prefers_a_built_cpu_backend(standin):
+    assert registry.resolve("tanh_attention", None, CPU) == "cpp"
+    avkernels.tanh_attention(rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2))
+    assert [c[:2] for c in standin] == [("tanh_attention", "forward")]
+
+
+def test_default_skips_a_backend_that_cannot_run_the_device(isolated_registry):
+    registry.register_backend(BackendInfo("cpp", lambda: None, lambda device: "it runs on the moon only"))
+    registry.register_impl("tanh_attention", "cpp", _tanh_attention_impl([]))
+    assert registry.resolve("tanh_attention", None, CPU) == "reference"
+    with pytest.raises(RuntimeError, match=re.escape("backend 'cpp'") + ".*it runs on the moon only"):
+        registry.resolve("tanh_attention", "cpp", CPU)
+
+
+def test_reference_always_available():
+    assert "reference" in avkernels.backends()
+    assert set(avkernels.backends()) <= set(KNOWN_BACKENDS)
+    status = avkernels.backend_status()
+    assert set(status) == set(KNOWN_BACKENDS) and status["reference"] == "available"
+    assert all(isinstance(reason, str) and reason for reason in status.values())
+
+
+def test_unknown_backend_name():
+    msg = "must be one of ('reference', 'triton', 'cpp', 'cuda') or None, got 'gpu'"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        avkernels.tanh_attention(rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2), backend="gpu")
+    with pytest.raises(ValueError, match="got 'Reference'"):
+        avkernels.gate(rand(1, 2, 3), rand(1, 2, 3), rand(2, 3), rand(2), backend="Reference")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the 'cuda' backend may be usable on a machine with a GPU")
+@pytest.mark.parametrize("op", ["tanh_attention", "gate", "stage_gate"])
+def test_known_but_unavailable_backend(op):
+    x = rand(1, 2, 3)
+    call = {
+        "tanh_attention": lambda: avkernels.tanh_attention(x, x, x, backend="cuda"),
+        "gate": lambda: avkernels.gate(x, x, rand(2, 3), rand(2), backend="cuda"),
+        "stage_gate": lambda: avkernels.stage_gate([x], rand(1, 3), rand(1), backend="cuda"),
+    }[op]
+    # The message names the op, the backend, the device and a non-empty reason.
+    with pytest.raises(RuntimeError, match=rf"{op}: backend 'cuda' \(from backend\) cannot run on cpu: \S+"):
+        call()
+
+
+def test_backend_without_the_op(isolated_registry):
+    registry.register_backend(BackendInfo("cpp", lambda: None, lambda device: None))
+    with pytest.raises(RuntimeError, match=re.escape("backend 'cpp'") + ".*it has no implementation of gate"):
+        avkernels.gate(rand(1, 2, 3), rand(1, 2, 3), rand(2, 3), rand(2), backend="cpp")
+    assert registry.resolve("gate", None, CPU) == "reference"
+
+
+def test_environment_variable_forces_a_backend(standin, monkeypatch):
+    q, k, v = rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2)
+    monkeypatch.setenv(BACKEND_ENV_VAR, "reference")
+    avkernels.tanh_attention(q, k, v)
+    assert standin == []  # "cpp" would be the default; the variable forced the reference
+    monkeypatch.setenv(BACKEND_ENV_VAR, "cpp")
+    avkernels.tanh_attention(q, k, v)
+    assert len(standin) == 1
+    avkernels.tanh_attention(q, k, v, backend="reference")  # an explicit argument wins over the variable
+    assert len(standin) == 1
+    monkeypatch.setenv(BACKEND_ENV_VAR, "")  # empty means unset
+    assert registry.resolve("tanh_attention", None, CPU) == "cpp"
+
+
+def test_environment_variable_invalid_or_unavailable(monkeypatch):
+    x = rand(1, 2, 3)
+    monkeypatch.setenv(BACKEND_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=re.escape(f"${BACKEND_ENV_VAR} must be one of") + ".*got 'fast'"):
+        avkernels.tanh_attention(x, x, x)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(BACKEND_ENV_VAR, "cuda")
+        msg = f"backend 'cuda' (from ${BACKEND_ENV_VAR}) cannot run on cpu"
+        with pytest.raises(RuntimeError, match=re.escape(msg)):
+            avkernels.JCA((3, 5), 2)(rand(1, 2, 3).float(), rand(1, 2, 5).float())
+
+
+def test_register_errors(isolated_registry):
+    before = dict(registry._BACKENDS)
+    with pytest.raises(ValueError, match=re.escape("backend name must be one of") + ".*got 'mps'"):
+        registry.register_backend(BackendInfo("mps", lambda: None, lambda device: None))
+    assert registry._BACKENDS == before
+    registry._BACKENDS.pop("cpp", None)  # the isolated copy: a real "cpp" build stays registered
+    with pytest.raises(ValueError, match=re.escape("register_backend('cpp') must come before register_impl")):
+        registry.register_impl("gate", "cpp", _gate_impl([]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The custom-op plumbing, through the stand-in backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _grads(fn, inputs, weights):
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    return outs, torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), inputs)
+
+
+def _compare(fn_a, fn_b, inputs):
+    """Outputs and input gradients (for random output weights) of ``fn_a`` and ``fn_b`` agree."""
+    first = fn_a(*inputs)
+    weights = [torch.randn_like(o) for o in (first if isinstance(first, tuple) else (first,))]
+    outs_a, grads_a = _grads(fn_a, inputs, weights)
+    outs_b, grads_b = _grads(fn_b, inputs, weights)
+    for x, y in zip((*outs_a, *grads_a), (*outs_b, *grads_b)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", [None, "tanh_relu"])
+@pytest.mark.parametrize("v_form", ["batched", "2d", "batch1", "expanded"])
+def test_tanh_attention_custom_op_matches_reference(standin, activation, v_form):
+    B, Mq, N, D, E = 3, 5, 4, 3, 6
+    q, k = rand(B, Mq, D, requires_grad=True), rand(B, N, D, requires_grad=True)
+    w = rand(B if v_form == "batched" else 1, N, E, requires_grad=True)
+
+    def run(backend):
+        def fn(q, k, w):
+            v = {"batched": w, "2d": w[0], "batch1": w, "expanded": w.expand(B, N, E)}[v_form]
+            return avkernels.tanh_attention(q, k, v, activation=activation, backend=backend)
+
+        return fn
+
+    _compare(run("cpp"), run("reference"), (q, k, w))
+    assert standin and all(c[4][0] == (B if v_form == "batched" else 1) for c in standin)  # shared v stays shared
+    assert {c[1] for c in standin} == {"forward", "backward"}
+
+
+@pytest.mark.parametrize("activation", [None, "tanh_relu"])
+def test_tanh_attention_custom_op_dropout(standin, activation):
+    B, Mq, N, D, E, p = 2, 6, 5, 3, 4, 0.4
+    q, k, v = rand(B, Mq, D, requires_grad=True), rand(B, N, D, requires_grad=True), rand(B, N, E, requires_grad=True)
+    o, mask = avkernels.tanh_attention(
+        q, k, v, dropout_p=p, training=True, activation=activation, return_mask=True, backend="cpp"
+    )
+    assert mask.dtype == torch.bool and mask.shape == (B, Mq, N) and mask.any() and not mask.all()
+    replay, _ = lib_reference.tanh_attention(q, k, v, 1 / D**0.5, p, activation, dropout_mask=mask)
+    torch.testing.assert_close(o, replay, rtol=1e-12, atol=1e-12)
+    do = torch.randn_like(o)
+    # Backward redraws the mask from the seed that forward used: the gradients are those of the replayed mask.
+    torch.testing.assert_close(
+        torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(replay, (q, k, v), do), rtol=1e-10, atol=1e-12
+    )
+    (fwd_seed,) = {c[2] for c in standin if c[1] == "forward"}
+    (bwd_seed,) = {c[2] for c in standin if c[1] == "backward"}
+    assert fwd_seed == bwd_seed
+    # torch.manual_seed reproduces the draw; a second call draws a different mask.
+    torch.manual_seed(123)
+    _, m1 = avkernels.tanh_attention(q, k, v, dropout_p=p, training=True, return_mask=True, backend="cpp")
+    _, m2 = avkernels.tanh_attention(q, k, v, dropout_p=p, training=True, return_mask=True, backend="cpp")
+    torch.manual_seed(123)
+    _, m3 = avkernels.tanh_attention(q, k, v, dropout_p=p, training=True, return_mask=True, backend="cpp")
+    assert torch.equal(m1, m3) and not torch.equal(m1, m2)
+
+
+def test_tanh_attention_custom_op_no_dropout_outside_training(standin):
+    q, k, v = rand(2, 3, 4), rand(2, 5, 4), rand(2, 5, 6)
+    o, mask = avkernels.tanh_attention(q, k, v, dropout_p=0.5, return_mask=True, backend="cpp")
+    assert mask is None and standin[-1][3] == 0.0
+    torch.testing.assert_close(o, spec.tanh_attention(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_tanh_attention_custom_op_empty_uses_reference(standin):
+    o = avkernels.tanh_attention(rand(0, 3, 4), rand(0, 5, 4), rand(0, 5, 6), backend="cpp")
+    assert o.shape == (0, 3, 6) and standin == []
+
+
+def test_gate_custom_op_matches_reference(standin):
+    B, L, d = 2, 5, 3
+    inputs = (rand(B, L, d, requires_grad=True), rand(B, L, d, requires_grad=True))
+    inputs += (rand(2, d, requires_grad=True), rand(2, requires_grad=True))
+    _compare(
+        lambda *x: avkernels.gate(*x, tau=0.3, backend="cpp"),
+        lambda *x: avkernels.gate(*x, tau=0.3, backend="reference"),
+        inputs,
+    )
+    # Only one of the two outputs used: the other's gradient arrives as None and must count as zeros.
+    for index in (0, 1):
+        got = torch.autograd.grad(avkernels.gate(*inputs, backend="cpp")[index].sum(), inputs)
+        want = torch.autograd.grad(  # g does not depend on the unattended features
+            avkernels.gate(*inputs, backend="reference")[index].sum(), inputs, allow_unused=True, materialize_grads=True
+        )
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_stage_gate_custom_op_matches_reference(standin):
+    B, L, d, T = 2, 4, 3, 3
+    stages = tuple(rand(B, L, d, requires_grad=True) for _ in range(T))
+    inputs = (*stages, rand(T, T * d, requires_grad=True), rand(T, requires_grad=True))
+
+    def run(backend):
+        return lambda *x: avkernels.stage_gate(list(x[:T]), x[T], x[T + 1], tau=0.4, backend=backend)
+
+    _compare(run("cpp"), run("reference"), inputs)
+    for index in (0, 1):
+        got = torch.autograd.grad(run("cpp")(*inputs)[index].sum(), inputs)
+        want = torch.autograd.grad(run("reference")(*inputs)[index].sum(), inputs)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_custom_ops_opcheck(standin):
+    # torch.library's own checks of the registrations: schema, fake (meta) kernels, autograd registration.
+    ops = torch.ops.avkernels
+    q, k, v = rand(2, 3, 4, requires_grad=True), rand(2, 5, 4, requires_grad=True), rand(1, 5, 6, requires_grad=True)
+    seed = torch.tensor([7])
+    for p, act, ret in ((0.0, "none", False), (0.3, "tanh_relu", True)):
+        torch.library.opcheck(ops.tanh_attention, (q, k, v, seed, 0.5, p, act, ret, "cpp"))
+    a, u = rand(2, 3, 4, requires_grad=True), rand(2, 3, 4, requires_grad=True)
+    w, b = rand(2, 4, requires_grad=True), rand(2, requires_grad=True)
+    torch.library.opcheck(ops.gate, (a, u, w, b, 0.2, "cpp"))
+    torch.library.opcheck(ops.stage_gate, ([a, u], rand(2, 8, requires_grad=True), b, 0.2, "cpp"))
+
+
+def test_custom_ops_compile_without_graph_breaks(standin):
+    # The seed travels as a tensor so that torch.compile traces the public ops whole (fullgraph=True), dropout
+    # included; the compiled function draws the same mask as the eager one from the same torch seed.
+    def fn(q, k, v, w, b, sw, sb):
+        o = avkernels.tanh_attention(q, k, v, dropout_p=0.3, training=True, activation="tanh_relu", backend="cpp")
+        out, g = avkernels.gate(o, q, w, b, backend="cpp")
+        z, s = avkernels.stage_gate([out, q], sw, sb, backend="cpp")
+        return z, g, s
+
+    shapes = [(2, 3, 4), (2, 5, 4), (5, 4), (2, 4), (2,), (2, 8), (2,)]
+    inputs = tuple(rand(*shape, requires_grad=True) for shape in shapes)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    def seeded(f):
+        return lambda *x: (torch.manual_seed(1), f(*x))[1]
+
+    try:
+        _compare(seeded(compiled), seeded(fn), inputs)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("form", ["dense", "additive"])
+def test_modules_route_through_the_chosen_backend(standin, form):
+    model = avkernels.GRJCA((3, 5), 4, form=form, backend="cpp").double().eval()
+    X = [rand(2, 4, 3, requires_grad=True), rand(2, 4, 5, requires_grad=True)]
+    _compare(lambda *x: model.set_backend("cpp")(*x), lambda *x: model.set_backend("reference")(*x), tuple(X))
+    ops = {c[0] for c in standin}
+    assert ops == {"tanh_attention", "gate", "stage_gate"}
+    if form == "additive":  # W_cm is shared by the batch: it reaches the kernel as a (1, d, k) value matrix
+        assert all(c[4][0] == 1 for c in standin if c[0] == "tanh_attention")
+    standin.clear()
+    model.set_backend(None)(*X)  # None: the stand-in is the first choice on CPU
+    assert {c[0] for c in standin} == {"tanh_attention", "gate", "stage_gate"}
+
