@@ -240,7 +240,7 @@ def test_torch_compile_fullgraph():
     def fn(q, k, v):
         return avkernels.tanh_attention(q, k, v, activation="tanh_relu", backend="triton")
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fn, fullgraph=True)
     o_eager, g_eager, _ = run(q, k, v, do, activation="tanh_relu", backend="triton")
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
     o_compiled = compiled(*leaves)
