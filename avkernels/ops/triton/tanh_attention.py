@@ -11,7 +11,7 @@ Every output element is written by exactly one program and summed in a fixed ord
 bitwise reproducible run to run and ``torch.use_deterministic_algorithms(True)`` needs nothing extra. When ``v`` is
 shared over the batch (``Bv == 1``), the dk/dv kernel writes one ``dv`` partial per batch element into a
 ``(B, N, E)`` buffer that the host sums over the batch: a deterministic reduction that keeps ``B`` times more
-programs busy than looping over the batch inside one program would (the official shape has only 4 N blocks).
+programs busy than looping over the batch inside one program would (the official N = 512 makes only 4 to 8 N blocks).
 
 Dropout draws ``keep = rand(seed, (b * Mq + i) * N + j) >= p`` from Triton's Philox generator (int64 offsets), so
 backward redraws the identical mask without storing it; ``return_mask=True`` also writes the keep-mask (debug only).
@@ -24,8 +24,8 @@ and rounds the tanh map to 10 bits, finer than the reference's own rounding of t
 interpreter computes every dot in full fp32/fp64. ``tanh`` is computed exactly from one ``exp`` (no libdevice, which
 the interpreter lacks), with an absolute error of a few ulps of 1.
 
-Sizes: any ``D``, ``E``, ``Mq``, ``N`` (tails are masked; ``D`` and ``E`` above 64, or 32 with TF32x3, are processed
-in chunks), up to
+Sizes: any ``D``, ``E``, ``Mq``, ``N`` (tails are masked; when ``max(D, E)`` exceeds 64, or 32 with TF32x3, ``D`` and
+``E`` are processed in chunks of 32), up to
 2**31 - 1 elements per batch element of each tensor and of the map (offsets within a batch element are int32, the
 batch offset and the dropout counter int64).
 Block sizes are picked by the launcher per size class of ``max(D, E)`` (no autotuning, so the interpreter runs the
@@ -415,19 +415,19 @@ class LaunchConfig(NamedTuple):
     num_stages: int
 
 
-# Keyed by (head block, head loops): the head block is the power of two covering max(D, E), at least 16 (the
-# smallest MMA) and at most the widest block of the table; wider heads loop over chunks of that block.
-# At small heads the work per map element is one MMA step and one tanh, so tall tiles over 8 warps keep many tanh
-# in flight; wider heads spend the registers on operand tiles and accumulators instead. Every entry compiles without
-# register spills for sm_80 and sm_90 (tests/test_triton_compile.py; AVKERNELS_AOT_FULL=1 checks them all).
+# Keyed by (head block, head loops). Heads up to the widest block without loops take the power of two covering
+# max(D, E) (at least 16, the smallest MMA); wider heads take the entry with loops and go through D and E in chunks of
+# its block. At small heads the work per map element is one MMA step and one tanh, so tall tiles over 8 warps keep
+# many tanh in flight; wider heads spend the registers on operand tiles and accumulators instead. Every entry
+# compiles without register spills for sm_80 and sm_90 (tests/test_triton_compile.py with AVKERNELS_AOT_FULL=1).
 _CONFIGS: Dict[Tuple[int, bool], LaunchConfig] = {
     (16, False): LaunchConfig(block_rows=128, block_loop=32, num_warps=8, num_stages=2),
     (32, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=2),
     (64, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=1),
-    (64, True): LaunchConfig(block_rows=64, block_loop=32, num_warps=8, num_stages=1),
+    (32, True): LaunchConfig(block_rows=64, block_loop=32, num_warps=8, num_stages=1),
 }
 # TF32x3 (fp32 inputs at torch's default "highest" precision) keeps the split operands live: half-height tiles, and
-# heads chunked from 32 on.
+# heads looped from 32 on.
 _CONFIGS_TF32X3: Dict[Tuple[int, bool], LaunchConfig] = {
     (16, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=2),
     (32, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=1),
@@ -453,9 +453,11 @@ def _meta(dtype: torch.dtype, d: int, e: int):
     """The launch config and the compile-time arguments shared by the three kernels."""
     precision = _precision(dtype)
     configs = _configs(precision)
-    widest = max(head for head, _ in configs)
-    head = min(widest, max(16, triton.next_power_of_2(max(d, e))))
-    loops = max(d, e) > widest
+    widest = max(head for head, loops in configs if not loops)
+    if max(d, e) > widest:
+        head, loops = next(key for key in configs if key[1])
+    else:
+        head, loops = max(16, triton.next_power_of_2(max(d, e))), False
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops)
     return configs[(head, loops)], meta
