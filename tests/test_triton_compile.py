@@ -8,10 +8,10 @@ come from each ``avkernels.ops.triton`` module's ``aot_specializations()``, a li
 The compiles run in a subprocess with ``TRITON_INTERPRET=0``: under the interpreter ``@triton.jit`` yields
 interpreted functions, which cannot be compiled.
 
-Compiling is slow on a CPU-only CI machine (seconds per variant), so by default this file compiles a representative
-subset that fits its time budget: for each module, every kernel at the variant with the most state (dropout and
-mask writing on) in each dtype family's first size class for sm_90, and the first variant of each kernel for sm_80.
-``AVKERNELS_AOT_FULL=1`` compiles every variant for both targets (minutes).
+Compiling is slow on a CPU-only CI machine (about a second per variant), so by default this file compiles a subset
+that fits its time budget: for every kernel, size class, precision and (on sm_90) dtype, the variant with the most
+feature switches on (``DROPOUT``, ``RETURN_MASK``: they hold the most registers); on sm_80 only variants without
+fp16/bf16 pointers. ``AVKERNELS_AOT_FULL=1`` compiles every variant for both targets (about two minutes).
 """
 
 import json
@@ -37,22 +37,26 @@ _SCRIPT = textwrap.dedent(
     import avkernels.ops.triton as package
 
     full = sys.argv[1] == "1"
+    FEATURE_SWITCHES = ("DROPOUT", "RETURN_MASK")
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
     def selected(specs, arch):
         if full:
             return specs
-        chosen, seen = [], set()
-        # Variants with the most state first: dropout and mask writing on (they hold the most registers).
-        ranked = sorted(specs, key=lambda s: -sum(bool(s[2].get(f)) for f in ("DROPOUT", "RETURN_MASK")))
-        for spec in ranked:
+        # One variant per kernel, size class and precision: the one with the most feature switches on (they hold
+        # the most registers). sm_90 gets every dtype, sm_80 only those without fp16/bf16 pointers.
+        best = {}
+        for spec in specs:
             kernel, signature, constexprs = spec[:3]
-            ptr = next(t for t in signature.values() if t.startswith("*") and t != "*i1")
-            key = (kernel.__name__, ptr if arch == 90 else None)
-            if key not in seen:
-                seen.add(key)
-                chosen.append(spec)
-        return chosen
+            pointers = tuple(sorted({t for t in signature.values() if t.startswith("*")}))
+            if arch != 90 and ("*fp16" in pointers or "*bf16" in pointers):
+                continue
+            shape = tuple(sorted((k, str(v)) for k, v in constexprs.items() if k not in FEATURE_SWITCHES))
+            key = (kernel.__name__, pointers, shape)
+            rank = sum(bool(constexprs.get(f)) for f in FEATURE_SWITCHES)
+            if key not in best or rank > best[key][0]:
+                best[key] = (rank, spec)
+        return [spec for _, spec in best.values()]
 
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
