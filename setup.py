@@ -7,11 +7,16 @@ the backends it has (``avkernels.backends()`` lists them). ``AVKERNELS_NO_EXTENS
 
 import glob
 import os
+import runpy
 import warnings
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # ninja needs absolute include paths
+
+
+def _sources(patterns):
+    return sorted(path for pattern in patterns for path in glob.glob(os.path.join(HERE, pattern)))
 
 
 def _extensions():
@@ -24,37 +29,48 @@ def _extensions():
         warnings.warn(f"avkernels: torch is not importable at build time ({exc}); building without extensions")
         return [], {}
 
+    # Compiler settings shared with avkernels.ops.native.build_jit, read without importing the package.
+    cfg = runpy.run_path(os.path.join(HERE, "avkernels", "_build_config.py"))
+
     class OptionalBuildExtension(BuildExtension):
-        """Builds each extension if it can; a failure is reported and skipped, never fatal."""
+        """Builds each extension if it can; a failure is reported and skipped, never fatal.
+
+        A failed extension is dropped from the list once all are built, so the later steps (the in-place copy of
+        ``build_ext --inplace``, the output mapping of an editable install) do not look for its missing binary.
+        """
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any compiler failure must leave a usable install
+                self._failed = getattr(self, "_failed", set()) | {ext.name}
                 warnings.warn(f"avkernels: could not build {ext.name}; its backend will be unavailable: {exc}")
 
+        def build_extensions(self):
+            super().build_extensions()
+            self.extensions = [ext for ext in self.extensions if ext.name not in getattr(self, "_failed", set())]
+
     ext_modules = []
-    cpu_sources = sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    cpu_sources = _sources(cfg["CPU_SOURCES"])
     if cpu_sources:
         ext_modules.append(
             CppExtension(
-                "avkernels._C_cpu",
+                cfg["CPU_MODULE"],
                 cpu_sources,
-                include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+                include_dirs=[os.path.join(HERE, cfg["INCLUDE_DIR"])],
+                extra_compile_args={"cxx": list(cfg["CPU_CXX_FLAGS"])},
+                extra_link_args=list(cfg["CPU_LINK_FLAGS"]),
             )
         )
-    cuda_sources = sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-    cuda_sources += sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+    cuda_sources = _sources(cfg["CUDA_SOURCES"])
     if cuda_sources and torch.version.cuda is not None and CUDA_HOME is not None:
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cfg["CUDA_DEFAULT_ARCHS"])
         ext_modules.append(
             CUDAExtension(
-                "avkernels._C_cuda",
+                cfg["CUDA_MODULE"],
                 cuda_sources,
-                include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                include_dirs=[os.path.join(HERE, cfg["INCLUDE_DIR"])],
+                extra_compile_args={"cxx": list(cfg["CUDA_CXX_FLAGS"]), "nvcc": list(cfg["CUDA_NVCC_FLAGS"])},
             )
         )
     return ext_modules, {"build_ext": OptionalBuildExtension}

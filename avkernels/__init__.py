@@ -8,7 +8,7 @@ Functional ops: :func:`tanh_attention`, :func:`gate`, :func:`stage_gate`. Fusion
 from avkernels.backends import backend_status, backends
 from avkernels.ops import gate, stage_gate, tanh_attention
 from avkernels.nn import DCA, GRJCA, JCA, RJCA
-from avkernels import losses, metrics, models
+from avkernels import data, losses, metrics, models
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "backends",
     "backend_status",
     "models",
+    "data",
     "metrics",
     "losses",
     "__version__",

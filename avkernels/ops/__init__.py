@@ -9,5 +9,6 @@ from avkernels.ops.stage_gate import stage_gate  # noqa: E402
 from avkernels.ops.tanh_attention import tanh_attention  # noqa: E402
 
 from avkernels.ops import triton as _triton_backend  # noqa: E402,F401  (registers "triton" when usable)
+from avkernels.ops import native as _native_backends  # noqa: E402,F401  (registers "cpp" and "cuda")
 
 __all__ = ["tanh_attention", "gate", "stage_gate"]

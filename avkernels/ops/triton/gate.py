@@ -1,0 +1,35 @@
+"""Triton implementation of ``gate`` (the two-way gate of DCA and GRJCA).
+
+The gate is the softmax mix of :mod:`avkernels.ops.triton.stage_gate` over the two stages ``(unattended, attended)``
+with logits from the attended features only (``FIRST = 1``): ``g = softmax((attended @ W^T + b) / tau)``,
+``out = ReLU(g0 * unattended + g1 * attended)``. The kernels, their one-pass design and the deterministic weight
+gradient (per-program partials summed in a fixed order, no atomics) are documented there; this module adapts the
+``gate`` contract to them.
+"""
+
+from typing import List, Tuple
+
+from avkernels.backends import OpImpl, register_impl
+from avkernels.ops.triton.stage_gate import softmax_mix_backward, softmax_mix_forward, softmax_mix_specializations
+
+ATTENDED_STAGE = 1  # stages are (unattended, attended): g[..., 0] weighs the unattended features, as in SPEC 3
+
+
+def _forward(attended, unattended, weight, bias, tau):
+    return softmax_mix_forward((unattended, attended), weight, bias, tau, first=ATTENDED_STAGE)
+
+
+def _backward(dout, dg, attended, unattended, weight, g, out, tau):
+    (d_unattended, d_attended), d_weight, d_bias = softmax_mix_backward(
+        dout, dg, (unattended, attended), weight, g, out, tau, first=ATTENDED_STAGE, stacked=False
+    )
+    return d_attended, d_unattended, d_weight, d_bias
+
+
+def aot_specializations() -> List[Tuple[object, dict, dict, dict]]:
+    """Every ``(kernel, signature, constexprs, compile options)`` the gate launchers produce (two stages, logits
+    from the attended one), for ahead-of-time compilation checks (tests/test_triton_compile.py)."""
+    return softmax_mix_specializations(2, ATTENDED_STAGE)
+
+
+register_impl("gate", "triton", OpImpl(forward=_forward, backward=_backward))

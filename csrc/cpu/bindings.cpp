@@ -1,0 +1,28 @@
+// avkernels._C_cpu: the CPU kernels as a Python module (signatures in NATIVE_CONTRACT and ops.h). The Python side,
+// avkernels/ops/native.py, adapts them to the backend registry.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace cpu = avk::cpu;
+  m.doc() = "avkernels fused CPU kernels (backend \"cpp\")";
+  m.def("tanh_attention_forward", &cpu::tanh_attention_forward, "o = Drop(tanh(scale q k^T)) v (SPEC 1)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("seed"), py::arg("scale"), py::arg("dropout_p"),
+        py::arg("activation"), py::arg("return_mask"));
+  m.def("tanh_attention_backward", &cpu::tanh_attention_backward, "(dq, dk, dv) of tanh_attention", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("seed"), py::arg("scale"),
+        py::arg("dropout_p"), py::arg("activation"), py::arg("deterministic"));
+  m.def("gate_forward", &cpu::gate_forward, "(out, g) of the two-way gate (SPEC 3)", py::arg("attended"),
+        py::arg("unattended"), py::arg("weight"), py::arg("bias"), py::arg("tau"));
+  m.def("gate_backward", &cpu::gate_backward, "(d_attended, d_unattended, d_weight, d_bias)", py::arg("dout"),
+        py::arg("dg"), py::arg("attended"), py::arg("unattended"), py::arg("weight"), py::arg("g"), py::arg("out"),
+        py::arg("tau"), py::arg("deterministic"));
+  m.def("stage_gate_forward", &cpu::stage_gate_forward, "(out, s) of the stage gate (SPEC 3)", py::arg("stages"),
+        py::arg("weight"), py::arg("bias"), py::arg("tau"));
+  m.def("stage_gate_backward", &cpu::stage_gate_backward, "(d_stages (T, B, L, d), d_weight, d_bias)",
+        py::arg("dout"), py::arg("ds"), py::arg("stages"), py::arg("weight"), py::arg("s"), py::arg("out"),
+        py::arg("tau"), py::arg("deterministic"));
+  m.def("philox_uniform", &cpu::philox_uniform, "uniform(seed, offset) of the dropout generator (csrc/common/philox.h)",
+        py::arg("seed"), py::arg("offsets"));
+}

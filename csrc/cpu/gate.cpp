@@ -1,0 +1,144 @@
+// The two-way gate of DCA / GRJCA (SPEC 3), one pass over the inputs per row:
+//   g = softmax((a W^T + b) / tau) per row (b, l),  out = ReLU(g0 * u + g1 * a)
+// with a = attended, u = unattended, W (2, d). Backward reads each row once more and reduces the weight and bias
+// gradients per chunk of rows, then over chunks in a fixed order (deterministic).
+
+#include "ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "checks.h"
+#include "rows.h"
+
+namespace avk {
+namespace cpu {
+namespace {
+
+void check_gate_inputs(const char* fn, const at::Tensor& attended, const at::Tensor& unattended,
+                       const at::Tensor& weight) {
+  check_float_cpu(attended, fn, "attended");
+  check_shape(attended, {-1, -1, -1}, fn, "attended", "(B, L, d)");
+  check_float_cpu_like(unattended, attended, fn, "unattended", "attended");
+  check_shape(unattended, attended.sizes(), fn, "unattended", "(B, L, d) like attended");
+  check_float_cpu_like(weight, attended, fn, "weight", "attended");
+  check_shape(weight, {2, attended.size(2)}, fn, "weight", "(2, d)");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
+                                                const at::Tensor& weight, const at::Tensor& bias, double tau) {
+  constexpr const char* fn = "gate_forward";
+  check_gate_inputs(fn, attended, unattended, weight);
+  check_float_cpu_like(bias, attended, fn, "bias", "attended");
+  check_shape(bias, {2}, fn, "bias", "(2,)");
+  TORCH_CHECK(tau > 0.0, fn, ": tau must be positive, got ", tau);
+  const int64_t d = attended.size(2), rows = attended.size(0) * attended.size(1);
+  at::Tensor out = at::empty(attended.sizes(), attended.options());
+  at::Tensor g = at::empty({attended.size(0), attended.size(1), 2}, attended.options());
+  if (rows == 0) return {out, g};
+  const at::Tensor w = weight.contiguous(), bias_c = bias.contiguous();  // 2 x d: small
+
+  AT_DISPATCH_FLOATING_TYPES(attended.scalar_type(), fn, [&] {
+    using T = scalar_t;
+    const RowView<T> a_rows(attended), u_rows(unattended);
+    const T* w0 = w.data_ptr<T>();
+    const T* w1 = w0 + d;
+    const T* bias_p = bias_c.data_ptr<T>();
+    T* out_p = out.data_ptr<T>();
+    T* g_p = g.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* a = a_rows.row(r);
+        const T* u = u_rows.row(r);
+        T z[2] = {bias_p[0] + dot(a, a_rows.s2, w0, d), bias_p[1] + dot(a, a_rows.s2, w1, d)};
+        softmax_in_place(z, 2, static_cast<T>(tau));
+        g_p[2 * r] = z[0];
+        g_p[2 * r + 1] = z[1];
+        T* o = out_p + r * d;
+        for (int64_t x = 0; x < d; ++x) o[x] = std::max(z[0] * u[x * u_rows.s2] + z[1] * a[x * a_rows.s2], T(0));
+      }
+    });
+  });
+  return {out, g};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
+    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau, bool deterministic) {
+  (void)deterministic;  // the chunked reduction is always deterministic
+  constexpr const char* fn = "gate_backward";
+  check_gate_inputs(fn, attended, unattended, weight);
+  const auto shape = attended.sizes();
+  check_float_cpu_like(dout, attended, fn, "dout", "attended");
+  check_shape(dout, shape, fn, "dout", "(B, L, d) like attended");
+  check_float_cpu_like(out, attended, fn, "out", "attended");
+  check_shape(out, shape, fn, "out", "(B, L, d) like attended");
+  check_float_cpu_like(dg, attended, fn, "dg", "attended");
+  check_shape(dg, {shape[0], shape[1], 2}, fn, "dg", "(B, L, 2)");
+  check_float_cpu_like(g, attended, fn, "g", "attended");
+  check_shape(g, {shape[0], shape[1], 2}, fn, "g", "(B, L, 2)");
+  TORCH_CHECK(tau > 0.0, fn, ": tau must be positive, got ", tau);
+
+  const int64_t d = shape[2], rows = shape[0] * shape[1];
+  at::Tensor d_attended = at::empty(shape, attended.options());
+  at::Tensor d_unattended = at::empty(shape, attended.options());
+  at::Tensor d_weight = at::zeros({2, d}, attended.options());
+  at::Tensor d_bias = at::zeros({2}, attended.options());
+  if (rows == 0) return {d_attended, d_unattended, d_weight, d_bias};
+  const at::Tensor w = weight.contiguous();
+  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  // Per chunk: 2 * d weight-gradient entries, then the 2 bias-gradient entries.
+  at::Tensor part = at::zeros({chunks, 2 * d + 2}, attended.options());
+
+  AT_DISPATCH_FLOATING_TYPES(attended.scalar_type(), fn, [&] {
+    using T = scalar_t;
+    const RowView<T> a_rows(attended), u_rows(unattended), o_rows(out), do_rows(dout), g_rows(g), dg_rows(dg);
+    const T* w0 = w.data_ptr<T>();
+    const T* w1 = w0 + d;
+    T* da_p = d_attended.data_ptr<T>();
+    T* du_p = d_unattended.data_ptr<T>();
+    T* part_p = part.data_ptr<T>();
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        T* dw0 = part_p + chunk * (2 * d + 2);
+        T* dw1 = dw0 + d;
+        T* db = dw1 + d;
+        for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
+          const T *a = a_rows.row(r), *u = u_rows.row(r), *o = o_rows.row(r), *dy = do_rows.row(r);
+          const T gate[2] = {g_rows.row(r)[0], g_rows.row(r)[g_rows.s2]};
+          T dgate[2] = {dg_rows.row(r)[0], dg_rows.row(r)[dg_rows.s2]};
+          T* da = da_p + r * d;
+          T* du = du_p + r * d;
+          for (int64_t x = 0; x < d; ++x) {
+            const T dpre = o[x * o_rows.s2] > T(0) ? dy[x * do_rows.s2] : T(0);  // through the ReLU
+            du[x] = dpre * gate[0];
+            da[x] = dpre * gate[1];
+            dgate[0] += dpre * u[x * u_rows.s2];
+            dgate[1] += dpre * a[x * a_rows.s2];
+          }
+          T dz[2];
+          softmax_backward(gate, dgate, dz, 2, static_cast<T>(tau));
+          for (int64_t x = 0; x < d; ++x) {
+            const T ax = a[x * a_rows.s2];
+            da[x] += dz[0] * w0[x] + dz[1] * w1[x];  // the logits are computed from the attended features
+            dw0[x] += dz[0] * ax;
+            dw1[x] += dz[1] * ax;
+          }
+          db[0] += dz[0];
+          db[1] += dz[1];
+        }
+      }
+    });
+    at::Tensor total = at::empty({2 * d + 2}, attended.options());
+    sum_chunks(part_p, chunks, 2 * d + 2, total.data_ptr<T>());
+    d_weight.copy_(total.narrow(0, 0, 2 * d).view({2, d}));
+    d_bias.copy_(total.narrow(0, 2 * d, 2));
+  });
+  return {d_attended, d_unattended, d_weight, d_bias};
+}
+
+}  // namespace cpu
+}  // namespace avk

@@ -1,0 +1,44 @@
+// The functions avkernels._C_cpu exports (see NATIVE_CONTRACT: the same names and signatures as avkernels._C_cuda).
+// Semantics are the OpImpl contracts in avkernels/ops/{tanh_attention,gate,stage_gate}.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace avk {
+namespace cpu {
+
+// activation: 0 = none, 1 = tanh_relu. mask is an empty bool tensor unless return_mask and dropout_p > 0.
+std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, int64_t seed, double scale,
+                                                          double dropout_p, int64_t activation, bool return_mask);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                       const at::Tensor& k, const at::Tensor& v,
+                                                                       const at::Tensor& out, int64_t seed,
+                                                                       double scale, double dropout_p,
+                                                                       int64_t activation, bool deterministic);
+
+// uniform(seed, offset) of csrc/common/philox.h for every offset (int64): exposes the dropout generator to tests.
+at::Tensor philox_uniform(int64_t seed, const at::Tensor& offsets);
+
+std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
+                                                const at::Tensor& weight, const at::Tensor& bias, double tau);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
+    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau, bool deterministic);
+
+std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tensor>& stages, const at::Tensor& weight,
+                                                      const at::Tensor& bias, double tau);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
+                                                                   const std::vector<at::Tensor>& stages,
+                                                                   const at::Tensor& weight, const at::Tensor& s,
+                                                                   const at::Tensor& out, double tau,
+                                                                   bool deterministic);
+
+}  // namespace cpu
+}  // namespace avk

@@ -1,0 +1,356 @@
+// avkernels._C_cuda: the torch binding of the "cuda" backend (functions and signatures: NATIVE_CONTRACT.md; the
+// Python side registers them in avkernels/ops/native.py).
+//
+// Deliberately thin: argument checks with messages naming the argument and what was expected, output and
+// workspace allocation, the current stream, and dtype dispatch. All kernels live in the torch-independent
+// csrc/cuda/*.cu files behind the launch functions of their .cuh headers. This file is the only torch-dependent
+// CUDA source and the only csrc/cuda/*.cpp (setup.py compiles it with the host compiler).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cuda/gate.cuh"
+#include "cuda/tanh_attention.cuh"
+
+namespace {
+
+using avk::cuda::kMaxGateCandidates;
+using avk::cuda::SoftmaxGateBackwardParams;
+using avk::cuda::SoftmaxGateForwardParams;
+using avk::cuda::SoftmaxGateInputs;
+using avk::cuda::TanhAttentionBackwardParams;
+using avk::cuda::TanhAttentionForwardParams;
+using avk::cuda::TanhAttentionProblem;
+
+constexpr int64_t kSeedBound = int64_t(1) << 31;  // Philox keys: the ops draw seeds in [0, 2^31)
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) with the CUDA storage type of `dtype` (checked beforehand by check_float_cuda).
+template <typename Fn>
+cudaError_t dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(TypeTag<float>{});
+    case at::kDouble: return fn(TypeTag<double>{});
+    case at::kHalf: return fn(TypeTag<__half>{});
+    case at::kBFloat16: return fn(TypeTag<__nv_bfloat16>{});
+    default: break;
+  }
+  TORCH_CHECK(false, "avkernels._C_cuda: unsupported dtype ", dtype);
+  return cudaErrorInvalidValue;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err),
+              err == cudaErrorInvalidConfiguration ? " (a size exceeds the CUDA grid limits)" : "");
+}
+
+void check_float_cuda(const at::Tensor& t, const char* op, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(t.is_cuda() && (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                              dtype == at::kBFloat16),
+              op, ": ", name, " must be a float32, float64, float16 or bfloat16 CUDA tensor, got a ", dtype, " ",
+              t.device(), " tensor");
+}
+
+// Same dtype and device as `ref` (named `ref_name`).
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type() && t.device() == ref.device(), op, ": ", name,
+              " must be a ", ref.scalar_type(), " tensor on ", ref.device(), " like ", ref_name, ", got a ",
+              t.scalar_type(), " tensor on ", t.device());
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+void copy_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
+}
+
+// Checks q, k, v and the scalars shared by forward and backward; returns the kernels' problem description.
+TanhAttentionProblem tanh_attention_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            int64_t seed, double scale, double dropout_p, int64_t activation,
+                                            const char* op) {
+  check_float_cuda(q, op, "q");
+  check_like(k, q, op, "k", "q");
+  check_like(v, q, op, "v", "q");
+  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (B, Mq, D), got ", q.sizes());
+  const int64_t batch = q.size(0), head_dim = q.size(2);
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == batch && k.size(2) == head_dim, op, ": k must have shape (", batch,
+              ", N, ", head_dim, ") to match q ", q.sizes(), ", got ", k.sizes());
+  const int64_t keys = k.size(1);
+  TORCH_CHECK(v.dim() == 3 && (v.size(0) == batch || v.size(0) == 1) && v.size(1) == keys, op,
+              ": v must have shape (", batch, " or 1, ", keys, ", E) to match q and k, got ", v.sizes());
+  TORCH_CHECK(seed >= 0 && seed < kSeedBound, op, ": seed must be in [0, 2**31), got ", seed);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (tanh_relu), got ",
+              activation);
+
+  TanhAttentionProblem p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.v_shared = v.size(0) == 1;
+  copy_strides(p.q_stride, q);
+  copy_strides(p.k_stride, k);
+  copy_strides(p.v_stride, v);
+  p.batch = batch;
+  p.queries = q.size(1);
+  p.keys = keys;
+  p.head_dim = head_dim;
+  p.value_dim = v.size(2);
+  p.scale = scale;
+  p.dropout_p = dropout_p;
+  p.seed = static_cast<uint64_t>(seed);
+  p.activation = static_cast<int>(activation);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, int64_t seed, double scale,
+                                                          double dropout_p, int64_t activation, bool return_mask) {
+  constexpr const char* op = "tanh_attention_forward";
+  TanhAttentionForwardParams params{};
+  params.problem = tanh_attention_problem(q, k, v, seed, scale, dropout_p, activation, op);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto& p = params.problem;
+  at::Tensor o = at::empty({p.batch, p.queries, p.value_dim}, q.options());
+  at::Tensor mask = return_mask && dropout_p > 0.0
+                        ? at::empty({p.batch, p.queries, p.keys}, q.options().dtype(at::kBool))
+                        : at::empty({0}, q.options().dtype(at::kBool));
+  params.o = o.data_ptr();
+  params.mask = mask.numel() > 0 ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(dispatch_dtype(q.scalar_type(),
+                              [&](auto tag) {
+                                using T = typename decltype(tag)::type;
+                                return avk::cuda::launch_tanh_attention_forward<T>(params, stream);
+                              }),
+               op);
+  return {o, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    int64_t seed, double scale, double dropout_p, int64_t activation, bool deterministic) {
+  constexpr const char* op = "tanh_attention_backward";
+  TanhAttentionBackwardParams params{};
+  params.problem = tanh_attention_problem(q, k, v, seed, scale, dropout_p, activation, op);
+  const auto& p = params.problem;
+  check_like(dout, q, op, "do", "q");
+  check_shape(dout, {p.batch, p.queries, p.value_dim}, op, "do");
+  params.dout = dout.data_ptr();
+  copy_strides(params.dout_stride, dout);
+  if (activation == 1) {  // the tanh_relu epilogue's derivative reads the forward output
+    check_like(o, q, op, "o", "q");
+    check_shape(o, {p.batch, p.queries, p.value_dim}, op, "o");
+    params.o = o.data_ptr();
+    copy_strides(params.o_stride, o);
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  params.dq = dq.data_ptr();
+  params.dk = dk.data_ptr();
+  params.dv = dv.data_ptr();
+  params.deterministic = deterministic;
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor workspace =
+      at::empty({avk::cuda::tanh_attention_backward_workspace_elems(params)}, q.options().dtype(acc_dtype));
+  params.workspace = workspace.data_ptr();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(dispatch_dtype(q.scalar_type(),
+                              [&](auto tag) {
+                                using T = typename decltype(tag)::type;
+                                return avk::cuda::launch_tanh_attention_backward<T>(params, stream);
+                              }),
+               op);
+  return {dq, dk, dv};
+}
+
+// Checks the candidates (each (B, L, d), like candidates[0]), weight and bias (undefined in the backward, which does
+// not read it); fills the kernels' inputs.
+SoftmaxGateInputs gate_inputs(const std::vector<at::Tensor>& candidates, const std::vector<std::string>& names,
+                              int first_logit_candidate, const at::Tensor& weight, const at::Tensor& bias,
+                              double tau, const char* op) {
+  const int count = static_cast<int>(candidates.size());
+  TORCH_CHECK(count >= 1 && count <= kMaxGateCandidates, op, ": expected 1 to ", kMaxGateCandidates,
+              " stages, got ", count);
+  const at::Tensor& first = candidates[0];
+  check_float_cuda(first, op, names[0].c_str());
+  TORCH_CHECK(first.dim() == 3, op, ": ", names[0], " must have shape (B, L, d), got ", first.sizes());
+  for (int t = 1; t < count; ++t) {
+    check_like(candidates[t], first, op, names[t].c_str(), names[0].c_str());
+    check_shape(candidates[t], first.sizes(), op, names[t].c_str());
+  }
+  const int64_t features = first.size(2);
+  check_like(weight, first, op, "weight", names[0].c_str());
+  check_shape(weight, {count, (count - first_logit_candidate) * features}, op, "weight");
+  if (bias.defined()) {
+    check_like(bias, first, op, "bias", names[0].c_str());
+    check_shape(bias, {count}, op, "bias");
+  }
+  TORCH_CHECK(std::isfinite(tau) && tau > 0.0, op, ": tau must be a positive number, got ", tau);
+
+  SoftmaxGateInputs in{};
+  in.num_candidates = count;
+  in.first_logit_candidate = first_logit_candidate;
+  in.batch = first.size(0);
+  in.seq_len = first.size(1);
+  in.features = features;
+  for (int t = 0; t < count; ++t) {
+    in.candidates[t] = candidates[t].data_ptr();
+    copy_strides(in.candidate_stride[t], candidates[t]);
+  }
+  in.weight = weight.data_ptr();
+  in.weight_stride[0] = weight.stride(0);
+  in.weight_stride[1] = weight.stride(1);
+  if (bias.defined()) {
+    in.bias = bias.data_ptr();
+    in.bias_stride = bias.stride(0);
+  }
+  in.tau = tau;
+  return in;
+}
+
+std::vector<std::string> stage_names(size_t count) {
+  std::vector<std::string> names;
+  for (size_t t = 0; t < count; ++t) names.push_back("stages[" + std::to_string(t) + "]");
+  return names;
+}
+
+// out = ReLU(sum_t s_t X_t) and s (B, L, C) for the given candidates.
+std::tuple<at::Tensor, at::Tensor> softmax_gate_forward(const SoftmaxGateInputs& in, const at::Tensor& like,
+                                                        const char* op) {
+  const c10::cuda::CUDAGuard guard(like.device());
+  at::Tensor out = at::empty({in.batch, in.seq_len, in.features}, like.options());
+  at::Tensor gates = at::empty({in.batch, in.seq_len, in.num_candidates}, like.options());
+  SoftmaxGateForwardParams params{in, out.data_ptr(), gates.data_ptr()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(dispatch_dtype(like.scalar_type(),
+                              [&](auto tag) {
+                                using T = typename decltype(tag)::type;
+                                return avk::cuda::launch_softmax_gate_forward<T>(params, stream);
+                              }),
+               op);
+  return {out, gates};
+}
+
+// Gradients of the candidates (C, B, L, d), the weight and the bias. The reductions over rows are always in a
+// fixed order (gate.cuh), so the `deterministic` flag of the contract needs no separate path here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_gate_backward(const SoftmaxGateInputs& in,
+                                                                     const at::Tensor& dout, const at::Tensor& dgates,
+                                                                     const at::Tensor& gates, const at::Tensor& out,
+                                                                     const at::Tensor& weight, const char* op,
+                                                                     const char* gates_name) {
+  const int64_t c = in.num_candidates;
+  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    check_like(*t, weight, op, name, "weight");
+    check_shape(*t, {in.batch, in.seq_len, in.features}, op, name);
+  }
+  const std::string dgates_name = std::string("d") + gates_name;
+  for (const auto& [t, name] : {std::pair{&dgates, dgates_name.c_str()}, std::pair{&gates, gates_name}}) {
+    check_like(*t, weight, op, name, "weight");
+    check_shape(*t, {in.batch, in.seq_len, c}, op, name);
+  }
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor d_candidates = at::empty({c, in.batch, in.seq_len, in.features}, weight.options());
+  at::Tensor d_weight = at::empty(weight.sizes(), weight.options());
+  at::Tensor d_bias = at::empty({c}, weight.options());
+  const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor workspace =
+      at::empty({avk::cuda::softmax_gate_backward_workspace_elems(in)}, weight.options().dtype(acc_dtype));
+
+  SoftmaxGateBackwardParams params{};
+  params.inputs = in;
+  params.dout = dout.data_ptr();
+  copy_strides(params.dout_stride, dout);
+  params.dgates = dgates.data_ptr();
+  copy_strides(params.dgates_stride, dgates);
+  params.gates = gates.data_ptr();
+  copy_strides(params.gates_stride, gates);
+  params.out = out.data_ptr();
+  copy_strides(params.out_stride, out);
+  params.d_candidates = d_candidates.data_ptr();
+  params.d_weight = d_weight.data_ptr();
+  params.d_bias = d_bias.data_ptr();
+  params.workspace = workspace.data_ptr();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(dispatch_dtype(weight.scalar_type(),
+                              [&](auto tag) {
+                                using T = typename decltype(tag)::type;
+                                return avk::cuda::launch_softmax_gate_backward<T>(params, stream);
+                              }),
+               op);
+  return {d_candidates, d_weight, d_bias};
+}
+
+// The gate's candidates are (unattended, attended): g[..., 0] weighs the unattended features, and the logits read
+// the attended ones only (first_logit_candidate = 1).
+std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
+                                                const at::Tensor& weight, const at::Tensor& bias, double tau) {
+  constexpr const char* op = "gate_forward";
+  const auto in = gate_inputs({unattended, attended}, {"unattended", "attended"}, 1, weight, bias, tau, op);
+  return softmax_gate_forward(in, attended, op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
+    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau, bool /*deterministic*/) {
+  constexpr const char* op = "gate_backward";
+  const auto in = gate_inputs({unattended, attended}, {"unattended", "attended"}, 1, weight, at::Tensor(), tau, op);
+  auto [d_candidates, d_weight, d_bias] = softmax_gate_backward(in, dout, dg, g, out, weight, op, "g");
+  return {d_candidates[1], d_candidates[0], d_weight, d_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tensor>& stages, const at::Tensor& weight,
+                                                      const at::Tensor& bias, double tau) {
+  constexpr const char* op = "stage_gate_forward";
+  TORCH_CHECK(!stages.empty(), op, ": stages must hold at least one (B, L, d) tensor");
+  const auto in = gate_inputs(stages, stage_names(stages.size()), 0, weight, bias, tau, op);
+  return softmax_gate_forward(in, stages[0], op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
+                                                                   const std::vector<at::Tensor>& stages,
+                                                                   const at::Tensor& weight, const at::Tensor& s,
+                                                                   const at::Tensor& out, double tau,
+                                                                   bool /*deterministic*/) {
+  constexpr const char* op = "stage_gate_backward";
+  TORCH_CHECK(!stages.empty(), op, ": stages must hold at least one (B, L, d) tensor");
+  const auto in = gate_inputs(stages, stage_names(stages.size()), 0, weight, at::Tensor(), tau, op);
+  return softmax_gate_backward(in, dout, ds, s, out, weight, op, "s");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "avkernels CUDA kernels (the \"cuda\" backend); see NATIVE_CONTRACT.md for the functions' contract";
+  m.def("tanh_attention_forward", &tanh_attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("seed"), py::arg("scale"), py::arg("dropout_p"), py::arg("activation"), py::arg("return_mask"));
+  m.def("tanh_attention_backward", &tanh_attention_backward, py::arg("do"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("o"), py::arg("seed"), py::arg("scale"), py::arg("dropout_p"), py::arg("activation"),
+        py::arg("deterministic"));
+  m.def("gate_forward", &gate_forward, py::arg("attended"), py::arg("unattended"), py::arg("weight"),
+        py::arg("bias"), py::arg("tau"));
+  m.def("gate_backward", &gate_backward, py::arg("dout"), py::arg("dg"), py::arg("attended"),
+        py::arg("unattended"), py::arg("weight"), py::arg("g"), py::arg("out"), py::arg("tau"),
+        py::arg("deterministic"));
+  m.def("stage_gate_forward", &stage_gate_forward, py::arg("stages"), py::arg("weight"), py::arg("bias"),
+        py::arg("tau"));
+  m.def("stage_gate_backward", &stage_gate_backward, py::arg("dout"), py::arg("ds"), py::arg("stages"),
+        py::arg("weight"), py::arg("s"), py::arg("out"), py::arg("tau"), py::arg("deterministic"));
+}

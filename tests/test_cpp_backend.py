@@ -1,0 +1,408 @@
+"""The "cpp" backend (avkernels._C_cpu, csrc/cpu): every fused op against the fp64 reference.
+
+Tests that need the compiled extension fail (they do not skip) wherever a C++ compiler exists, because there the
+install is expected to have built it; they skip, saying why, only on a machine without a compiler.
+"""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+import avkernels
+from avkernels import reference
+from avkernels.nn import DCA, GRJCA, JCA, RJCA
+from avkernels.ops import native
+
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+BUILT = "cpp" in native._MODULES
+
+if not BUILT and not HAS_COMPILER:
+    pytest.skip("no C++ compiler on this machine, so avkernels._C_cpu cannot have been built", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    assert BUILT, f"a C++ compiler is present but the cpp backend is unavailable: {avkernels.backend_status()['cpp']}"
+    return native._MODULES["cpp"]
+
+
+def tolerance(dtype):
+    """Allowed error = 2 x the reference's own error in this dtype (flash-attention's rule) + an absolute floor."""
+    return 1e-12 if dtype == torch.float64 else 2e-6
+
+
+def assert_close_to_reference(ours, ref_same_dtype, ref64, dtype, what):
+    ours_err = (ours.double() - ref64).abs().max().item()
+    ref_err = (ref_same_dtype.double() - ref64).abs().max().item()
+    scale = max(1.0, ref64.abs().max().item())
+    assert ours_err <= 2 * ref_err + tolerance(dtype) * scale, f"{what}: error {ours_err:.3e}, reference {ref_err:.3e}"
+
+
+def attention_grads(fn, q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o = fn(*leaves)
+    return (o, *torch.autograd.grad(o, leaves, do))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tanh_attention
+# --------------------------------------------------------------------------------------------------------------
+
+SHAPES = [  # (B, Mq, N, D, E): odd and prime sizes, sizes 1, sizes across tile edges (32 rows, 64 keys)
+    (1, 1, 1, 1, 1),
+    (2, 7, 13, 5, 3),
+    (3, 13, 7, 16, 16),
+    (2, 33, 65, 17, 31),
+    (1, 300, 130, 7, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("activation", [None, "tanh_relu"])
+def test_tanh_attention_matches_reference(ext, dtype, shape, activation):
+    batch, rows, keys, head, value = shape
+    q, k = torch.randn(batch, rows, head, dtype=dtype), torch.randn(batch, keys, head, dtype=dtype)
+    v, do = torch.randn(batch, keys, value, dtype=dtype), torch.randn(batch, rows, value, dtype=dtype)
+    scale = 0.7
+
+    def cpp(q, k, v):
+        return avkernels.tanh_attention(q, k, v, scale=scale, activation=activation, backend="cpp")
+
+    def ref(q, k, v):
+        return reference.tanh_attention(q, k, v, scale, activation=activation)[0]
+
+    ours = attention_grads(cpp, q, k, v, do)
+    same = attention_grads(ref, q, k, v, do)
+    exact = attention_grads(ref, q.double(), k.double(), v.double(), do.double())
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), ours, same, exact):
+        assert a.dtype == dtype and a.shape == c.shape
+        assert_close_to_reference(a, b, c, dtype, name)
+
+
+def test_tanh_attention_strided_broadcast_and_noncontiguous_grad(ext):
+    """Transposed q and v (the layouts the dense block passes), a v shared over the batch, a strided grad_output."""
+    batch, rows, keys, head, value = 3, 37, 70, 9, 11
+    q = torch.randn(batch, head, rows, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(batch, keys, 2 * head, dtype=torch.float64)[..., ::2]
+    for v in (
+        torch.randn(batch, value, keys, dtype=torch.float64).transpose(1, 2),  # per-sample, transposed
+        torch.randn(keys, value, dtype=torch.float64),  # shared, 2-D
+        torch.randn(1, keys, value, dtype=torch.float64).expand(batch, keys, value),  # shared, batch stride 0
+    ):
+        do = torch.randn(batch, rows, 2 * value, dtype=torch.float64)[..., 1::2]
+        assert not q.is_contiguous() and not k.is_contiguous() and not do.is_contiguous()
+
+        def run(backend):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            o = avkernels.tanh_attention(*leaves, scale=0.3, activation="tanh_relu", backend=backend)
+            return (o, *torch.autograd.grad(o, leaves, do))
+
+        for name, a, b in zip(("o", "dq", "dk", "dv"), run("cpp"), run("reference")):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("activation", [None, "tanh_relu"])
+def test_tanh_attention_gradcheck(ext, activation):
+    q = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)  # shared: dv sums over the batch
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: avkernels.tanh_attention(q, k, v, activation=activation, backend="cpp"), (q, k, v)
+    )
+
+
+def test_tanh_attention_gradcheck_with_dropout(ext):
+    """The mask is redrawn from the seed in backward: gradients must be those of the function that mask defines."""
+    q = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 6, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v):
+        torch.manual_seed(123)  # the seed of the op comes from torch's generator: the same mask every call
+        return avkernels.tanh_attention(q, k, v, dropout_p=0.3, training=True, backend="cpp")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tanh_attention_dropout_mask_replays_in_reference(ext, dtype):
+    batch, rows, keys, head, value, p = 2, 45, 100, 8, 6, 0.6
+    q, k = torch.randn(batch, rows, head, dtype=dtype), torch.randn(batch, keys, head, dtype=dtype)
+    v, do = torch.randn(1, keys, value, dtype=dtype), torch.randn(batch, rows, value, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, mask = avkernels.tanh_attention(*leaves, dropout_p=p, training=True, return_mask=True, backend="cpp")
+    assert mask.dtype == torch.bool and mask.shape == (batch, rows, keys)
+    grads = torch.autograd.grad(o, leaves, do)
+
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, _ = reference.tanh_attention(*ref_leaves, 1 / math.sqrt(head), p, dropout_mask=mask)
+    ref_grads = torch.autograd.grad(o_ref, ref_leaves, do.double())
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip((o, *grads), (o_ref, *ref_grads)):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+def test_dropout_keep_rate_and_mask_definition(ext):
+    """Keep rate within 5 sigma of 1 - p, and each element kept iff uniform(seed, (b * Mq + i) * N + j) >= p."""
+    batch, rows, keys, p, seed = 3, 70, 150, 0.6, 987654
+    q, k, v = torch.randn(batch, rows, 4), torch.randn(batch, keys, 4), torch.randn(batch, keys, 2)
+    _, mask = ext.tanh_attention_forward(q, k, v, seed, 0.5, p, 0, True)
+    n = mask.numel()
+    assert abs(mask.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    uniform = ext.philox_uniform(seed, torch.arange(n)).view(batch, rows, keys)
+    assert torch.equal(mask, uniform >= p)
+    # Different rows, batch elements and seeds draw different masks.
+    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[0, 0], mask[0, 1])
+    _, other = ext.tanh_attention_forward(q, k, v, seed + 1, 0.5, p, 0, True)
+    assert (other != mask).double().mean().item() > 0.3
+
+
+def test_philox_matches_triton_tl_rand(ext):
+    """csrc/common/philox.h draws what Triton's tl.rand draws: the three fused backends share one dropout stream."""
+    triton = pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1 to run a Triton kernel")
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out, seed, first, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + offsets, tl.rand(seed, offsets.to(tl.int64) + first), mask=offsets < n)
+
+    n, seed = 700, 1234567
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for first in (0, 2**32 - 300):  # also across the 32-bit boundary of the counter
+        out = torch.empty(n, device=device)
+        draw[(triton.cdiv(n, 256),)](out, seed, first, n, BLOCK=256)
+        assert torch.equal(out.cpu(), ext.philox_uniform(seed, torch.arange(n) + first))
+
+
+def test_fast_tanh_accuracy(ext):
+    """The kernels' fp32 tanh (csrc/cpu/simd.h) over both of its branches, saturation, +-inf and NaN."""
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.logspace(-8, 0, 1000), -torch.logspace(-8, 0, 1000)])
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 0.625, -0.625, 9.0, 30.0, float("inf"), -float("inf"), float("nan")])])
+    ones = torch.ones(x.numel(), 1, 1)
+    # N = D = E = 1, k = v = 1, scale = 1: o = tanh(q).
+    o, _ = ext.tanh_attention_forward(x.view(-1, 1, 1), ones, ones, 0, 1.0, 0.0, 0, False)
+    got, exact = o.flatten().double(), torch.tanh(x.double())
+    finite = ~torch.isnan(exact)
+    rel = ((got - exact).abs() / exact.abs().clamp_min(1e-30))[finite & (exact != 0)]
+    assert rel.max().item() < 4e-7, rel.max().item()  # a few fp32 ulp
+    assert torch.equal(got[exact == 0], exact[exact == 0]) and torch.isnan(got[~finite]).all()
+    nonzero = finite & (exact != 0)  # (the sign of a zero comes from the q k^T sum, not from the tanh)
+    assert torch.equal(torch.signbit(got[nonzero]), torch.signbit(exact[nonzero]))
+
+
+def test_deterministic_bits(ext):
+    """Same seed -> same bits, forward and backward, whatever the thread count (reductions run in a fixed order)."""
+    q, k = torch.randn(3, 100, 16), torch.randn(3, 200, 16)
+    v, do = torch.randn(1, 200, 8), torch.randn(3, 100, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2, 1):
+            torch.set_num_threads(n_threads)
+            o, mask = ext.tanh_attention_forward(q, k, v, 42, 0.2, 0.5, 1, True)
+            results.append((o, mask, *ext.tanh_attention_backward(do, q, k, v, o, 42, 0.2, 0.5, 1, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+ISA_CHECK = """
+import torch, avkernels
+from avkernels import reference
+torch.manual_seed(0)
+for dtype in (torch.float64, torch.float32):
+    q, k = torch.randn(2, 45, 7, dtype=dtype), torch.randn(2, 100, 7, dtype=dtype)
+    v, do = torch.randn(1, 100, 5, dtype=dtype), torch.randn(2, 45, 5, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, mask = avkernels.tanh_attention(*leaves, dropout_p=0.4, training=True, return_mask=True,
+                                       activation="tanh_relu", backend="cpp")
+    grads = torch.autograd.grad(o, leaves, do)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, _ = reference.tanh_attention(*ref, 7 ** -0.5, 0.4, "tanh_relu", dropout_mask=mask)
+    for a, b in zip((o, *grads), (o_ref, *torch.autograd.grad(o_ref, ref, do.double()))):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    torch.save(mask, MASK_PATH + str(dtype))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_isa_variant(ext, isa, tmp_path):
+    """The AVX2 and baseline builds of the kernels (AVKERNELS_CPU_ISA lowers the choice) give the same results and
+    draw the same dropout masks as the widest variant this machine runs."""
+    import os
+    import subprocess
+    import sys
+
+    def run(isa_name):
+        path = str(tmp_path / f"mask_{isa_name}_")
+        code = f"MASK_PATH = {path!r}\n" + ISA_CHECK
+        if isa_name is None:  # this process: the widest variant the machine has
+            exec(code, {})
+        else:
+            env = {**os.environ, "AVKERNELS_CPU_ISA": isa_name}
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+        return [torch.load(path + str(dtype)) for dtype in (torch.float64, torch.float32)]
+
+    for ours, widest in zip(run(isa), run(None)):
+        assert torch.equal(ours, widest)
+
+
+def test_opcheck_custom_ops(ext):
+    q, k, v = torch.randn(2, 5, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 4)
+    seed = torch.tensor([7])
+    for args in ((q, k, v, seed, 0.5, 0.3, "tanh_relu", True, "cpp"), (q, k, v[:1], seed, 0.5, 0.0, "none", False, "cpp")):
+        leaves = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        torch.library.opcheck(torch.ops.avkernels.tanh_attention.default, leaves)
+    a, u, w, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 5), torch.randn(2)
+    torch.library.opcheck(torch.ops.avkernels.gate.default, tuple(t.requires_grad_() for t in (a, u, w, b)) + (0.1, "cpp"))
+    stages = [torch.randn(2, 3, 4, requires_grad=True) for _ in range(3)]
+    w, b = torch.randn(3, 12, requires_grad=True), torch.randn(3, requires_grad=True)
+    torch.library.opcheck(torch.ops.avkernels.stage_gate.default, (stages, w, b, 0.2, "cpp"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gates
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gate_matches_reference(ext, dtype):
+    batch, length, d = 3, 7, 13
+    attended = torch.randn(batch, d, length, dtype=dtype).transpose(1, 2)  # strided
+    unattended = torch.randn(batch, length, d, dtype=dtype)
+    weight, bias = torch.randn(2, d, dtype=dtype) * 0.1, torch.randn(2, dtype=dtype) * 0.1
+    dout = torch.randn(batch, length, 2 * d, dtype=dtype)[..., ::2]
+    dg = torch.randn(batch, length, 2, dtype=dtype)
+
+    def run(fn, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (attended, unattended, weight, bias)]
+        out, g = fn(*leaves)
+        grads = torch.autograd.grad((out, g), leaves, (cast(dout), cast(dg)))  # gradients through g too
+        return (out, g, *grads)
+
+    ours = run(lambda *a: avkernels.gate(*a, tau=0.1, backend="cpp"), lambda t: t)
+    same = run(lambda *a: reference.gate(*a, 0.1), lambda t: t)
+    exact = run(lambda *a: reference.gate(*a, 0.1), lambda t: t.double())
+    for name, a, b, c in zip(("out", "g", "d_att", "d_unatt", "d_w", "d_b"), ours, same, exact):
+        assert_close_to_reference(a, b, c, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_stages", [1, 3])
+def test_stage_gate_matches_reference(ext, dtype, n_stages):
+    batch, length, d = 2, 5, 11
+    stages = [torch.randn(batch, length, d, dtype=dtype) for _ in range(n_stages)]
+    stages[0] = torch.randn(batch, d, length, dtype=dtype).transpose(1, 2)  # strided
+    weight = torch.randn(n_stages, n_stages * d, dtype=dtype) * 0.1
+    bias = torch.randn(n_stages, dtype=dtype) * 0.1
+    dout, ds = torch.randn(batch, length, d, dtype=dtype), torch.randn(batch, length, n_stages, dtype=dtype)
+
+    def run(fn, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (*stages, weight, bias)]
+        out, s = fn(leaves[:n_stages], leaves[-2], leaves[-1])
+        grads = torch.autograd.grad((out, s), leaves, (cast(dout), cast(ds)))
+        return (out, s, *grads)
+
+    ours = run(lambda x, w, b: avkernels.stage_gate(x, w, b, tau=0.2, backend="cpp"), lambda t: t)
+    same = run(lambda x, w, b: reference.stage_gate(x, w, b, 0.2), lambda t: t)
+    exact = run(lambda x, w, b: reference.stage_gate(x, w, b, 0.2), lambda t: t.double())
+    for i, (a, b, c) in enumerate(zip(ours, same, exact)):
+        assert_close_to_reference(a, b, c, dtype, f"output {i}")
+
+
+def test_gates_gradcheck(ext):
+    a, u = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    w, b = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    leaves = tuple(t.requires_grad_() for t in (a, u, w, b))
+    assert torch.autograd.gradcheck(lambda *x: avkernels.gate(*x, tau=0.5, backend="cpp"), leaves)
+    stages = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    w = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x0, x1, w, b: avkernels.stage_gate([x0, x1], w, b, tau=0.5, backend="cpp"), (*stages, w, b)
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fusion modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [JCA, RJCA, DCA, GRJCA])
+@pytest.mark.parametrize("form", ["dense", "additive"])
+def test_fusion_modules_match_reference(ext, model, form):
+    torch.manual_seed(1)
+    dims, length = (6, 10), 5
+    module = model(dims, length, form=form, hidden=7).double().eval()
+    features = [torch.randn(3, length, d, dtype=torch.float64) for d in dims]
+
+    def run(backend):
+        module.set_backend(backend)
+        module.zero_grad()
+        leaves = [x.clone().requires_grad_() for x in features]
+        outputs = module(*leaves)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outputs)
+        grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+        return list(outputs) + list(grads)
+
+    for a, b in zip(run("cpp"), run("reference")):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors and availability
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_backend_is_registered_and_default_on_cpu(ext):
+    assert "cpp" in avkernels.backends()
+    assert avkernels.backend_status()["cpp"] == "available"
+    from avkernels.backends import resolve
+
+    assert resolve("tanh_attention", None, torch.device("cpu")) == "cpp"
+
+
+def test_bad_inputs_reach_cpp_checks(ext):
+    q, k, v = torch.randn(2, 5, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 4)
+    with pytest.raises(RuntimeError, match="tanh_attention_forward: q must be a float32 or float64 CPU tensor"):
+        ext.tanh_attention_forward(q.int(), k, v, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"tanh_attention_forward: k must have shape \(B, N, D\)"):
+        ext.tanh_attention_forward(q, k[..., :2], v, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match="v must have batch size 2"):
+        ext.tanh_attention_forward(q, k, torch.randn(3, 6, 4), 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match="k must have the dtype of q"):
+        ext.tanh_attention_forward(q, k.double(), v, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"seed must be in \[0, 2\*\*31\)"):
+        ext.tanh_attention_forward(q, k, v, -1, 1.0, 0.5, 0, False)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        ext.tanh_attention_forward(q, k, v, 0, 1.0, 1.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"dout must have shape \(B, Mq, E\)"):
+        ext.tanh_attention_backward(torch.randn(2, 5, 3), q, k, v, torch.empty(0), 0, 1.0, 0.0, 0, False)
+    a = torch.randn(2, 3, 5)
+    with pytest.raises(RuntimeError, match=r"gate_forward: weight must have shape \(2, d\)"):
+        ext.gate_forward(a, a, torch.randn(3, 5), torch.randn(2), 0.1)
+    with pytest.raises(RuntimeError, match="gate_forward: tau must be positive"):
+        ext.gate_forward(a, a, torch.randn(2, 5), torch.randn(2), 0.0)
+    with pytest.raises(RuntimeError, match=r"stage_gate_forward: weight must have shape \(T, T \* d\)"):
+        ext.stage_gate_forward([a, a], torch.randn(2, 5), torch.randn(2), 0.1)
+    with pytest.raises(RuntimeError, match=r"stages\[1\] must have shape"):
+        ext.stage_gate_forward([a, a[:, :2]], torch.randn(2, 10), torch.randn(2), 0.1)
+
+
+def test_cuda_backend_request_without_cuda_is_a_clear_error():
+    if "cuda" in avkernels.backends() and torch.cuda.is_available():
+        pytest.skip("the cuda backend is usable here")
+    q = torch.randn(1, 2, 3)
+    with pytest.raises(RuntimeError, match="backend 'cuda'.*(not built|no CUDA device|runs on CUDA tensors)"):
+        avkernels.tanh_attention(q, q, q, backend="cuda")

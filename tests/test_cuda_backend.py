@@ -1,0 +1,314 @@
+"""GPU tests of the "cuda" backend's compiled module avkernels._C_cuda (csrc/cuda; contract: NATIVE_CONTRACT.md).
+
+The module's functions are called directly (and through a small autograd wrapper for gradcheck), so these tests do
+not depend on how avkernels/ops/native.py registers the backend; one test goes through the public API when the
+backend is registered. Every result is compared with the plain-PyTorch reference run in float64; in lower
+precisions FlashAttention's rule applies: our error against the fp64 reference is at most twice the error of the
+reference itself run in that dtype, plus a small floor.
+
+Everything here skips, with the reason, where there is no CUDA GPU or the extension was not built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from avkernels import reference
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU: the cuda backend's kernels run only on a GPU", allow_module_level=True)
+try:
+    import avkernels._C_cuda as C
+except ImportError as exc:
+    pytest.skip(f"avkernels._C_cuda was not built ({exc}); build with a CUDA torch and nvcc", allow_module_level=True)
+
+DEVICE = "cuda"
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Floors of the flash rule, relative to the reference's magnitude. fp32: the CPU emulation of these kernels
+# (tests/test_cuda_compile.py) measured at most 5.5e-6 (the gates' 1/tau = 10 amplifies rounding).
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ACTIVATIONS = {"none": 0, "tanh_relu": 1}
+SEED = 1234567
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def _check(ours, ref_lowp, ref64, name, dtype):
+    """FlashAttention's rule: |ours - ref64| <= 2 |ref_lowp - ref64| + floor (max norms; ref_lowp in dtype)."""
+    ours, ref_lowp = ours.double(), ref_lowp.double()
+    err = (ours - ref64).abs().max().item() if ours.numel() else 0.0
+    base = (ref_lowp - ref64).abs().max().item() if ours.numel() else 0.0
+    scale = max(1.0, ref64.abs().max().item()) if ours.numel() else 1.0
+    bound = 2 * base + FLOOR[dtype] * scale
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    assert err <= bound, f"{name} ({dtype}): max error {err:.3e} > bound {bound:.3e} (reference in {dtype}: {base:.3e})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tanh_attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _reference_attention(q, k, v, do, scale, p, activation, mask):
+    """Reference output and gradients in q's dtype, replaying the kernel's keep-mask."""
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    o, _ = reference.tanh_attention(q, k, v, scale, p, None if activation == "none" else activation, dropout_mask=mask)
+    o.backward(do.to(o.dtype))
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def _run_attention(q, k, v, do, scale, p, activation, deterministic=True, seed=SEED):
+    o, mask = C.tanh_attention_forward(q, k, v, seed, scale, p, ACTIVATIONS[activation], True)
+    saved_o = o if activation != "none" else o.new_empty(0)
+    dq, dk, dv = C.tanh_attention_backward(do, q, k, v, saved_o, seed, scale, p, ACTIVATIONS[activation], deterministic)
+    return o, (mask if p > 0 else None), dq, dk, dv
+
+
+def _compare_attention(q, k, v, scale, p, activation, dtype):
+    do = torch.randn(q.shape[0], q.shape[1], v.shape[-1], device=DEVICE, dtype=dtype)
+    o, mask, dq, dk, dv = _run_attention(q, k, v, do, scale, p, activation)
+    if p > 0:
+        assert mask is not None and mask.dtype == torch.bool and mask.shape == (q.shape[0], q.shape[1], k.shape[1])
+    ref64 = _reference_attention(q.double(), k.double(), v.double(), do.double(), scale, p, activation, mask)
+    ref_lowp = _reference_attention(q, k, v, do, scale, p, activation, mask)
+    for name, ours, r, r64 in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), ref_lowp, ref64):
+        assert ours.dtype == dtype and ours.is_contiguous(), name
+        _check(ours, r, r64, name, dtype)
+
+
+SHAPES = [  # (B, Mq, N, D, E): odd and prime sizes, tile edges (64 fp32, 32 fp64), D and E over one tile
+    (2, 37, 53, 16, 16),
+    (1, 1, 1, 1, 1),
+    (3, 65, 129, 33, 70),
+    (2, 64, 64, 64, 64),
+    (2, 131, 17, 100, 9),
+    (1, 5, 300, 7, 130),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("activation", ["none", "tanh_relu"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tanh_attention_fp32(shape, activation, p):
+    b, mq, n, d, e = shape
+    q, k, v = _rand(b, mq, d), _rand(b, n, d), _rand(b, n, e)
+    _compare_attention(q, k, v, 1 / math.sqrt(d), p, activation, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "tanh_relu"])
+def test_tanh_attention_dtypes(dtype, activation):
+    q, k, v = _rand(2, 45, 16, dtype=dtype), _rand(2, 71, 16, dtype=dtype), _rand(2, 71, 24, dtype=dtype)
+    _compare_attention(q, k, v, 0.25, 0.2, activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tanh_attention_jca_shape(dtype):
+    # The dense JCA call: q = Q^T (a transposed view), k = K_m, v = V_m^T, D = E = L = 16, Mq = d, N = d_m.
+    big_q = _rand(4, 16, 96, dtype=dtype)
+    q = big_q.transpose(1, 2)
+    k, v = _rand(4, 48, 16, dtype=dtype), _rand(4, 16, 48, dtype=dtype).transpose(1, 2)
+    _compare_attention(q, k, v, 1 / math.sqrt(96), 0.6, "tanh_relu", dtype)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_tanh_attention_shared_v_and_strided_inputs(deterministic):
+    q = _rand(3, 90, 40)[:, ::2, ::2]  # (3, 45, 20) with strides 2
+    k = _rand(3, 20, 33).transpose(1, 2)  # (3, 33, 20), unit stride along keys
+    v = _rand(1, 33, 70)  # one value matrix shared over the batch
+    do = _rand(3, 70, 45).transpose(1, 2)  # non-contiguous incoming gradient
+    o, mask, dq, dk, dv = _run_attention(q, k, v, do, 0.3, 0.25, "none", deterministic=deterministic)
+    assert dv.shape == (1, 33, 70)
+    ref = _reference_attention(q.double(), k.double(), v.double(), do.double(), 0.3, 0.25, "none", mask)
+    ref32 = _reference_attention(q, k, v, do, 0.3, 0.25, "none", mask)
+    for name, ours, r, r64 in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), ref32, ref):
+        _check(ours, r, r64, name, torch.float32)
+
+
+def test_tanh_attention_dropout_mask_statistics_and_seeds():
+    q, k, v = _rand(2, 200, 16), _rand(2, 300, 16), _rand(2, 300, 8)
+    o1, m1 = C.tanh_attention_forward(q, k, v, 7, 0.25, 0.4, 0, True)
+    o2, m2 = C.tanh_attention_forward(q, k, v, 7, 0.25, 0.4, 0, True)
+    _, m3 = C.tanh_attention_forward(q, k, v, 8, 0.25, 0.4, 0, True)
+    assert torch.equal(m1, m2) and torch.equal(o1, o2), "same seed must redraw the same mask and output"
+    assert not torch.equal(m1, m3), "different seeds must draw different masks"
+    keep = m1.float().mean().item()
+    # 120000 Bernoulli(0.6) draws: the standard deviation of the mean is 0.0014.
+    assert abs(keep - 0.6) < 0.01, keep
+    _, empty = C.tanh_attention_forward(q, k, v, 7, 0.25, 0.4, 0, False)
+    assert empty.numel() == 0
+
+
+def test_tanh_attention_backward_is_deterministic_with_shared_v():
+    q, k, v = _rand(8, 70, 16), _rand(8, 90, 16), _rand(1, 90, 40)
+    do = _rand(8, 70, 40)
+    runs = [C.tanh_attention_backward(do, q, k, v, q.new_empty(0), 3, 0.25, 0.1, 0, True) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b), "deterministic backward must give identical bits run to run"
+
+
+def test_tanh_attention_mask_matches_cpp_backend():
+    try:
+        import avkernels._C_cpu as C_cpu
+    except ImportError as exc:
+        pytest.skip(f"avkernels._C_cpu was not built ({exc}): nothing to compare the CUDA mask with")
+    q, k, v = _rand(2, 33, 8), _rand(2, 47, 8), _rand(2, 47, 5)
+    _, mask_cuda = C.tanh_attention_forward(q, k, v, 99, 0.3, 0.35, 0, True)
+    _, mask_cpu = C_cpu.tanh_attention_forward(q.cpu(), k.cpu(), v.cpu(), 99, 0.3, 0.35, 0, True)
+    assert torch.equal(mask_cuda.cpu(), mask_cpu), "CUDA and C++ backends must draw the same mask for one seed"
+
+
+class _CudaTanhAttention(torch.autograd.Function):
+    """The compiled forward/backward as an autograd function, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, p, activation):
+        o, _ = C.tanh_attention_forward(q, k, v, SEED, scale, p, activation, False)
+        ctx.save_for_backward(q, k, v, o)
+        ctx.args = (scale, p, activation)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors
+        scale, p, activation = ctx.args
+        dq, dk, dv = C.tanh_attention_backward(do.contiguous(), q, k, v, o, SEED, scale, p, activation, True)
+        return dq, dk, dv, None, None, None
+
+
+@pytest.mark.parametrize("activation", [0, 1])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tanh_attention_gradcheck_fp64(activation, p):
+    q = _rand(2, 7, 5, dtype=torch.float64).requires_grad_(True)
+    k = _rand(2, 9, 5, dtype=torch.float64).requires_grad_(True)
+    v = _rand(1, 9, 3, dtype=torch.float64).requires_grad_(True)
+    # The seed is fixed inside the wrapper, so the mask is the same in every perturbed evaluation.
+    assert torch.autograd.gradcheck(lambda q, k, v: _CudaTanhAttention.apply(q, k, v, 0.4, p, activation), (q, k, v))
+
+
+def test_tanh_attention_rejects_bad_inputs():
+    q, k, v = _rand(2, 5, 4), _rand(2, 6, 4), _rand(2, 6, 3)
+    with pytest.raises(RuntimeError, match="q must be a float32, float64, float16 or bfloat16 CUDA tensor"):
+        C.tanh_attention_forward(q.cpu(), k, v, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match="q must be a float32, float64, float16 or bfloat16 CUDA tensor"):
+        C.tanh_attention_forward(q.int(), k, v, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match="k must be a"):
+        C.tanh_attention_forward(q, k.double(), v, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"k must have shape \(2, N, 4\)"):
+        C.tanh_attention_forward(q, _rand(2, 6, 5), v, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"v must have shape \(2 or 1, 6, E\)"):
+        C.tanh_attention_forward(q, k, _rand(3, 6, 3), 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"seed must be in \[0, 2\*\*31\)"):
+        C.tanh_attention_forward(q, k, v, 2**31, 1.0, 0.1, 0, False)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        C.tanh_attention_forward(q, k, v, 0, 1.0, 1.0, 0, False)
+    with pytest.raises(RuntimeError, match="activation must be 0"):
+        C.tanh_attention_forward(q, k, v, 0, 1.0, 0.0, 2, False)
+    with pytest.raises(RuntimeError, match=r"do must have shape \[2, 5, 3\]"):
+        C.tanh_attention_backward(_rand(2, 5, 4), q, k, v, q.new_empty(0), 0, 1.0, 0.0, 0, True)
+
+
+def test_public_api_runs_the_cuda_backend():
+    import avkernels
+
+    if "cuda" not in avkernels.backends():
+        pytest.skip("the cuda backend is not registered (avkernels/ops/native.py)")
+    q, k, v = _rand(2, 20, 8, dtype=torch.float64), _rand(2, 30, 8, dtype=torch.float64), _rand(2, 30, 6).double()
+    q.requires_grad_(True)
+    o = avkernels.tanh_attention(q, k, v, backend="cuda")
+    ref, _ = reference.tanh_attention(q, k, v, 1 / math.sqrt(8))
+    torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
+    o.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gate and stage_gate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _reference_gate(attended, unattended, weight, bias, tau, dout, dg):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (attended, unattended, weight, bias)]
+    out, g = reference.gate(*leaves, tau)
+    torch.autograd.backward([out, g], [dout.to(out.dtype), dg.to(g.dtype)])
+    return (out.detach(), g.detach()), tuple(x.grad for x in leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 16, 512), (3, 7, 37), (1, 1, 1), (5, 3, 300)])
+def test_gate_forward_and_backward(dtype, shape):
+    b, length, d = shape
+    attended = _rand(b, length, 2 * d, dtype=dtype)[:, :, ::2]  # strided
+    unattended = _rand(length, b, d, dtype=dtype).transpose(0, 1)  # batch not outermost
+    weight, bias = 0.1 * _rand(2, d, dtype=dtype), _rand(2, dtype=dtype)
+    dout, dg = _rand(b, length, d, dtype=dtype), _rand(b, length, 2, dtype=dtype)
+    tau = 0.1
+    out, g = C.gate_forward(attended, unattended, weight, bias, tau)
+    grads = C.gate_backward(dout, dg, attended, unattended, weight, g, out, tau, True)
+    inputs64 = (x.double() for x in (attended, unattended, weight, bias))
+    ref64 = _reference_gate(*inputs64, tau, dout.double(), dg.double())
+    ref_lowp = _reference_gate(attended, unattended, weight, bias, tau, dout, dg)
+    names = ("out", "g", "d_attended", "d_unattended", "d_weight", "d_bias")
+    for name, ours, r, r64 in zip(names, (out, g, *grads), (*ref_lowp[0], *ref_lowp[1]), (*ref64[0], *ref64[1])):
+        assert ours.is_contiguous() and ours.dtype == dtype, name
+        _check(ours, r, r64, name, dtype)
+
+
+def _reference_stage_gate(stages, weight, bias, tau, dout, ds):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (*stages, weight, bias)]
+    out, s = reference.stage_gate(leaves[:-2], leaves[-2], leaves[-1], tau)
+    torch.autograd.backward([out, s], [dout.to(out.dtype), ds.to(s.dtype)])
+    return (out.detach(), s.detach()), (torch.stack([x.grad for x in leaves[:-2]]), leaves[-2].grad, leaves[-1].grad)
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stage_gate_forward_and_backward(n_stages, dtype):
+    b, length, d = 3, 11, 45
+    stages = [_rand(b, length, d, dtype=dtype) for _ in range(n_stages)]
+    stages[0] = _rand(b, d, length, dtype=dtype).transpose(1, 2)  # one non-contiguous stage
+    weight, bias = 0.05 * _rand(n_stages, n_stages * d, dtype=dtype), _rand(n_stages, dtype=dtype)
+    dout, ds = _rand(b, length, d, dtype=dtype), _rand(b, length, n_stages, dtype=dtype)
+    out, s = C.stage_gate_forward(stages, weight, bias, 0.1)
+    d_stages, d_weight, d_bias = C.stage_gate_backward(dout, ds, stages, weight, s, out, 0.1, True)
+    assert d_stages.shape == (n_stages, b, length, d)
+    ref64 = _reference_stage_gate([x.double() for x in stages], weight.double(), bias.double(), 0.1, dout.double(),
+                                  ds.double())  # fmt: skip
+    ref_lowp = _reference_stage_gate(stages, weight, bias, 0.1, dout, ds)
+    names = ("out", "s", "d_stages", "d_weight", "d_bias")
+    ours_all = (out, s, d_stages, d_weight, d_bias)
+    for name, ours, r, r64 in zip(names, ours_all, (*ref_lowp[0], *ref_lowp[1]), (*ref64[0], *ref64[1])):
+        _check(ours, r, r64, name, dtype)
+
+
+def test_gate_weight_grads_are_deterministic():
+    b, length, d = 64, 16, 512
+    attended, unattended = _rand(b, length, d), _rand(b, length, d)
+    weight, bias = 0.1 * _rand(2, d), _rand(2)
+    out, g = C.gate_forward(attended, unattended, weight, bias, 0.1)
+    dout, dg = _rand(b, length, d), _rand(b, length, 2)
+    first = C.gate_backward(dout, dg, attended, unattended, weight, g, out, 0.1, True)
+    second = C.gate_backward(dout, dg, attended, unattended, weight, g, out, 0.1, True)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_gates_reject_bad_inputs():
+    x = _rand(2, 4, 6)
+    w, bias = _rand(2, 6), _rand(2)
+    with pytest.raises(RuntimeError, match="unattended must be a float32, float64, float16 or bfloat16 CUDA tensor"):
+        C.gate_forward(x, x.cpu(), w, bias, 0.1)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[2, 6\]"):
+        C.gate_forward(x, x, _rand(2, 5), bias, 0.1)
+    with pytest.raises(RuntimeError, match="tau must be a positive number"):
+        C.gate_forward(x, x, w, bias, 0.0)
+    with pytest.raises(RuntimeError, match=r"stages\[1\] must have shape \[2, 4, 6\]"):
+        C.stage_gate_forward([x, _rand(2, 4, 7)], _rand(2, 12), bias, 0.1)
+    with pytest.raises(RuntimeError, match="expected 1 to 8 stages, got 9"):
+        C.stage_gate_forward([x] * 9, _rand(9, 54), _rand(9), 0.1)
