@@ -9,9 +9,10 @@ The compiles run in a subprocess with ``TRITON_INTERPRET=0``: under the interpre
 interpreted functions, which cannot be compiled.
 
 Compiling is slow on a CPU-only CI machine (about a second per variant), so by default this file compiles a subset
-that fits its time budget: for every kernel, size class, precision and (on sm_90) dtype, the variant with the most
-feature switches on (``DROPOUT``, ``RETURN_MASK``: they hold the most registers); on sm_80 only variants without
-fp16/bf16 pointers. ``AVKERNELS_AOT_FULL=1`` compiles every variant for both targets (about two minutes).
+that fits its time budget, choosing in each group the variant with the most feature switches on (``DROPOUT``,
+``RETURN_MASK``: they hold the most registers): for sm_90, every kernel at every shape class (size class, precision,
+block sizes) in its first listed dtype; for sm_80, every kernel in every dtype. ``AVKERNELS_AOT_FULL=1`` compiles
+every variant for both targets (several minutes).
 """
 
 import json
@@ -40,19 +41,34 @@ _SCRIPT = textwrap.dedent(
     FEATURE_SWITCHES = ("DROPOUT", "RETURN_MASK")
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
+    def pointer_types(signature):
+        # Tuple arguments (a sequence of tensors) have tuple types: flatten them.
+        flat, todo = set(), list(signature.values())
+        while todo:
+            t = todo.pop()
+            if isinstance(t, tuple):
+                todo.extend(t)
+            elif t.startswith("*"):
+                flat.add(t)
+        return sorted(flat)
+
     def selected(specs, arch):
         if full:
             return specs
-        # One variant per kernel, size class and precision: the one with the most feature switches on (they hold
-        # the most registers). sm_90 gets every dtype, sm_80 only those without fp16/bf16 pointers.
-        best = {}
+        # sm_90: one variant per kernel and shape class (constexprs other than the feature switches), in the first
+        # dtype listed; sm_80: one variant per kernel and dtype. Within each group, the variant with the most feature
+        # switches on (they hold the most registers).
+        best, first_dtype = {}, {}
         for spec in specs:
             kernel, signature, constexprs = spec[:3]
-            pointers = tuple(sorted({t for t in signature.values() if t.startswith("*")}))
-            if arch != 90 and ("*fp16" in pointers or "*bf16" in pointers):
-                continue
-            shape = tuple(sorted((k, str(v)) for k, v in constexprs.items() if k not in FEATURE_SWITCHES))
-            key = (kernel.__name__, pointers, shape)
+            pointers = tuple(pointer_types(signature))
+            if arch == 90:
+                if first_dtype.setdefault(kernel.__name__, pointers) != pointers:
+                    continue
+                key = (kernel.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items()
+                                                     if k not in FEATURE_SWITCHES)))
+            else:
+                key = (kernel.__name__, pointers)
             rank = sum(bool(constexprs.get(f)) for f in FEATURE_SWITCHES)
             if key not in best or rank > best[key][0]:
                 best[key] = (rank, spec)
@@ -78,7 +94,7 @@ _SCRIPT = textwrap.dedent(
                 print(json.dumps({
                     "module": info.name, "kernel": kernel.__name__, "arch": arch,
                     "variant": {k: str(v) for k, v in constexprs.items() if not k.startswith("stride")},
-                    "pointers": sorted({t for t in signature.values() if t.startswith("*")}),
+                    "pointers": pointer_types(signature),
                     "registers": int(found.group(1)), "stack": int(found.group(2)), "local": int(found.group(3)),
                 }), flush=True)
     """
