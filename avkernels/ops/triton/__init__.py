@@ -39,4 +39,4 @@ register_backend(BackendInfo("triton", unavailable_reason=_unavailable_reason, d
 
 if _IMPORT_ERROR is None:
     # Each op module registers its implementation on import.
-    from avkernels.ops.triton import gate, stage_gate  # noqa: F401
+    from avkernels.ops.triton import gate, stage_gate, tanh_attention  # noqa: F401

@@ -1,0 +1,133 @@
+"""Every Triton kernel variant the library launches compiles for sm_80 and sm_90 without register spills.
+
+No GPU is needed: Triton compiles ahead of time to a cubin, and ``cuobjdump -res-usage`` (shipped in the triton
+wheel) reports registers, stack and local memory (docs: /work/shared/notes/triton-without-a-gpu.md). The variants
+come from each ``avkernels.ops.triton`` module's ``aot_specializations()``, a list of
+``(kernel, signature, constexprs[, compile options])``.
+
+The compiles run in a subprocess with ``TRITON_INTERPRET=0``: under the interpreter ``@triton.jit`` yields
+interpreted functions, which cannot be compiled.
+
+Compiling is slow on a CPU-only CI machine (about a second per variant), so by default this file compiles a subset
+that fits its time budget, choosing in each group the variant with the most feature switches on (``DROPOUT``,
+``RETURN_MASK``: they hold the most registers): for sm_90, every kernel at every shape class (size class, precision,
+block sizes) in its first listed dtype; for sm_80, every kernel in every dtype. ``AVKERNELS_AOT_FULL=1`` compiles
+every variant for both targets (several minutes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+FULL = os.environ.get("AVKERNELS_AOT_FULL", "0") == "1"
+MAX_REGISTERS = 255
+
+# Runs in the subprocess: compile the selected variants of every module and print one JSON line per variant.
+_SCRIPT = textwrap.dedent(
+    """
+    import importlib, json, os, pkgutil, re, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import avkernels.ops.triton as package
+
+    full = sys.argv[1] == "1"
+    FEATURE_SWITCHES = ("DROPOUT", "RETURN_MASK")
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+    def pointer_types(signature):
+        # Tuple arguments (a sequence of tensors) have tuple types: flatten them.
+        flat, todo = set(), list(signature.values())
+        while todo:
+            t = todo.pop()
+            if isinstance(t, tuple):
+                todo.extend(t)
+            elif t.startswith("*"):
+                flat.add(t)
+        return sorted(flat)
+
+    def selected(specs, arch):
+        if full:
+            return specs
+        # sm_90: one variant per kernel and shape class (constexprs other than the feature switches), in the first
+        # dtype listed; sm_80: one variant per kernel and dtype. Within each group, the variant with the most feature
+        # switches on (they hold the most registers).
+        best, first_dtype = {}, {}
+        for spec in specs:
+            kernel, signature, constexprs = spec[:3]
+            pointers = tuple(pointer_types(signature))
+            if arch == 90:
+                if first_dtype.setdefault(kernel.__name__, pointers) != pointers:
+                    continue
+                key = (kernel.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items()
+                                                     if k not in FEATURE_SWITCHES)))
+            else:
+                key = (kernel.__name__, pointers)
+            rank = sum(bool(constexprs.get(f)) for f in FEATURE_SWITCHES)
+            if key not in best or rank > best[key][0]:
+                best[key] = (rank, spec)
+        return [spec for _, spec in best.values()]
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if not hasattr(module, "aot_specializations"):
+            continue
+        specs = module.aot_specializations()
+        for arch in (90, 80):
+            for spec in selected(specs, arch):
+                kernel, signature, constexprs = spec[:3]
+                options = spec[3] if len(spec) > 3 else {}
+                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                                           capture_output=True, text=True, check=True).stdout
+                found = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:\\d+ LOCAL:(\\d+)", usage)
+                print(json.dumps({
+                    "module": info.name, "kernel": kernel.__name__, "arch": arch,
+                    "variant": {k: str(v) for k, v in constexprs.items() if not k.startswith("stride")},
+                    "pointers": pointer_types(signature),
+                    "registers": int(found.group(1)), "stack": int(found.group(2)), "local": int(found.group(3)),
+                }), flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _SCRIPT, "1" if FULL else "0"], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_module_contributes(compiled):
+    kernels = {(r["module"], r["kernel"]) for r in compiled}
+    assert ("tanh_attention", "_tanh_attention_fwd_kernel") in kernels
+    assert ("tanh_attention", "_tanh_attention_bwd_dq_kernel") in kernels
+    assert ("tanh_attention", "_tanh_attention_bwd_dkdv_kernel") in kernels
+    assert {r["arch"] for r in compiled} == {80, 90}
+
+
+def test_no_register_spills(compiled):
+    """``LOCAL:0`` (no local-memory spill) and at most 255 registers, for every module's kernels."""
+    bad = [r for r in compiled if r["local"] != 0 or r["registers"] > MAX_REGISTERS]
+    assert not bad, "register spills (local memory) or too many registers:\n" + "\n".join(map(str, bad))
+
+
+def test_tanh_attention_keeps_nothing_on_the_stack(compiled):
+    """Stricter for tanh_attention, whose tile tables were tuned for it: ptxas can also spill into the stack frame
+    (``STACK`` > 0 with ``STL``/``LDL`` instructions) while ``LOCAL`` stays 0."""
+    bad = [r for r in compiled if r["module"] == "tanh_attention" and r["stack"] != 0]
+    assert not bad, "stack spills:\n" + "\n".join(map(str, bad))
