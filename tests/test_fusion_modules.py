@@ -18,14 +18,7 @@ DIMS = {2: (3, 5), 3: (2, 3, 4)}  # small, odd, unequal feature sizes
 L = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These shapes are tiny: on a loaded 2-core machine, waking torch's intra-op thread pool costs tens of ms per op,
-    # far more than the work (a GRJCA forward took 130 ms with 2 threads, 3 ms with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def n_params(module):

@@ -20,14 +20,7 @@ from avkernels.models import (
 
 FUSIONS = ["jca", "rjca", "dca", "grjca"]
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are made of tiny ops (small LSTMs, GRUs, matmuls): a second intra-op thread buys nothing and,
-    on a shared CPU, its spin-waiting made them 100x slower here. Restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # Small sizes: prime L and batch, unequal modality sizes.

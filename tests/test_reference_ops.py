@@ -17,14 +17,7 @@ F64 = torch.float64
 REF = {"backend": "reference"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These shapes are tiny: on a loaded 2-core machine, waking torch's intra-op thread pool costs tens of ms per op,
-    # far more than the work (a GRJCA forward took 130 ms with 2 threads, 3 ms with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def rand(*shape, dtype=F64, requires_grad=False):
