@@ -14,6 +14,7 @@ import avkernels
 from avkernels import reference
 from avkernels.nn import DCA, GRJCA, JCA, RJCA
 from avkernels.ops import native
+from dropout_oracle import triton_dropout_uniform
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 BUILT = "cpp" in native._MODULES
@@ -146,13 +147,14 @@ def test_tanh_attention_dropout_mask_replays_in_reference(ext, dtype):
 
 
 def test_dropout_keep_rate_and_mask_definition(ext):
-    """Keep rate within 5 sigma of 1 - p, and each element kept iff uniform(seed, (b * Mq + i) * N + j) >= p."""
+    """Keep rate within 5 sigma of 1 - p, and element (b, i, j) kept iff the generator's uniform for map row
+    b * Mq + i, column j is >= p (csrc/common/philox.h)."""
     batch, rows, keys, p, seed = 3, 70, 150, 0.6, 987654
     q, k, v = torch.randn(batch, rows, 4), torch.randn(batch, keys, 4), torch.randn(batch, keys, 2)
     _, mask = ext.tanh_attention_forward(q, k, v, seed, 0.5, p, 0, True)
     n = mask.numel()
     assert abs(mask.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    uniform = ext.philox_uniform(seed, torch.arange(n)).view(batch, rows, keys)
+    uniform = ext.dropout_uniform(seed, 0, batch * rows, keys).view(batch, rows, keys)
     assert torch.equal(mask, uniform >= p)
     # Different rows, batch elements and seeds draw different masks.
     assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[0, 0], mask[0, 1])
@@ -160,26 +162,54 @@ def test_dropout_keep_rate_and_mask_definition(ext):
     assert (other != mask).double().mean().item() > 0.3
 
 
-def test_philox_matches_triton_tl_rand(ext):
-    """csrc/common/philox.h draws what Triton's tl.rand draws: the three fused backends share one dropout stream."""
-    triton = pytest.importorskip("triton")
-    import os
+def _philox4x32(seed, counter):
+    """Philox-4x32-10 in plain Python, written from Salmon et al. (2011): the four words for a 64-bit counter."""
+    mask = 0xFFFFFFFF
+    c = [counter & mask, counter >> 32, 0, 0]
+    k0, k1 = seed & mask, seed >> 32
+    for _ in range(10):
+        p_b, p_a = 0xCD9E8D57 * c[2], 0xD2511F53 * c[0]
+        c = [(p_b >> 32) ^ c[1] ^ k0, p_b & mask, (p_a >> 32) ^ c[3] ^ k1, p_a & mask]
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c
 
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1 to run a Triton kernel")
-    import triton.language as tl
 
-    @triton.jit
-    def draw(out, seed, first, n, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out + offsets, tl.rand(seed, offsets.to(tl.int64) + first), mask=offsets < n)
+def _uniform_from_spec(seed, row, j, keys):
+    """The contract of csrc/common/philox.h: word j % 4 of call row * ceil(keys / 4) + j // 4, folded and scaled."""
+    word = _philox4x32(seed, row * ((keys + 3) // 4) + j // 4)[j % 4]
+    signed = word - (1 << 32) if word >= 1 << 31 else word
+    return torch.tensor(float(~signed if signed < 0 else signed), dtype=torch.float32) * torch.tensor(
+        4.6566127342e-10, dtype=torch.float32)
 
-    n, seed = 700, 1234567
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for first in (0, 2**32 - 300):  # also across the 32-bit boundary of the counter
-        out = torch.empty(n, device=device)
-        draw[(triton.cdiv(n, 256),)](out, seed, first, n, BLOCK=256)
-        assert torch.equal(out.cpu(), ext.philox_uniform(seed, torch.arange(n) + first))
+
+@pytest.mark.parametrize("where", ["start", "row 3", "32-bit boundary"])
+def test_dropout_generator_matches_its_definition(ext, where):
+    """The scalar generator equals an independent Python Philox, and the kernels' SIMD draw equals the scalar one,
+    on rows of odd and round lengths, including counters whose low word wraps inside a SIMD chunk."""
+    seed, p, rows = 1234567, 0.37, 7
+    for keys in (1, 3, 17, 64, 130):
+        calls_per_row = (keys + 3) // 4
+        first_row = {"start": 0, "row 3": 3, "32-bit boundary": 2**32 // calls_per_row - 1}[where]
+        uniform = ext.dropout_uniform(seed, first_row, rows, keys)
+        for r, j in [(0, 0), (rows - 1, keys - 1), (rows // 2, keys // 2), (1, min(5, keys - 1))]:
+            assert uniform[r, j] == _uniform_from_spec(seed, first_row + r, j, keys), (keys, r, j)
+        assert torch.equal(ext.dropout_keep(seed, first_row, rows, keys, p), uniform >= p)
+    # Whole rows, element by element against the Python Philox.
+    keys = 20
+    first_row = {"start": 0, "row 3": 3, "32-bit boundary": 2**32 // 5 - 1}[where]
+    uniform = ext.dropout_uniform(seed, first_row, 3, keys)
+    expected = torch.stack([torch.stack([_uniform_from_spec(seed, first_row + r, j, keys) for j in range(keys)])
+                            for r in range(3)])
+    assert torch.equal(uniform, expected)
+
+
+def test_dropout_generator_matches_triton(ext):
+    """csrc/common/philox.h draws what the Triton kernels draw (tl.randint4x, one word per key): the three fused
+    backends share one dropout stream."""
+    seed = 1234567
+    for first_row, keys in ((0, 37), (2**32 // 10 - 2, 37), (5, 64)):  # the second crosses the 32-bit boundary
+        got = triton_dropout_uniform(seed, first_row, 9, keys)
+        assert torch.equal(got, ext.dropout_uniform(seed, first_row, 9, keys))
 
 
 def test_fast_tanh_accuracy(ext):

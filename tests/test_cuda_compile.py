@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from avkernels import reference
+from dropout_oracle import triton_dropout_uniform
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -269,24 +270,6 @@ def _assert_close(ours, expected, name, dtype):
     assert error <= EMULATION_TOLERANCE[dtype], f"{name} ({dtype}): relative error {error:.2e}"
 
 
-def _triton_uniform(seed, numel):
-    """tl.rand(seed, offset) for offsets 0..numel-1: the generator the contract says every backend reproduces."""
-    triton = pytest.importorskip("triton", reason="triton is needed as the oracle of the dropout mask")
-    import triton.language as tl
-
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not set: cannot run tl.rand as the oracle")
-
-    @triton.jit
-    def uniform_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + offsets, tl.rand(seed, offsets.to(tl.int64)), mask=offsets < n)
-
-    out = torch.empty(numel, device="cuda" if torch.cuda.is_available() else "cpu")
-    uniform_kernel[(triton.cdiv(numel, 1024),)](out, seed, numel, BLOCK=1024)
-    return out.cpu()
-
-
 def _emulated_attention(lib, q, k, v, dout, scale, p, activation, seed, deterministic):
     batch, queries, head_dim = q.shape
     keys, value_dim = k.shape[1], v.shape[2]
@@ -336,8 +319,8 @@ def test_emulated_tanh_attention_matches_reference(emulated, case):
     for name, ours, ref in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (expected, *[x.grad for x in leaves])):
         _assert_close(ours, ref.detach(), name, dtype)
     if mask is not None and mask.numel():
-        keep = _triton_uniform(seed, mask.numel()) >= torch.tensor(p, dtype=torch.float32)
-        assert torch.equal(mask.flatten(), keep), "the keep-mask differs from tl.rand(seed, (b * Mq + i) * N + j) >= p"
+        keep = triton_dropout_uniform(seed, 0, batch * queries, keys) >= torch.tensor(p, dtype=torch.float32)
+        assert torch.equal(mask.view(-1, keys), keep), "the keep-mask differs from the Triton kernels' generator"
 
 
 def _emulated_gate(lib, candidates, first_logit_candidate, weight, bias, tau, dout, dgates):

@@ -1,11 +1,18 @@
-// Counter-based dropout randomness shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
+// Counter-based dropout randomness shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels, and reproduced by the
+// Triton kernels (avkernels/ops/triton/tanh_attention.py) with tl.randint4x.
 //
-// uniform(seed, offset) is bit-for-bit the value Triton's tl.rand(seed, offset) returns for an int64 offset:
-// Philox-4x32-10 with key (seed_lo, seed_hi) and counter (offset_lo, offset_hi, 0, 0); the first output word,
-// read as int32, is folded onto [0, 2^31) (x < 0 -> ~x) and scaled by 4.6566127342e-10 in fp32. So the three
-// fused backends (triton, cpp, cuda) draw the identical dropout mask for the same seed, and backward redraws
-// it from (seed, offset) instead of storing it. A map element (b, i, j) of a (B, Mq, N) map has
-// offset = (b * Mq + i) * N + j, and is kept when uniform(seed, offset) >= p.
+// One Philox-4x32-10 call gives four random words, and each is used: the element (b, i, j) of a (B, Mq, N) map lies
+// in map row r = b * Mq + i, and takes word j % 4 of the call with counter
+//     counter(r, j) = r * ceil(N / 4) + j / 4
+// (each row starts a fresh counter, so a block of keys that starts at a multiple of 4 needs whole calls only).
+// Philox runs with key (seed_lo, seed_hi) and counter words (counter_lo, counter_hi, 0, 0), which is Triton's
+// tl.randint4x(seed, counter) for an int64 counter; a word is read as int32, folded onto [0, 2^31) (x < 0 -> ~x) and
+// scaled by 4.6566127342e-10 in fp32 (Triton's uint_to_uniform_float). The element is kept when that uniform >= p.
+// So the three fused backends draw the identical dropout mask for the same seed, and backward redraws it from the
+// seed instead of storing it.
+//
+// Why four words per call: Philox is the most expensive part of a CPU training step; drawing one word per call (as
+// tl.rand does) throws away three quarters of the work.
 //
 // Torch-independent, header-only. Under nvcc every function is __host__ __device__.
 #pragma once
@@ -54,22 +61,32 @@ AVK_HOST_DEVICE Counter philox4x32(Counter c, uint32_t k0, uint32_t k1) {
   return c;
 }
 
-// The uniform fp32 in [0, 1) that tl.rand derives from one random word.
+// The uniform fp32 in [0, 1) that Triton's uint_to_uniform_float derives from one random word.
 AVK_HOST_DEVICE float word_to_unit(uint32_t word) {
   const int32_t x = static_cast<int32_t>(word);
   return static_cast<float>(x < 0 ? ~x : x) * kUint31ToUnit;
 }
 
-// uniform(seed, offset): see the top of this file. seed is in [0, 2^31) by the ops' contract.
-AVK_HOST_DEVICE float uniform(uint64_t seed, uint64_t offset) {
-  const Counter c = philox4x32(
-      Counter{static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), 0u, 0u},
-      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return word_to_unit(c.c0);
+// The Philox calls one map row of `keys` elements uses: ceil(keys / 4).
+AVK_HOST_DEVICE uint64_t calls_per_row(uint64_t keys) { return (keys + 3) / 4; }
+
+// The four words of the call with this counter; seed is in [0, 2^31) by the ops' contract.
+AVK_HOST_DEVICE Counter words(uint64_t seed, uint64_t counter) {
+  return philox4x32(Counter{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u},
+                    static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// Whether map element `offset` survives dropout with probability p of being dropped.
-AVK_HOST_DEVICE bool keep(uint64_t seed, uint64_t offset, float p) { return uniform(seed, offset) >= p; }
+// uniform of map element (row, j) in a map with `keys` columns: see the top of this file.
+AVK_HOST_DEVICE float uniform(uint64_t seed, uint64_t row, uint64_t j, uint64_t keys) {
+  const Counter c = words(seed, row * calls_per_row(keys) + j / 4);
+  const int word = static_cast<int>(j % 4);
+  return word_to_unit(word == 0 ? c.c0 : word == 1 ? c.c1 : word == 2 ? c.c2 : c.c3);
+}
+
+// Whether map element (row, j) survives dropout with probability p of being dropped.
+AVK_HOST_DEVICE bool keep(uint64_t seed, uint64_t row, uint64_t j, uint64_t keys, float p) {
+  return uniform(seed, row, j, keys) >= p;
+}
 
 }  // namespace philox
 }  // namespace avk

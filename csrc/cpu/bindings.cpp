@@ -23,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stage_gate_backward", &cpu::stage_gate_backward, "(d_stages (T, B, L, d), d_weight, d_bias)",
         py::arg("dout"), py::arg("ds"), py::arg("stages"), py::arg("weight"), py::arg("s"), py::arg("out"),
         py::arg("tau"), py::arg("deterministic"));
-  m.def("philox_uniform", &cpu::philox_uniform, "uniform(seed, offset) of the dropout generator (csrc/common/philox.h)",
-        py::arg("seed"), py::arg("offsets"));
+  m.def("dropout_uniform", &cpu::dropout_uniform,
+        "(rows, keys) uniforms of the dropout generator for map rows first_row.. (csrc/common/philox.h)",
+        py::arg("seed"), py::arg("first_row"), py::arg("rows"), py::arg("keys"));
+  m.def("dropout_keep", &cpu::dropout_keep, "(rows, keys) keep flags drawn as the kernels draw them",
+        py::arg("seed"), py::arg("first_row"), py::arg("rows"), py::arg("keys"), py::arg("dropout_p"));
 }

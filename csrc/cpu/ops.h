@@ -21,8 +21,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
                                                                        double scale, double dropout_p,
                                                                        int64_t activation, bool deterministic);
 
-// uniform(seed, offset) of csrc/common/philox.h for every offset (int64): exposes the dropout generator to tests.
-at::Tensor philox_uniform(int64_t seed, const at::Tensor& offsets);
+// For tests: the dropout generator (csrc/common/philox.h) on map rows [first_row, first_row + rows) of a map with
+// `keys` columns, as a (rows, keys) tensor: the fp32 uniforms (portable scalar code) and the keep flags drawn the
+// way the kernels draw them (the SIMD code of the running ISA variant).
+at::Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_t keys);
+at::Tensor dropout_keep(int64_t seed, int64_t first_row, int64_t rows, int64_t keys, double dropout_p);
 
 std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
                                                 const at::Tensor& weight, const at::Tensor& bias, double tau);

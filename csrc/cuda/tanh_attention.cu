@@ -1,8 +1,8 @@
 // CUDA kernels of tanh_attention (SPEC 1): o = Drop_p(tanh(scale * q @ k^T)) @ v [then ReLU(tanh(o))].
 //
 // Like FlashAttention, the (Mq x N) map never reaches global memory: every kernel recomputes its tiles of
-// S = scale * q k^T from q and k, applies tanh and the dropout mask (redrawn from Philox at
-// offset (b * Mq + i) * N + j, see csrc/common/philox.h), and contracts the tile immediately.
+// S = scale * q k^T from q and k, applies tanh and the dropout mask (redrawn from Philox for map row b * Mq + i and
+// column j, see csrc/common/philox.h), and contracts the tile immediately.
 //
 // Design (a tiled SIMT first version; tensor cores are not used yet):
 //   * A block of 256 threads owns a square tile of kSize x kSize output elements (64 for fp32/fp16/bf16, 32 for
@@ -72,29 +72,32 @@ struct PreActivationGrad {
   __device__ bool rows_fastest() const { return dout.rows_fastest(); }
 };
 
-// Inverted dropout on the map: element (b, i, j) is kept when philox uniform(seed, (b * Mq + i) * N + j) >= p and
-// then scaled by 1 / (1 - p). The fp32 threshold matches the cpp backend and Triton's tl.rand(seed, offset) >= p.
+// Inverted dropout on the map: element (b, i, j) is kept when the philox uniform of map row b * Mq + i, column j is
+// >= p, and then scaled by 1 / (1 - p). The same stream and fp32 threshold as the cpp and Triton kernels.
 template <typename Acc>
 struct Dropout {
   bool enabled;
   uint64_t seed;
+  uint64_t keys;
   float threshold;
   Acc keep_scale;
 
   __device__ explicit Dropout(const TanhAttentionProblem& p)
       : enabled(p.dropout_p > 0.0),
         seed(p.seed),
+        keys(static_cast<uint64_t>(p.keys)),
         threshold(static_cast<float>(p.dropout_p)),
         keep_scale(static_cast<Acc>(1.0 / (1.0 - p.dropout_p))) {}
 
-  __device__ bool keeps(uint64_t offset) const { return philox::keep(seed, offset, threshold); }
-  __device__ Acc multiplier(uint64_t offset) const {
-    return !enabled ? Acc(1) : (keeps(offset) ? keep_scale : Acc(0));
+  __device__ bool keeps(uint64_t row, uint64_t j) const { return philox::keep(seed, row, j, keys, threshold); }
+  __device__ Acc multiplier(uint64_t row, uint64_t j) const {
+    return !enabled ? Acc(1) : (keeps(row, j) ? keep_scale : Acc(0));
   }
 };
 
-__device__ __forceinline__ uint64_t map_offset(const TanhAttentionProblem& p, int64_t b, int64_t i, int64_t j) {
-  return static_cast<uint64_t>((b * p.queries + i) * p.keys + j);
+// Row of map element (b, i, .) in the (B * Mq, N) map: the dropout generator's row and the returned mask's row.
+__device__ __forceinline__ uint64_t map_row(const TanhAttentionProblem& p, int64_t b, int64_t i) {
+  return static_cast<uint64_t>(b * p.queries + i);
 }
 
 template <typename Acc>
@@ -246,9 +249,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       if (i >= p.queries || j >= p.keys) return Acc(0);  // rows/cols past the edge must add nothing
       const Acc t = map_tanh<T>(qk * scale);
       if (!dropout.enabled) return t;
-      const uint64_t offset = map_offset(p, b, i, j);
-      const bool keep = dropout.keeps(offset);
-      if (writes_mask) params.mask[offset] = keep;
+      const uint64_t row = map_row(p, b, i);
+      const bool keep = dropout.keeps(row, j);
+      if (writes_mask) params.mask[row * p.keys + j] = keep;
       return keep ? t * dropout.keep_scale : Acc(0);
     });
     Tl::accumulate(out, sm, v, j0, e0);
@@ -310,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const int64_t i = i0 + r, j = j0 + c;
       if (i >= p.queries || j >= p.keys) return Acc(0);
       const Acc t = map_tanh<T>(qk * scale);
-      return dmap * dropout.multiplier(map_offset(p, b, i, j)) * (Acc(1) - t * t) * scale;
+      return dmap * dropout.multiplier(map_row(p, b, i), j) * (Acc(1) - t * t) * scale;
     });
     Tl::accumulate(dq, sm, k, j0, d0);
   }
@@ -374,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const int64_t j = j0 + r, i = i0 + c;
       if (i >= p.queries || j >= p.keys) return Acc(0);
       const Acc t = map_tanh<T>(qk * scale);
-      const Acc m = dropout.multiplier(map_offset(p, b, i, j));
+      const Acc m = dropout.multiplier(map_row(p, b, i), j);
       return computes_dk ? dmap * m * (Acc(1) - t * t) * scale : t * m;
     });
     if (computes_dk) {

@@ -28,7 +28,7 @@ struct TanhAttentionProblem {
   int64_t head_dim;   // D
   int64_t value_dim;  // E
   double scale;
-  double dropout_p;  // 0 disables dropout; kept where philox uniform(seed, offset) >= (float)dropout_p
+  double dropout_p;  // 0 disables dropout; kept where the philox uniform (csrc/common/philox.h) >= (float)dropout_p
   uint64_t seed;     // in [0, 2^31)
   int activation;    // 0: none, 1: ReLU(tanh(o))
 };

@@ -13,8 +13,9 @@ shared over the batch (``Bv == 1``), the dk/dv kernel writes one ``dv`` partial 
 ``(B, N, E)`` buffer that the host sums over the batch: a deterministic reduction that keeps ``B`` times more
 programs busy than looping over the batch inside one program would (the official N = 512 makes only 4 to 8 N blocks).
 
-Dropout draws ``keep = rand(seed, (b * Mq + i) * N + j) >= p`` from Triton's Philox generator (int64 offsets), so
-backward redraws the identical mask without storing it; ``return_mask=True`` also writes the keep-mask (debug only).
+Dropout draws ``keep = uniform >= p`` from Triton's Philox generator, one ``tl.randint4x`` call per four keys
+(:func:`_dropout_uniform`, the stream of csrc/common/philox.h that the cpp and cuda backends draw too), so backward
+redraws the identical mask without storing it; ``return_mask=True`` also writes the keep-mask (debug only).
 
 Numerics: tiles are cast to the accumulator type right after load (fp32, or fp64 for fp64 inputs: gradcheck runs
 through the interpreter; fp64 is refused on CUDA). The dot products on GPU follow torch's matmul precision setting
@@ -122,14 +123,22 @@ def _dot_grad_out_v_chunked(DO, O, do_rows, stride_do_row, stride_do_e, stride_o
 
 
 @triton.jit
-def _keep_mask(seed, map_base, i, j, N, dropout_p):
-    """Dropout keep-mask at map positions ``(i, j)`` of one batch element (``i``, ``j`` broadcastable index tiles).
+def _dropout_uniform(seed, row, j, N):
+    """The dropout generator's uniform for map row ``row`` (``b * Mq + i``, int64) and column ``j`` of a map with
+    ``N`` columns (csrc/common/philox.h, which the cpp and cuda backends share): word ``j % 4`` of the Philox call
+    with counter ``row * ceil(N / 4) + j // 4``. Any tiling of the map draws the same numbers, which is how backward
+    redraws the forward's mask; four neighbouring keys share one call, which on CPU makes the draw four times
+    cheaper than one call per element (tl.rand)."""
+    w0, w1, w2, w3 = tl.randint4x(seed, row * ((N + 3) // 4) + j // 4)
+    word = j % 4
+    return tl.uint_to_uniform_float(tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3))))
 
-    The Philox counter is the element's linear index ``(b * Mq + i) * N + j`` in the ``(B, Mq, N)`` map
-    (``map_base = b * Mq * N``, int64 so that maps above 2**31 elements draw distinct numbers): any tiling of the map
-    draws the same mask, which is how backward redraws the forward's mask.
-    """
-    return tl.rand(seed, map_base + (i * N + j)) >= dropout_p
+
+@triton.jit
+def _keep_mask(seed, row_base, i, j, N, dropout_p):
+    """Dropout keep-mask at map positions ``(i, j)`` of one batch element (``i``, ``j`` broadcastable index tiles,
+    ``row_base = b * Mq`` as int64)."""
+    return _dropout_uniform(seed, row_base + i, j, N) >= dropout_p
 
 
 @triton.jit
@@ -209,7 +218,7 @@ def _tanh_attention_fwd_kernel(
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
         c = _tanh(s * scale)
         if DROPOUT:
-            keep = _keep_mask(seed, b * Mq * N, rows[:, None], cols_n[None, :], N, dropout_p)
+            keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             c = tl.where(keep, c * keep_scale, 0.0)
             if RETURN_MASK:
                 if pid_e == 0:
@@ -286,7 +295,7 @@ def _tanh_attention_bwd_dq_kernel(
         c = _tanh(s * scale)
         ds = dp * (1.0 - c * c) * scale
         if DROPOUT:
-            keep = _keep_mask(seed, b * Mq * N, rows[:, None], cols_n[None, :], N, dropout_p)
+            keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             ds = tl.where(keep, ds * keep_scale, 0.0)
         if HEAD_LOOPS:
             k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
@@ -366,7 +375,7 @@ def _tanh_attention_bwd_dkdv_kernel(
             s_t = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=ACC)
         c_t = _tanh(s_t * scale)
         if DROPOUT:
-            keep_t = _keep_mask(seed, b * Mq * N, cols_m[None, :], rows[:, None], N, dropout_p)
+            keep_t = _keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
         if has_dv:
             p_t = c_t
             if DROPOUT:
