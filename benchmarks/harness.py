@@ -10,7 +10,10 @@ providers
 modes
     ``forward`` (training mode: dropout on, graph recorded), ``backward`` (the gradients of a recorded forward;
     the forward runs untimed before each round), ``full`` for ops / ``train`` for models (forward + backward, and
-    for models an Adam step), ``inference`` (eval mode under ``torch.no_grad``).
+    for models an Adam step with learning rate 0: the same arithmetic as training, but every round and every
+    provider times the same weights; a model whose gates drift into saturation round after round would time
+    differently per provider, since saturated gates make subnormal numbers that slow plain PyTorch on x86),
+    ``inference`` (eval mode under ``torch.no_grad``).
 time
     ``benchmark.pedantic`` after one untimed warm-up call (two for ``torch_compile`` and for any first call slower
     than ``COMPILE_SUSPECT_S``, since the first compiles); the last warm-up call sizes the number of rounds to about
@@ -227,7 +230,7 @@ def build_mode(case: Case, provider: str, mode: str, dev: torch.device):
     inputs = case.make_inputs(dev, training)
     params = [p for p in module.parameters() if p.requires_grad]
     leaves = [x for x in inputs if x.requires_grad] + params
-    optimizer = torch.optim.Adam(params) if mode == "train" and params else None
+    optimizer = torch.optim.Adam(params, lr=0.0) if mode == "train" and params else None  # see ``train`` above
     grads: List[torch.Tensor] = []
 
     def forward():

@@ -351,6 +351,34 @@ def test_stage_gate_matches_reference(ext, dtype, n_stages):
         assert_close_to_reference(a, b, c, dtype, f"output {i}")
 
 
+def _subnormals(t):
+    a = t.detach().abs()
+    return int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
+
+
+def test_saturated_gate_flushes_subnormals_and_restores_the_thread_mode(ext):
+    """A saturated gate (logit gap / tau of about 100) has probabilities below fp32's smallest normal number: the
+    reference keeps them as subnormals (slow on x86), the cpp kernels flush them to zero, forward and backward; the
+    results agree to 1e-37 absolute, and torch's own ops still make subnormals after the call (mode restored)."""
+    batch, length, d = 2, 5, 16
+    attended = torch.full((batch, length, d), 1.0).requires_grad_()
+    unattended = torch.randn(batch, length, d).requires_grad_()
+    weight = torch.zeros(2, d)
+    weight[1] = 0.625  # logits (0, 10) / tau 0.1: g0 = exp(-100), about 4e-44
+    bias = torch.zeros(2)
+    dout = torch.randn(batch, length, d)
+
+    ref_out, ref_g = reference.gate(attended, unattended, weight, bias, 0.1)
+    ref_grads = torch.autograd.grad(ref_out, (attended, unattended), dout)
+    out, g = avkernels.gate(attended, unattended, weight, bias, tau=0.1, backend="cpp")
+    grads = torch.autograd.grad(out, (attended, unattended), dout)
+    assert _subnormals(ref_g) > 0 and _subnormals(ref_grads[1]) > 0  # the premise: the reference makes some
+    for ours, ref in zip((out, g, *grads), (ref_out, ref_g, *ref_grads)):
+        assert _subnormals(ours) == 0
+        torch.testing.assert_close(ours, ref, rtol=1.3e-6, atol=1e-37)
+    assert torch.tensor(1e-38) / 10 != 0  # this thread's floating-point mode is back to IEEE subnormals
+
+
 def test_gates_gradcheck(ext):
     a, u = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
     w, b = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, dtype=torch.float64)

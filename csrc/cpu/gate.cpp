@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, cons
     const T* bias_p = bias_c.data_ptr<T>();
     T* out_p = out.data_ptr<T>();
     T* g_p = g.data_ptr<T>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* a = a_rows.row(r);
         const T* u = u_rows.row(r);
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     T* da_p = d_attended.data_ptr<T>();
     T* du_p = d_unattended.data_ptr<T>();
     T* part_p = part.data_ptr<T>();
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         T* dw0 = part_p + chunk * (2 * d + 2);
         T* dw1 = dw0 + d;

@@ -2,7 +2,7 @@
 // backward, row views through strides, and the fixed-order reduction that keeps weight gradients deterministic.
 #pragma once
 
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -64,7 +64,7 @@ constexpr int64_t kRowsPerChunk = 32;
 // out[x] = sum over c < chunks of part[c * n + x], in order of c.
 template <typename T>
 void sum_chunks(const T* part, int64_t chunks, int64_t n, T* out) {
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t x = begin; x < end; ++x) {
       T total = part[x];
       for (int64_t c = 1; c < chunks; ++c) total += part[c * n + x];

@@ -14,6 +14,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr
+#endif
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define AVK_X86_DISPATCH 1
 #define AVK_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
@@ -98,6 +102,29 @@ template <typename T, int VB>
 AVK_INLINE Vec<T, VB> splat(T x) {
   return Vec<T, VB>{} + x;
 }
+
+// While alive, the calling thread flushes subnormal results to zero and reads subnormal inputs as zero (x86 MXCSR
+// FTZ and DAZ bits); the previous mode is restored after. No-op on other architectures.
+//
+// Why: a saturated gate (softmax of logits / 0.1) gives probabilities near 1e-30, and the gradients through them
+// fall below 1.2e-38, fp32's smallest normal number. x86 handles every such subnormal operand in microcode, about
+// 100x slower, and they spread through the backward pass: a GRJCA training step once saturated ran 3-4x slower
+// (measured: 490 ms instead of 107 ms at the official shape). The kernels' outputs change by less than 1.2e-38.
+class FlushSubnormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
+  unsigned saved_;
+#else
+  FlushSubnormals() {}
+#endif
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+};
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 

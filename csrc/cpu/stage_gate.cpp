@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tens
     const T* bias_p = bias_c.data_ptr<T>();
     T* out_p = out.data_ptr<T>();
     T* s_p = s.data_ptr<T>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         T* z = s_p + r * n;  // logits, then softmax in place
         for (int64_t t = 0; t < n; ++t) {
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
     const T* w_p = w.data_ptr<T>();
     T* dx_p = d_stages.data_ptr<T>();
     T* part_p = part.data_ptr<T>();
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<T> dpre(d), gate(n), dgate(n), dz(n);
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         T* dw = part_p + chunk * part_size;

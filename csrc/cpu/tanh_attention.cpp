@@ -17,7 +17,6 @@
 #include "ops.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -26,6 +25,7 @@
 
 #include "checks.h"
 #include "common/philox.h"
+#include "parallel.h"
 #include "simd.h"
 
 #if AVK_X86_DISPATCH
@@ -618,7 +618,7 @@ AVK_DEFINE_ISA_ENTRY(AVK_TARGET_AVX512, avx512, 64)
 template <typename T>
 void sum_partials(T* out, int64_t groups, int64_t keys, int64_t width, const T* part, int64_t parts,
                   int64_t keys_pad, int64_t ld) {
-  at::parallel_for(0, groups * keys, 64, [&](int64_t begin, int64_t end) {
+  parallel_for(0, groups * keys, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t g = row / keys, j = row % keys;
       const T* src = part + (g * parts * keys_pad + j) * ld;
@@ -661,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
     const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, seed, scale, dropout_p, activation);
     scalar_t* o_ptr = o.data_ptr<scalar_t>();
     bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
-    at::parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
       AVK_DISPATCH_ISA(forward_tasks, scalar_t, P, o_ptr, mask_ptr, begin, end);
     });
   });
@@ -703,7 +703,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
     at::Tensor dv_part = at::zeros({tasks, P.keys_pad, P.value_pad}, q.options());
     G.dk_part = dk_part.data_ptr<T>();
     G.dv_part = dv_part.data_ptr<T>();
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       AVK_DISPATCH_ISA(backward_tasks, T, P, G, begin, end);
     });
 
