@@ -1,4 +1,4 @@
-"""GPU tests of the "cuda" backend's compiled module avkernels._C_cuda (csrc/cuda; contract: NATIVE_CONTRACT.md).
+"""GPU tests of the "cuda" backend's compiled module avkernels._C_cuda (csrc/cuda; its functions: csrc/cpu/ops.h).
 
 The module's functions are called directly (and through a small autograd wrapper for gradcheck), so these tests do
 not depend on how avkernels/ops/native.py registers the backend; one test goes through the public API when the

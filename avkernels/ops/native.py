@@ -1,7 +1,7 @@
 """The compiled backends: ``"cpp"`` (``avkernels._C_cpu``, CPU tensors) and ``"cuda"`` (``avkernels._C_cuda``).
 
 Both extensions are optional and built from ``csrc/`` by ``pip install`` (see ``setup.py``); each exposes the same
-functions (NATIVE_CONTRACT: ``tanh_attention_forward/backward``, ``gate_forward/backward``,
+functions (declared in ``csrc/cpu/ops.h``: ``tanh_attention_forward/backward``, ``gate_forward/backward``,
 ``stage_gate_forward/backward``). This module imports whichever were built, registers the two backends with a
 precise reason when one cannot run, and adapts the extension functions to the :class:`~avkernels.backends.OpImpl`
 signatures documented in :mod:`avkernels.ops.tanh_attention`, :mod:`~avkernels.ops.gate` and

@@ -1,4 +1,4 @@
-// avkernels._C_cpu: the CPU kernels as a Python module (signatures in NATIVE_CONTRACT and ops.h). The Python side,
+// avkernels._C_cpu: the CPU kernels as a Python module (signatures in ops.h). The Python side,
 // avkernels/ops/native.py, adapts them to the backend registry.
 #include <torch/extension.h>
 

@@ -1,4 +1,5 @@
-// The functions avkernels._C_cpu exports (see NATIVE_CONTRACT: the same names and signatures as avkernels._C_cuda).
+// The functions avkernels._C_cpu exports; avkernels._C_cuda (csrc/cuda/binding.cpp) exports the same op functions
+// (names and signatures), without the dropout-generator helpers for tests.
 // Semantics are the OpImpl contracts in avkernels/ops/{tanh_attention,gate,stage_gate}.py.
 #pragma once
 

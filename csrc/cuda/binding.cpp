@@ -1,4 +1,4 @@
-// avkernels._C_cuda: the torch binding of the "cuda" backend (functions and signatures: NATIVE_CONTRACT.md; the
+// avkernels._C_cuda: the torch binding of the "cuda" backend (the functions and signatures of csrc/cpu/ops.h; the
 // Python side registers them in avkernels/ops/native.py).
 //
 // Deliberately thin: argument checks with messages naming the argument and what was expected, output and
@@ -338,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "avkernels CUDA kernels (the \"cuda\" backend); see NATIVE_CONTRACT.md for the functions' contract";
+  m.doc() = "avkernels CUDA kernels (the \"cuda\" backend); the functions of csrc/cpu/ops.h";
   m.def("tanh_attention_forward", &tanh_attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("seed"), py::arg("scale"), py::arg("dropout_p"), py::arg("activation"), py::arg("return_mask"));
   m.def("tanh_attention_backward", &tanh_attention_backward, py::arg("do"), py::arg("q"), py::arg("k"),
