@@ -221,10 +221,14 @@ def test_fast_tanh_accuracy(ext):
     o, _ = ext.tanh_attention_forward(x.view(-1, 1, 1), ones, ones, 0, 1.0, 0.0, 0, False)
     got, exact = o.flatten().double(), torch.tanh(x.double())
     finite = ~torch.isnan(exact)
-    rel = ((got - exact).abs() / exact.abs().clamp_min(1e-30))[finite & (exact != 0)]
-    assert rel.max().item() < 4e-7, rel.max().item()  # a few fp32 ulp
+    nonzero = finite & (exact != 0)
+    # Error in units in the last place of the fp32 result: 0.99 for the AVX-512 table, 2.5 for the expm1 formula
+    # (both measured over all 2^32 inputs when they were written).
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1].clamp_min(-125) - 24)
+    err = ((got - exact).abs() / ulp)[nonzero]
+    assert err.max().item() <= (1.0 if ext.cpu_isa() == "avx512" else 2.5), (ext.cpu_isa(), err.max().item())
     assert torch.equal(got[exact == 0], exact[exact == 0]) and torch.isnan(got[~finite]).all()
-    nonzero = finite & (exact != 0)  # (the sign of a zero comes from the q k^T sum, not from the tanh)
+    # (the sign of a zero comes from the q k^T sum, not from the tanh)
     assert torch.equal(torch.signbit(got[nonzero]), torch.signbit(exact[nonzero]))
 
 

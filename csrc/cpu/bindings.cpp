@@ -3,10 +3,15 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "simd.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace cpu = avk::cpu;
   m.doc() = "avkernels fused CPU kernels (backend \"cpp\")";
+  m.def("cpu_isa", [] {
+    const cpu::Isa isa = cpu::cpu_isa();
+    return isa == cpu::Isa::kAvx512 ? "avx512" : isa == cpu::Isa::kAvx2 ? "avx2" : "baseline";
+  }, "the vector code the kernels run: avx512, avx2 or baseline (AVKERNELS_CPU_ISA can lower it)");
   m.def("tanh_attention_forward", &cpu::tanh_attention_forward, "o = Drop(tanh(scale q k^T)) v (SPEC 1)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("seed"), py::arg("scale"), py::arg("dropout_p"),
         py::arg("activation"), py::arg("return_mask"));

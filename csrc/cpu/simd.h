@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "tanh_table.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr
 #endif
@@ -128,10 +130,28 @@ class FlushSubnormals {
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
-// tanh of every lane, for fp32 to ~1 ulp (tested against torch.tanh in fp64), NaN propagating, +-inf -> +-1.
+#if AVK_X86_DISPATCH && !defined(__clang__)
+// tab[idx & 31] per lane: one vpermt2ps over a 32-entry table. VB = 64 only. A GCC builtin rather than the
+// _mm512_* intrinsic because this template has no target attribute: intrinsics refuse to inline into it, the builtin
+// expands once the caller is inlined into an AVX-512 entry point (the only place VB = 64 is instantiated on x86).
+template <int VB>
+AVK_INLINE Vec<float, VB> lookup32(const float* tab, IntVec<VB> idx) {
+  return __builtin_ia32_vpermt2varps512_mask(idx, load<float, VB>(tab), load<float, VB>(tab + 16), -1);
+}
+#endif
+
+// tanh of every lane in fp32: NaN propagating, +-inf -> +-1, -0 -> -0 (tested against fp64 tanh).
 //
 // Why not std::tanh or Sleef: this is the inner loop of every fused kernel (one tanh per element of the attention
-// map) and must vectorise in every ISA clone, in as few operations as possible. One branch-free formula:
+// map) and must vectorise in every ISA clone, in as few operations as possible.
+//
+// AVX-512 (max error 0.99 ulp over all 2^32 inputs): no division and no exp. With a = min(|x|, 9.5) (tanh rounds to
+// 1 beyond), the exponent and top two mantissa bits of a + 1/16 pick one of 32 intervals (4 per binade of a + 1/16
+// in [1/16, 16); the first starts at a = 0), and tanh(a) = c0 + u (c1 + ... + u c5) with u = a - lo exact and
+// per-interval coefficients (tanh_table.h, from scripts/gen_tanh_table.py). Each of the 7 table rows is one
+// vpermt2ps: 18 vector instructions, 17% faster than the division-based formula below in the forward kernel's loop.
+//
+// AVX2 / baseline (max error 2.5 ulp; AVX2 has no cheap 32-entry lookup): one branch-free formula,
 //   tanh(|x|) = -m / (m + 2) with m = expm1(-2|x|) in (-1, 0],
 // which has no cancellation anywhere (for small |x|, m ~ -2|x| carries full relative precision). expm1(y) is
 // 2^n expm1(r) + (2^n - 1) with n = round(y / ln 2), r = y - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite, ln 2 in two
@@ -143,6 +163,16 @@ AVK_INLINE Vec<float, VB> tanh_vec(Vec<float, VB> x) {
   using VI = IntVec<VB>;
   const VI sign = (VI)x & (int32_t)0x80000000;
   V a = (V)((VI)x & (int32_t)0x7fffffff);
+#if AVK_X86_DISPATCH && !defined(__clang__)
+  if constexpr (VB == 64) {
+    a = __builtin_ia32_minps512_mask(splat<float, VB>(kTanhClamp), a, a, -1, 4);  // vminps: a NaN stays NaN
+    const VI slot = (VI)(a + 0.0625f) >> 21;
+    const V u = a - lookup32<VB>(kTanhTable[0], slot);
+    V y = lookup32<VB>(kTanhTable[kTanhDegree + 1], slot);
+    for (int row = kTanhDegree; row >= 1; --row) y = y * u + lookup32<VB>(kTanhTable[row], slot);
+    return (V)((VI)y | sign);  // y >= 0
+  }
+#endif
   a = a > 9.0f ? splat<float, VB>(9.0f) : a;  // NaN compares false and stays NaN
 
   const V y = a * -2.0f;
