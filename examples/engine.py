@@ -89,6 +89,9 @@ def setup_context(device: str = "auto") -> Context:
 
 def teardown_context(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
+        # Every rank reaches teardown before any closes its connections: gloo aborts a rank ("terminate called
+        # without an active exception") whose peer tears the group down while it is still finishing.
+        dist.barrier()
         dist.destroy_process_group()
 
 
