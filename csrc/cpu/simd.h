@@ -111,7 +111,7 @@ AVK_INLINE Vec<T, VB> splat(T x) {
 // Why: a saturated gate (softmax of logits / 0.1) gives probabilities near 1e-30, and the gradients through them
 // fall below 1.2e-38, fp32's smallest normal number. x86 handles every such subnormal operand in microcode, about
 // 100x slower, and they spread through the backward pass: a GRJCA training step once saturated ran 3-4x slower
-// (measured: 490 ms instead of 107 ms at the official shape). The kernels' outputs change by less than 1.2e-38.
+// (measured: 320-490 ms instead of 107-113 ms at the official shape). Outputs change by less than 1.2e-38.
 class FlushSubnormals {
  public:
 #if defined(__x86_64__) || defined(_M_X64)
@@ -149,7 +149,7 @@ AVK_INLINE Vec<float, VB> lookup32(const float* tab, IntVec<VB> idx) {
 // 1 beyond), the exponent and top two mantissa bits of a + 1/16 pick one of 32 intervals (4 per binade of a + 1/16
 // in [1/16, 16); the first starts at a = 0), and tanh(a) = c0 + u (c1 + ... + u c5) with u = a - lo exact and
 // per-interval coefficients (tanh_table.h, from scripts/gen_tanh_table.py). Each of the 7 table rows is one
-// vpermt2ps: 18 vector instructions, 17% faster than the division-based formula below in the forward kernel's loop.
+// vpermt2ps: 18 vector instructions (the whole forward op got ~3% faster than with the formula below).
 //
 // AVX2 / baseline (max error 2.5 ulp; AVX2 has no cheap 32-entry lookup): one branch-free formula,
 //   tanh(|x|) = -m / (m + 2) with m = expm1(-2|x|) in (-1, 0],
