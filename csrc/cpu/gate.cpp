@@ -26,6 +26,51 @@ void check_gate_inputs(const char* fn, const at::Tensor& attended, const at::Ten
   check_shape(weight, {2, attended.size(2)}, fn, "weight", "(2, d)");
 }
 
+// Feature strides of the rows the backward reads: runtime values, or all 1 known at compile time (the usual case,
+// and the one the row loops vectorise well: a runtime stride makes them scalar).
+struct RowStrides {
+  int64_t a, u, o, dy;
+};
+struct UnitStrides {
+  static constexpr int64_t a = 1, u = 1, o = 1, dy = 1;
+};
+
+// One row (b, l) of the backward: its inputs, the weight rows, its outputs and its chunk's weight-gradient partials.
+template <typename T>
+struct RowPointers {
+  const T *a, *u, *o, *dy, *w0, *w1;
+  T *da, *du, *dw0, *dw1;
+};
+
+// da, du of one row and its contribution to the weight-gradient partials; dz <- gradient of the row's two logits.
+template <typename T, typename S>
+inline void backward_row(const RowPointers<T>& p, const S& s, int64_t d, const T gate[2], const T dg[2], T tau,
+                         T dz[2]) {
+  const T *__restrict a = p.a, *__restrict u = p.u, *__restrict o = p.o, *__restrict dy = p.dy;
+  const T *__restrict w0 = p.w0, *__restrict w1 = p.w1;
+  T *__restrict da = p.da, *__restrict du = p.du, *__restrict dw0 = p.dw0, *__restrict dw1 = p.dw1;
+  T dgate0 = 0, dgate1 = 0;
+  // `omp simd` lets the two reductions run in vector lanes (a fixed reassociation: still reproducible).
+#pragma omp simd reduction(+ : dgate0, dgate1)
+  for (int64_t x = 0; x < d; ++x) {
+    const T grad = dy[x * s.dy];  // loaded unconditionally, so that the select below vectorises
+    const T dpre = o[x * s.o] > T(0) ? grad : T(0);  // through the ReLU
+    du[x] = dpre * gate[0];
+    da[x] = dpre * gate[1];
+    dgate0 += dpre * u[x * s.u];
+    dgate1 += dpre * a[x * s.a];
+  }
+  const T dgate[2] = {dg[0] + dgate0, dg[1] + dgate1};
+  softmax_backward(gate, dgate, dz, 2, tau);
+#pragma omp simd
+  for (int64_t x = 0; x < d; ++x) {
+    const T ax = a[x * s.a];
+    da[x] += dz[0] * w0[x] + dz[1] * w1[x];  // the logits are computed from the attended features
+    dw0[x] += dz[0] * ax;
+    dw1[x] += dz[1] * ax;
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
@@ -101,37 +146,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     T* da_p = d_attended.data_ptr<T>();
     T* du_p = d_unattended.data_ptr<T>();
     T* part_p = part.data_ptr<T>();
+    const RowStrides strides{a_rows.s2, u_rows.s2, o_rows.s2, do_rows.s2};
+    const bool unit_stride = a_rows.s2 == 1 && u_rows.s2 == 1 && o_rows.s2 == 1 && do_rows.s2 == 1;
     parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         T* dw0 = part_p + chunk * (2 * d + 2);
         T* dw1 = dw0 + d;
         T* db = dw1 + d;
         for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-          const T *a = a_rows.row(r), *u = u_rows.row(r), *o = o_rows.row(r), *dy = do_rows.row(r);
           const T gate[2] = {g_rows.row(r)[0], g_rows.row(r)[g_rows.s2]};
-          T dgate0 = 0, dgate1 = 0;
-          T* da = da_p + r * d;
-          T* du = du_p + r * d;
-          // `omp simd` lets the two reductions run in vector lanes (a fixed reassociation: still reproducible); _Pragma
-          // because a #pragma cannot stand inside the AT_DISPATCH macro argument.
-_Pragma("omp simd reduction(+ : dgate0, dgate1)")
-          for (int64_t x = 0; x < d; ++x) {
-            const T dpre = o[x * o_rows.s2] > T(0) ? dy[x * do_rows.s2] : T(0);  // through the ReLU
-            du[x] = dpre * gate[0];
-            da[x] = dpre * gate[1];
-            dgate0 += dpre * u[x * u_rows.s2];
-            dgate1 += dpre * a[x * a_rows.s2];
-          }
-          const T dgate[2] = {dg_rows.row(r)[0] + dgate0, dg_rows.row(r)[dg_rows.s2] + dgate1};
+          const T dg_row[2] = {dg_rows.row(r)[0], dg_rows.row(r)[dg_rows.s2]};
+          const RowPointers<T> row{a_rows.row(r), u_rows.row(r), o_rows.row(r), do_rows.row(r), w0, w1,
+                                   da_p + r * d, du_p + r * d, dw0, dw1};
           T dz[2];
-          softmax_backward(gate, dgate, dz, 2, static_cast<T>(tau));
-_Pragma("omp simd")
-          for (int64_t x = 0; x < d; ++x) {
-            const T ax = a[x * a_rows.s2];
-            da[x] += dz[0] * w0[x] + dz[1] * w1[x];  // the logits are computed from the attended features
-            dw0[x] += dz[0] * ax;
-            dw1[x] += dz[1] * ax;
-          }
+          if (unit_stride)
+            backward_row(row, UnitStrides(), d, gate, dg_row, static_cast<T>(tau), dz);
+          else
+            backward_row(row, strides, d, gate, dg_row, static_cast<T>(tau), dz);
           db[0] += dz[0];
           db[1] += dz[1];
         }

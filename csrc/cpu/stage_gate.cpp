@@ -130,7 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
         T* db = dw + n * n * d;
         for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
           const T *o = o_rows.row(r), *dy = do_rows.row(r);
-          for (int64_t i = 0; i < d; ++i) dpre[i] = o[i * o_rows.s2] > T(0) ? dy[i * do_rows.s2] : T(0);
+          for (int64_t i = 0; i < d; ++i) {
+            const T grad = dy[i * do_rows.s2];  // loaded unconditionally, so that the select vectorises
+            dpre[i] = o[i * o_rows.s2] > T(0) ? grad : T(0);
+          }
           for (int64_t t = 0; t < n; ++t) {
             gate[t] = s_rows.row(r)[t * s_rows.s2];
             T acc = ds_rows.row(r)[t * ds_rows.s2];
