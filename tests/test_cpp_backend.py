@@ -430,9 +430,9 @@ def test_fusion_modules_match_reference(ext, model, form):
 def test_backend_is_registered_and_default_on_cpu(ext):
     assert "cpp" in avkernels.backends()
     assert avkernels.backend_status()["cpp"] == "available"
-    from avkernels.backends import resolve
+    from avkernels.backends import Inputs, resolve
 
-    assert resolve("tanh_attention", None, torch.device("cpu")) == "cpp"
+    assert resolve(None, Inputs("tanh_attention", torch.device("cpu"), torch.float32)) == "cpp"
 
 
 def test_bad_inputs_reach_cpp_checks(ext):
