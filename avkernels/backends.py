@@ -18,15 +18,14 @@ Choosing a backend:
   the inputs is an error naming the backend and every reason, never a silent fallback.
 * ``backend=None`` takes the first backend, in the preference order of the inputs' device type, that can run the
   inputs; ``"reference"`` (plain PyTorch, every device and dtype) closes every list. Backends passed over are
-  recorded with their reasons: :func:`backend_status` ``(op)`` reports them, and the ``avkernels`` logger says so at
-  DEBUG level. The Triton interpreter (``TRITON_INTERPRET=1``) runs CPU tensors but is far slower than the
+  recorded with their reasons, which :func:`backend_status` ``(op)`` reports (a record, not a log call: a logging
+  call inside the op would break ``torch.compile``'s graph). The Triton interpreter (``TRITON_INTERPRET=1``) runs CPU tensors but is far slower than the
   reference, so it has no rank on CPU: it runs there only when asked for by name.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -35,8 +34,6 @@ import torch
 
 BACKEND_ENV_VAR = "AVKERNELS_BACKEND"
 OPS = ("tanh_attention", "gate", "stage_gate")
-
-_log = logging.getLogger("avkernels")
 
 
 @dataclass(frozen=True)
@@ -218,8 +215,6 @@ def resolve(backend: Optional[str], inputs: Inputs) -> str:
     for name in preference(inputs.device.type):
         reasons = why_not(name, inputs)
         if not reasons:
-            if passed_over:
-                _log.debug("%s: passed over %s", inputs.describe(), passed_over)
             _PASSED_OVER[inputs.op] = {n: f"({inputs.describe()}) {r}" for n, r in passed_over.items()}
             return name
         passed_over[name] = "; ".join(reasons)

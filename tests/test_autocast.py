@@ -237,3 +237,21 @@ def test_iemocap_classifiers_train_under_autocast(cls, dtype):
 
     inputs = [torch.randn(3, TINY_SPECS[m].length, TINY_SPECS[m].dim) for m in ("text", "video", "audio")]
     _check_model(make_model, inputs, dtype, [None])
+
+
+def test_compiles_whole_under_autocast_with_the_default_backend():
+    # Dispatch (autocast dtype, the passed-over record) traces without a graph break: fullgraph=True compiles.
+    model = avkernels.GRJCA((6, 10), SEQ, form="dense")
+    inputs = [torch.randn(2, SEQ, 6), torch.randn(2, SEQ, 10)]
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = compiled(*inputs)
+            eager = model(*inputs)
+        assert all(o.dtype == torch.bfloat16 for o in outs)
+        for o, e in zip(outs, eager):
+            torch.testing.assert_close(o, e)
+        sum(o.float().sum() for o in outs).backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        torch._dynamo.reset()
