@@ -245,8 +245,8 @@ struct Blocking {
 
 // dst[r * ld + c] = src[r * src_r + c * src_c] for r < rows, c < cols, and 0 elsewhere in rows_alloc x ld.
 // Reading through strides here is what lets the ops accept any layout without copying whole inputs, and widening
-// here (S = bf16 / fp16 to T = float) is what lets one kernel body serve every storage type: each input element is
-// converted once per tile, against the D or E multiply-adds it then takes part in.
+// here (storage S = bf16 / fp16 to T = float) is what lets one kernel body serve every storage type: an element is
+// converted once as it is packed and then reused from the tile by every row or key of the block.
 template <typename S, typename T>
 void pack(T* dst, int64_t ld, int64_t rows_alloc, const S* src, int64_t src_r, int64_t src_c, int64_t rows,
           int64_t cols) {
