@@ -142,7 +142,8 @@ def long_shape(tiny: bool, target_s: float) -> dict:
     rows = []
     for name, fn in providers.items():
         for mode in ("forward", "full"):
-            row = {"provider": name, "mode": mode, "shape": [b, mq, n, d, d], "dtype": "bf16", "flops": cost[mode]["flops"]}
+            row = {"provider": name, "mode": mode, "shape": [b, mq, n, d, d], "dtype": "bf16",
+                   "flops": cost[mode]["flops"]}
             try:
                 if mode == "forward":
                     with torch.no_grad():

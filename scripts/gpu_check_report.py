@@ -110,32 +110,44 @@ def _fmt_s(seconds):
 
 
 def _predictions():
-    """Cost-model predictions by (kernel, dtype label, shape name), from the committed JSON."""
+    """Cost-model predictions by (kernel, dtype label, shape name, mode), from the committed JSON."""
     model = _read_json(COST_MODEL) or {}
-    return {(r["kernel"], r["dtype"], r["shape"]): r for r in model.get("kernels", [])}
+    return {(r["kernel"], r["dtype"], r["shape"], r["mode"]): r for r in model.get("kernels", [])}
+
+
+def _long_prediction(predicted, mode, shape):
+    """The triton kernels' predicted time for one long-shape call: the forward kernel, plus both backward kernels
+    for forward + backward. None when the run's shape is not the model's (the dry run's tiny one)."""
+    kernels = ["_tanh_attention_fwd_kernel"] + (["_tanh_attention_bwd_dq_kernel", "_tanh_attention_bwd_dkdv_kernel"]
+                                               if mode == "full" else [])
+    rows = [predicted.get((k, "bf16", "long", "forward" if k.endswith("fwd_kernel") else "train")) for k in kernels]
+    if not all(rows) or any(rows[0]["sizes"][k] != shape.get(k) for k in ("B", "Mq", "N", "D", "E")):
+        return None
+    return sum(r["predicted_s"] for r in rows)
 
 
 def long_section(long):
     lines = []
+    predicted = _predictions()
     shape = long.get("long", {}).get("shape", {})
     rows = long.get("long", {}).get("rows", [])
     if rows:
         lines += [f"### Long shape: B {shape.get('B')}, Mq = N = {shape.get('Mq')}, D = E = {shape.get('D')}, "
                   f"{shape.get('dtype')}", "",
-                  "| provider | mode | median | TFLOP/s | accuracy vs fp64 (max err / bf16 reference's err) |",
-                  "|---|---|---|---|---|"]
+                  "| provider | mode | median | TFLOP/s | cost model (triton kernels) | accuracy vs fp64 (max err / "
+                  "bf16 reference's err) |", "|---|---|---|---|---|---|"]
         for r in rows:
             acc = r.get("accuracy")
             acc_text = ", ".join(f"{k} {v['ratio']:.2f}" if v.get("ratio") is not None else f"{k} -"
                                  for k, v in acc.items()) if acc else ""
+            model = _fmt_s(_long_prediction(predicted, r["mode"], shape)) if r["provider"] == "triton" else ""
             if "error" in r:
-                lines.append(f"| {r['provider']} | {r['mode']} | **error** | | {r['error'][:200]} |")
+                lines.append(f"| {r['provider']} | {r['mode']} | **error** | | | {r['error'][:200]} |")
             else:
                 lines.append(f"| {r['provider']} | {r['mode']} | {_fmt_s(r['median_s'])} | {r['tflops']:.1f} | "
-                             f"{acc_text} |")
+                             f"{model} | {acc_text} |")
         lines.append("")
     official = long.get("official_kernels", {})
-    predicted = _predictions()
     if official.get("rows"):
         lines += ["### Official call of the dense block, triton, per kernel (torch.profiler) vs the cost model", "",
                   "| dtype | kernel | measured | predicted | predicted bound |", "|---|---|---|---|---|"]
@@ -149,7 +161,7 @@ def long_section(long):
                 if "tanh_attention" not in kernel:
                     continue
                 base = kernel.split("(")[0].strip()
-                p = predicted.get((base, label, "official"), {})
+                p = predicted.get((base, label, "official", "train"), {})
                 lines.append(f"| {label} | {base} | {_fmt_s(seconds)} | {_fmt_s(p.get('predicted_s'))} | "
                              f"{p.get('bound', '-')} |")
         lines.append("")
@@ -169,8 +181,8 @@ def render(summary):
     for s in summary["stages"]:
         lines.append(f"| {s['name']} | {s['status'] if s['status'] == 'ok' else '**' + s['status'] + '**'} | "
                      f"{s['seconds']:.1f} s | {s['budget_s']} s |")
-    lines += ["", "## Tests", "", "Failed and errors include the fp64 checks that the triton backend refuses on CUDA by design "
-              "(counted again in the last column).", "",
+    lines += ["", "## Tests", "", "Failed and errors include the fp64 checks that the triton backend refuses on CUDA by "
+              "design (counted again in the last column).", "",
               "| stage | passed | failed | errors | skipped | of the failed: fp64 refused on CUDA |",
               "|---|---|---|---|---|---|"]
     for name, t in summary["tests"].items():
@@ -222,8 +234,9 @@ def main(argv=None) -> int:
         "benchmarks": read_benchmarks(outdir),
     }
     for stage in summary["stages"]:  # a test stage that wrote no junit (killed, or collection crashed)
-        if stage["name"].startswith("tests-") and stage["name"] not in summary["tests"] and stage["status"] != "skipped":
-            summary["tests"][stage["name"]] = {"error": f"stage {stage['status']}"}
+        name = stage["name"]
+        if name.startswith("tests-") and name not in summary["tests"] and stage["status"] != "skipped":
+            summary["tests"][name] = {"error": f"stage {stage['status']}"}
     summary["device"] = (summary["env"] or {}).get("device")
     summary["ok"] = all(s["status"] in ("ok", "skipped") for s in summary["stages"])
     text = render(summary)
