@@ -89,8 +89,9 @@ PIPES = {
 _PIPE_OF = {op: pipe for pipe, ops in PIPES.items() for op in ops}
 GLOBAL_LOADS = ("LDG", "LDGSTS", "LD")
 GLOBAL_STORES = ("STG", "ST", "RED", "REDG", "ATOMG")
-# Philox-4x32-10 makes 20 unsigned 32x32 -> 64-bit products per call (two per round); nothing else in the kernels'
-# main loops multiplies unsigned words (addresses use signed IMAD.WIDE)
+# Philox-4x32-10 makes 20 unsigned 32x32 -> 64-bit products per call (two per round). In tanh_attention's main loops
+# nothing else multiplies unsigned words: the inference variants, without dropout, have none there, only a few
+# integer divisions outside the loop (tests/test_cost_model.py checks it on the table).
 PHILOX_MULTIPLIES = ("IMAD.WIDE.U32", "IMAD.HI.U32")
 PHILOX_MULTIPLIES_PER_CALL = 20
 # HMMA shapes (per warp) by their SASS spelling
@@ -409,12 +410,12 @@ def reference_counts(kernel_name: str, sizes: dict) -> dict:
             "bytes": item * (grad_out + q + k + v + k) + dv_buffer, "op_bytes": item * (k + v)}
 
 
-def predict(kernel_name, compiled, constexprs, grid, sizes, hw=HW) -> dict:
-    instructions = parse_sass(compiled["sass"])
-    trips = loop_trips(kernel_name, constexprs, sizes)
-    c = count(instructions, trips)
+def predict(compiled, grid, trips: int, elements: int, ref: dict, needed_mma: int, hw=HW) -> dict:
+    """Counts per element (of the map, or of a gate's features) and per-pipe times of one launch: ``trips``
+    iterations of its main loop per program, ``ref`` the minimal counts (:func:`reference_counts`)."""
+    c = count(parse_sass(compiled["sass"]), trips)
+    transcendentals = ref["transcendentals"] + ref.get("extra_transcendentals", 0)
     warps, programs = compiled["num_warps"], int(math.prod(grid))
-    elements = sizes["B"] * sizes["Mq"] * sizes["N"]
     per_sm = math.ceil(programs / hw["sms"])  # programs on the busiest SM
     clock = hw["clock_hz"]
     times = {}
@@ -423,9 +424,6 @@ def predict(kernel_name, compiled, constexprs, grid, sizes, hw=HW) -> dict:
     times["issue"] = per_sm * warps * c["warp_instructions"] / hw["issue_per_clock"] / clock
     times["tensor"] = sum(per_sm * warps * flops / (hw["mma_flops_per_s"][kind] / hw["sms"])
                           for kind, flops in c["mma_flops"].items())
-    ref = reference_counts(kernel_name, sizes)
-    products = 3 if constexprs.get("PRECISION") == "tf32x3" else 1  # TF32x3: three products per dot
-    needed_mma = products * (ref["flops"] + ref["recompute_flops"] + ref["extra_recompute_flops"])
     times["hbm"] = ref["bytes"] / hw["hbm_bytes_per_s"]
     bound = max(times, key=times.get)
     total = programs * warps
@@ -448,9 +446,8 @@ def predict(kernel_name, compiled, constexprs, grid, sizes, hw=HW) -> dict:
         "per_element": per_element,
         "mma_flops_total": total * sum(c["mma_flops"].values()),
         "mma_flops_needed": needed_mma,
-        "mma_executed_over_needed": total * sum(c["mma_flops"].values()) / needed_mma,
-        "mufu_per_tanh": total * c["pipes"].get("mufu", 0) * 32 / (ref["transcendentals"]
-                                                                    + ref["extra_transcendentals"]),
+        "mma_executed_over_needed": total * sum(c["mma_flops"].values()) / needed_mma if needed_mma else None,
+        "mufu_per_tanh": total * c["pipes"].get("mufu", 0) * 32 / transcendentals if transcendentals else None,
         "mma_kinds": sorted(c["mma_flops"]),
         "mufu_ops": {k: total * v * 32 for k, v in c["opcodes"].items() if k.startswith("MUFU.")},
         "l2_bytes": total * (c["global_load_bytes"] + c["global_store_bytes"]),
@@ -481,6 +478,88 @@ def scenarios():
                  "official_layouts": {k: call[k] for k in ("q", "k", "v", "do")}}
 
 
+GATES = {"gate": {"stages": 2, "first": 1, "models": "DCA (once per modality), GRJCA (per iteration and modality)"},
+         "stage_gate": {"stages": 2, "first": 0, "models": "GRJCA (once per modality)"}}
+GATE_DTYPES = (("fp32", "float32"), ("bf16", "bfloat16"))
+
+
+def gate_cost_counts(op: str, sizes: dict, backward: bool) -> dict:
+    """:mod:`avkernels.flops`'s counts of one gate call: the gate kernels' minimal work (they do no matrix
+    products beyond the logits, and read and write each tensor once)."""
+    from avkernels.flops import gate_cost, stage_gate_cost
+
+    mode = "backward" if backward else "forward"
+    b, length, d, item = sizes["B"], sizes["L"], sizes["d"], sizes["itemsize"]
+    cost = (gate_cost(b, length, d, mode=mode, itemsize=item) if op == "gate"
+            else stage_gate_cost(b, length, d, sizes["T"], mode=mode, itemsize=item))
+    return {**cost.as_dict(), "op_bytes": cost.bytes}
+
+
+def capture_gate_launches(op: str, dtype_name: str, backward: bool, batch: int, seq_len: int, dim: int):
+    """The launches of one ``gate``/``stage_gate`` call at the official shape, as the launchers make them on an
+    sm_90 GPU (the backward's grid-stride loop runs two programs per SM)."""
+    import torch
+
+    from avkernels.ops.triton import stage_gate as module
+
+    dtype = getattr(torch, dtype_name)
+    spec = GATES[op]
+    t, first = spec["stages"], spec["first"]
+    stages = [torch.empty(batch, seq_len, dim, dtype=dtype) for _ in range(t)]
+    weight = torch.empty(t, (t - first) * dim, dtype=dtype)
+    bias = torch.empty(t, dtype=dtype)
+    sink, saved = [], {n: getattr(module, n) for n in ("_softmax_mix_fwd_kernel", "_softmax_mix_bwd_kernel",
+                                                       "_backward_programs")}
+    module._softmax_mix_fwd_kernel = _Recorder(saved["_softmax_mix_fwd_kernel"], sink)
+    module._softmax_mix_bwd_kernel = _Recorder(saved["_softmax_mix_bwd_kernel"], sink)
+    module._backward_programs = lambda device, n_blocks: min(n_blocks, 2 * HW["sms"])
+    try:
+        if backward:
+            out = torch.empty_like(stages[0])
+            s = torch.empty(batch, seq_len, t, dtype=dtype)
+            module.softmax_mix_backward(torch.empty_like(out), torch.empty_like(s), stages, weight, s, out, 0.1,
+                                        first=first, stacked=first == 0)
+        else:
+            module.softmax_mix_forward(stages, weight, bias, 0.1, first=first)
+    finally:
+        for n, v in saved.items():
+            setattr(module, n, v)
+    sizes = {"B": batch, "L": seq_len, "d": dim, "T": t, "itemsize": stages[0].element_size()}
+    return sink, sizes
+
+
+def gate_scenarios():
+    out = []
+    for op in GATES:
+        for label, dtype in GATE_DTYPES:
+            for backward in (False, True):
+                launches, sizes = capture_gate_launches(op, dtype, backward, OFFICIAL["batch"], OFFICIAL["seq_len"],
+                                                        OFFICIAL["dims"][0])
+                out += [(op, label, "backward" if backward else "forward", launch, sizes) for launch in launches]
+    return out
+
+
+def build_gates(cache_dir: str, verbose: bool = True) -> List[dict]:
+    rows = []
+    for op, label, mode, (kernel, grid, args, kwargs), sizes in gate_scenarios():
+        signature, constexprs, attrs, options = specialise(kernel, args, kwargs)
+        compiled = compile_sass(kernel, signature, constexprs, attrs, options, cache_dir)
+        named = {kernel.arg_names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
+        ref = gate_cost_counts(op, sizes, mode == "backward")
+        rows_total = sizes["B"] * sizes["L"]
+        n_blocks = math.ceil(rows_total / int(named["BLOCK_R"]))
+        trips = math.ceil(n_blocks / grid[0]) if mode == "backward" else 1
+        row = {"shape": "official", "op": op, "dtype": label, "mode": mode, "kernel": kernel.__name__,
+               "sizes": sizes, "constexprs": {k: str(v) for k, v in named.items()},
+               **predict(compiled, grid, trips, rows_total * sizes["d"], ref, 0)}
+        row["per_element"].pop("philox_calls")  # no dropout in the gates
+        rows.append(row)
+        if verbose:
+            print(f"{op:10s} {label:5s} {mode:9s} {kernel.__name__:26s} {row['predicted_s'] * 1e6:8.2f} us "
+                  f"{row['bound']}", flush=True)
+    return rows
+
+
 def build(cache_dir: str, verbose: bool = True) -> dict:
     from avkernels.ops.triton import tanh_attention as module
 
@@ -490,9 +569,13 @@ def build(cache_dir: str, verbose: bool = True) -> dict:
         signature, constexprs, attrs, options = specialise(kernel, args, kwargs)
         compiled = compile_sass(kernel, signature, constexprs, attrs, options, cache_dir)
         named = {kernel.arg_names[k[0]]: v for k, v in constexprs.items()}
+        ref = reference_counts(kernel.__name__, sizes)
+        products = 3 if named.get("PRECISION") == "tf32x3" else 1  # TF32x3: three products per dot
+        needed = products * (ref["flops"] + ref["recompute_flops"] + ref["extra_recompute_flops"])
         row = {"shape": shape, "dtype": label, "mode": mode, "kernel": kernel.__name__,
                "sizes": sizes, "constexprs": {k: str(v) for k, v in named.items()},
-               **predict(kernel.__name__, compiled, named, grid, sizes)}
+               **predict(compiled, grid, loop_trips(kernel.__name__, named, sizes),
+                         sizes["B"] * sizes["Mq"] * sizes["N"], ref, needed)}
         rows.append(row)
         if verbose:
             print(f"{shape:8s} {label:12s} {mode:9s} {kernel.__name__:34s} {row['predicted_s'] * 1e6:8.1f} us "
@@ -500,7 +583,8 @@ def build(cache_dir: str, verbose: bool = True) -> dict:
     import triton
 
     return {"hardware": HW, "triton": triton.__version__, "arch": "sm_90", "scenarios": {"official": OFFICIAL["text"],
-            "long": LONG["text"]}, **info, "kernels": rows, "module": module.__name__}
+            "long": LONG["text"]}, **info, "kernels": rows, "gate_kernels": build_gates(cache_dir, verbose),
+            "module": module.__name__}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -574,8 +658,29 @@ def render(model: dict) -> str:
         lines.append(f"| {shape} | {label} | {_us(g['forward'])} | {inference} | {_us(g['backward'])} | "
                      f"{_us(2 * step) if shape == 'official' else '-'} | "
                      f"{_us(4 * step) if shape == 'official' else '-'} |")
+    lines += render_gates(model)
     lines += ["", "## Reading", ""] + findings(model) + [""]
     return "\n".join(lines)
+
+
+def render_gates(model: dict) -> List[str]:
+    rows = model.get("gate_kernels", [])
+    if not rows:
+        return []
+    lines = ["", "## The gates at the official shape (B 64, L 16, d 512, T = 2)", "",
+             "Counts per feature element (B x L x d); `gate` serves DCA and GRJCA's iterations, `stage_gate` "
+             "GRJCA's stage gate.", "",
+             "| op | dtype | mode | grid x warps | regs | occupancy | MUFU | FP32 | ALU | LSU | L2 B | instr (warp) "
+             "| issue us | HBM us | **predicted us** | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pe, t = r["per_element"], r["times_s"]
+        lines.append(f"| {r['op']} | {r['dtype']} | {r['mode']} | {r['grid']} x {r['num_warps']} | {r['registers']} | "
+                     f"{r['occupancy']['warps_per_sm']} | {pe['mufu']:.2f} | {pe['fp32']:.1f} | {pe['alu']:.1f} | "
+                     f"{pe['lsu']:.2f} | {pe['global_bytes']:.1f} | {pe['warp_instructions']:.2f} | "
+                     f"{t['issue'] * 1e6:.2f} | {t['hbm'] * 1e6:.2f} | **{r['predicted_s'] * 1e6:.2f}** | "
+                     f"{r['bound']} |")
+    return lines
 
 
 def _name(r):
@@ -600,8 +705,7 @@ def findings(model: dict) -> List[str]:
             extra = train["per_element"]["alu"] - infer["per_element"]["alu"]
             out.append(f"- **Dropout** ({label}, official forward): {extra:.0f} more ALU lanes per map element in "
                        f"training than in inference, {_us(train['predicted_s'])} us against "
-                       f"{_us(infer['predicted_s'])} us predicted; {train['per_element']['philox_calls']:.2f} "
-                       f"Philox calls per element (one call yields four keys, so 0.25 is the least).")
+                       f"{_us(infer['predicted_s'])} us predicted.")
     mufu_share = [r["times_s"]["mufu"] / r["predicted_s"] for r in rows]
     out.append(f"- **tanh (MUFU)**: {min(r['mufu_per_tanh'] for r in rows):.2f} to "
                f"{max(r['mufu_per_tanh'] for r in rows):.2f} MUFU operations per tanh (an exp2 and a reciprocal, "
@@ -609,6 +713,17 @@ def findings(model: dict) -> List[str]:
                f"of the predicted time and bounds {bounds.get('mufu', 0)} of the kernels, so a one-instruction "
                f"`tanh.approx` would halve that pipe's work"
                + (" without changing any prediction." if not bounds.get("mufu") else " and speed up those kernels."))
+    dropout = [r for r in rows if r["sizes"]["dropout_p"] > 0]
+    if dropout:
+        calls = {}
+        for r in dropout:
+            calls.setdefault(r["kernel"].replace("_tanh_attention_", ""), set()).add(
+                round(r["per_element"]["philox_calls"], 2))
+        out.append("- **Philox calls per map element** (dropout; one call yields four keys, so 0.25 is the least): "
+                   + ", ".join(f"`{k}` {' / '.join(f'{v:.2f}' for v in sorted(vs))}" for k, vs in calls.items())
+                   + ". That is one call per two adjacent columns in the forward and dq tiles and one per element in "
+                     "dk/dv's transposed tile; drawing one call per four columns and spreading its four words would "
+                     "cut the generator's work by that factor.")
     replicated = [r for r in rows if r["mma_executed_over_needed"] > 1.01 or r["mufu_per_tanh"] > 2.2]
     if replicated:
         out.append("- **Replicated work**: " + "; ".join(
@@ -617,6 +732,12 @@ def findings(model: dict) -> List[str]:
             + ". These launch 64-row tiles with 8 warps: the counts are those of both warpgroups computing the same "
               "64-row map tile (a warpgroup MMA covers 64 rows), its tanh included. 4 warps or 128-row tiles for that "
               "size class are worth compiling and timing.")
+    gates = model.get("gate_kernels", [])
+    if gates:
+        slowest = max(gates, key=lambda r: r["predicted_s"])
+        out.append(f"- **Gates**: every gate kernel is predicted at {_us(slowest['predicted_s'])} us or less "
+                   f"({slowest['op']} {slowest['dtype']} {slowest['mode']}, {slowest['bound']}-bound), below the few "
+                   f"microseconds of a kernel launch: at batch 64 they cost their launches, not their work.")
     low = [r for r in rows if r["occupancy"]["warps_per_sm"] <= 8]
     if low:
         out.append("- **Latency risk**: " + "; ".join(

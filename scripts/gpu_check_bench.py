@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -50,6 +52,19 @@ def env_record() -> dict:
         record["triton"] = triton.__version__
     except ImportError as exc:
         record["triton"] = f"not importable: {exc}"
+    # The build's tools: without ninja, torch's extension build compiles one file at a time whatever MAX_JOBS says.
+    record["ninja"] = shutil.which("ninja")
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+        if nvcc and os.path.exists(nvcc):
+            version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip()
+            record["nvcc"] = version.splitlines()[-1] if version else None
+        else:
+            record["nvcc"] = None
+    except Exception as exc:  # noqa: BLE001 - a record, never a failure
+        record["nvcc"] = f"unknown: {exc}"
     if CUDA:
         props = torch.cuda.get_device_properties(0)
         record.update(capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,

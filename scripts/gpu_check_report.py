@@ -174,7 +174,8 @@ def render(summary):
              f"- device: **{env.get('device', 'unknown')}**"
              + (f" (sm_{env['capability'].replace('.', '')}, {env.get('sms')} SMs)" if env.get("capability") else ""),
              f"- python {env.get('python', '?')}, torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda')}), "
-             f"triton {env.get('triton', '?')}, {env.get('cores', '?')} cores",
+             f"triton {env.get('triton', '?')}, {env.get('cores', '?')} cores, nvcc: {env.get('nvcc')}, "
+             f"ninja: {'yes' if env.get('ninja') else 'no (serial extension build)'}",
              f"- backends: {', '.join(f'{k}: {v}' for k, v in (env.get('backends') or {}).items()) or '?'}",
              f"- total time: {summary['elapsed_s']} s", "",
              "## Stages", "", "| stage | status | time | budget |", "|---|---|---|---|"]

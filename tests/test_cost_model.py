@@ -114,3 +114,37 @@ def test_the_table_models_the_launches_made_now():
         assert sizes == row["sizes"] and grid[0] == row["grid"], where
         assert kwargs["num_warps"] == row["num_warps"], where
         assert {k: str(kwargs[k]) for k in switches} == {k: row["constexprs"][k] for k in switches}, where
+
+
+def test_dropout_generator_counted_only_where_dropout_runs():
+    """The Philox count keys on unsigned wide multiplies: in the inference kernels only a few outside the main loop
+    (integer divisions of the grid bookkeeping), and at least one call per four keys with dropout."""
+    for r in ROWS:
+        calls = r["per_element"]["philox_calls"]
+        if r["sizes"]["dropout_p"] == 0:
+            assert calls < 0.01, (r["shape"], r["dtype"], r["mode"], r["kernel"])
+        else:
+            assert calls >= 0.25, (r["shape"], r["dtype"], r["mode"], r["kernel"])
+
+
+GATE_ROWS = MODEL["gate_kernels"]
+
+
+@pytest.mark.parametrize("row", GATE_ROWS, ids=lambda r: f"{r['op']}-{r['dtype']}-{r['mode']}")
+def test_gate_counts_equal_avkernels_flops(row):
+    expected = cost_model.gate_cost_counts(row["op"], row["sizes"], row["mode"] == "backward")
+    assert {k: row[k] for k in expected} == expected
+    assert row["predicted_s"] == max(row["times_s"].values())
+
+
+def test_the_gate_rows_model_the_launches_made_now():
+    pytest.importorskip("triton")
+    launches = cost_model.gate_scenarios()
+    assert len(launches) == len(GATE_ROWS)
+    for (op, label, mode, (kernel, grid, _, kwargs), sizes), row in zip(launches, GATE_ROWS):
+        where = f"{op} {label} {mode}: regenerate with python benchmarks/cost_model.py"
+        assert (op, label, mode, kernel.__name__, sizes) == (row["op"], row["dtype"], row["mode"], row["kernel"],
+                                                             row["sizes"]), where
+        assert grid[0] == row["grid"] and kwargs["num_warps"] == row["num_warps"], where
+        assert {k: str(kwargs[k]) for k in ("BLOCK_R", "BLOCK_D", "ONE_TILE")} == {
+            k: row["constexprs"][k] for k in ("BLOCK_R", "BLOCK_D", "ONE_TILE")}, where
