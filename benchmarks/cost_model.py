@@ -464,7 +464,7 @@ def scenarios():
                for c in calls[1:])
     out = []
     for label, dtype, precision in OFFICIAL_DTYPES:
-        for mode, train, backward in (("train", True, False), ("inference", False, False), ("train", True, True)):
+        for mode, train, backward in (("train", True, False), ("inference", False, False), ("backward", True, True)):
             launches, sizes = capture_launches(call, OFFICIAL["batch"], dtype, precision, train, backward)
             out += [("official", label, mode, launch, sizes) for launch in launches]
     long_call = {"q": {"shape": [1, LONG["mq"], LONG["d"]], "order": [0, 1, 2]},
@@ -473,7 +473,7 @@ def scenarios():
                  "do": {"shape": [1, LONG["mq"], LONG["d"]], "order": [0, 1, 2]}, "kwargs": {}}
     for backward in (False, True):
         launches, sizes = capture_launches(long_call, LONG["batch"], "bfloat16", "highest", False, backward)
-        out += [("long", "bf16", "train" if backward else "forward", launch, sizes) for launch in launches]
+        out += [("long", "bf16", "backward" if backward else "forward", launch, sizes) for launch in launches]
     return out, {"official_calls_identical": same, "official_calls_per_block": len(calls),
                  "official_layouts": {k: call[k] for k in ("q", "k", "v", "do")}}
 
@@ -644,7 +644,7 @@ def render(model: dict) -> str:
             + " | ".join(_us(t[p]) for p in ("mufu", "tensor", "fp32", "alu", "conv", "lsu", "issue", "hbm"))
             + f" | **{_us(r['predicted_s'])}** | {r['bound']} | {tflops:.0f} |")
     lines += ["", "## Per call and per training step (tanh_attention kernels only)", "",
-              "| shape | dtype | forward (train) | forward (inference) | backward | JCA step (2 calls) | "
+              "| shape | dtype | forward (training mode) | forward (inference) | backward | JCA step (2 calls) | "
               "RJCA/DCA/GRJCA step (4 calls) |", "|---|---|---|---|---|---|---|"]
     groups = {}
     for r in model["kernels"]:

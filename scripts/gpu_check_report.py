@@ -120,7 +120,7 @@ def _long_prediction(predicted, mode, shape):
     for forward + backward. None when the run's shape is not the model's (the dry run's tiny one)."""
     kernels = ["_tanh_attention_fwd_kernel"] + (["_tanh_attention_bwd_dq_kernel", "_tanh_attention_bwd_dkdv_kernel"]
                                                if mode == "full" else [])
-    rows = [predicted.get((k, "bf16", "long", "forward" if k.endswith("fwd_kernel") else "train")) for k in kernels]
+    rows = [predicted.get((k, "bf16", "long", "forward" if k.endswith("fwd_kernel") else "backward")) for k in kernels]
     if not all(rows) or any(rows[0]["sizes"][k] != shape.get(k) for k in ("B", "Mq", "N", "D", "E")):
         return None
     return sum(r["predicted_s"] for r in rows)
@@ -155,13 +155,15 @@ def long_section(long):
             if "error" in r:
                 lines.append(f"| {r['dtype']} | **error** | {r['error'][:200]} | | |")
                 continue
-            label = "fp32-tf32x3" if r["dtype"] == "float32" and r.get("fp32_matmul_precision") == "highest" else (
-                "fp32-tf32" if r["dtype"] == "float32" else r["dtype"])
+            if r["dtype"] == "float32":
+                label = "fp32-tf32x3" if r.get("fp32_matmul_precision") == "highest" else "fp32-tf32"
+            else:
+                label = {"bfloat16": "bf16", "float16": "fp16"}.get(r["dtype"], r["dtype"])
             for kernel, seconds in sorted(r.get("kernels", {}).items()):
                 if "tanh_attention" not in kernel:
                     continue
                 base = kernel.split("(")[0].strip()
-                p = predicted.get((base, label, "official", "train"), {})
+                p = predicted.get((base, label, "official", "train" if base.endswith("fwd_kernel") else "backward"), {})
                 lines.append(f"| {label} | {base} | {_fmt_s(seconds)} | {_fmt_s(p.get('predicted_s'))} | "
                              f"{p.get('bound', '-')} |")
         lines.append("")
@@ -182,8 +184,9 @@ def render(summary):
     for s in summary["stages"]:
         lines.append(f"| {s['name']} | {s['status'] if s['status'] == 'ok' else '**' + s['status'] + '**'} | "
                      f"{s['seconds']:.1f} s | {s['budget_s']} s |")
-    lines += ["", "## Tests", "", "Failed and errors include the fp64 checks that the triton backend refuses on CUDA by "
-              "design (counted again in the last column).", "",
+    lines += ["", "## Tests", "",
+              "Failed and errors include the fp64 checks that the triton backend refuses on CUDA by design (counted "
+              "again in the last column).", "",
               "| stage | passed | failed | errors | skipped | of the failed: fp64 refused on CUDA |",
               "|---|---|---|---|---|---|"]
     for name, t in summary["tests"].items():

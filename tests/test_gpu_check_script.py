@@ -57,3 +57,45 @@ def test_markdown_summary_is_printed_and_saved(dry_run):
     for heading in ("## Stages", "## Tests", "## Benchmarks", "Long shape"):
         assert heading in text
     assert all(f"| {name} |" in text for name in STAGES)
+
+
+def test_report_of_a_gpu_run(tmp_path):
+    """The report's GPU-only paths, on the files a GPU run leaves: the fp64 refusals counted apart from real
+    failures, a stage without its junit file, and the cost model's predictions beside the measured kernels."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_check_report
+
+    for sub in ("logs", "junit", "bench"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "stages.tsv").write_text("stage\tstatus\trc\tseconds\tbudget\nbuild\tok\t0\t80.5\t180\n"
+                                         "tests-triton\tfailed\t1\t100.0\t180\ntests-cuda\ttimeout\t124\t90.0\t90\n")
+    (tmp_path / "logs" / "tests-cuda.log").write_text("collected 70 items\n....")
+    (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H200", "capability": "9.0", "sms": 132}))
+    (tmp_path / "junit" / "tests-triton.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="2" errors="0" skipped="0">'
+        '<testcase classname="tests.test_x" name="test_fp64"><failure message="TypeError: tanh_attention: the triton '
+        'backend computes float64 only in the interpreter">tb</failure></testcase>'
+        '<testcase classname="tests.test_x" name="test_real"><failure message="AssertionError: o: max error">tb'
+        '</failure></testcase><testcase classname="tests.test_x" name="test_ok"/></testsuite></testsuites>')
+    model = json.loads(open(gpu_check_report.COST_MODEL).read())
+    fwd = next(r for r in model["kernels"] if r["shape"] == "official" and r["dtype"] == "bf16"
+               and r["mode"] == "train" and r["kernel"].endswith("fwd_kernel"))
+    (tmp_path / "bench" / "long.json").write_text(json.dumps({
+        "long": {"shape": {"B": 8, "Mq": 4096, "N": 4096, "D": 64, "E": 64, "dtype": "bf16"},
+                 "rows": [{"provider": "triton", "mode": "forward", "median_s": 1e-3, "tflops": 137.4}]},
+        "official_kernels": {"rows": [{"dtype": "bfloat16", "fp32_matmul_precision": "highest",
+                                       "kernels": {"_tanh_attention_fwd_kernel": 2.5e-4}}]}}))
+    assert gpu_check_report.main([str(tmp_path), "--elapsed", "400"]) == 1  # stages failed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    triton = summary["tests"]["tests-triton"]
+    assert (triton["passed"], triton["failures"], triton["fp64_refused_on_cuda"]) == (1, 2, 1)
+    assert summary["tests"]["tests-cuda"] == {"error": "stage timeout"}
+    text = (tmp_path / "summary.md").read_text()
+    assert "NVIDIA H200" in text and "test_real" in text and "test_fp64" not in text.split("Failed tests:")[1]
+    predicted = f"{fwd['predicted_s'] * 1e6:.1f} us | {fwd['bound']} |"
+    assert f"| bf16 | _tanh_attention_fwd_kernel | 250.0 us | {predicted}" in text
+    predicted_long = next(r for r in model["kernels"] if r["shape"] == "long" and r["kernel"].endswith("fwd_kernel"))
+    assert f"| {predicted_long['predicted_s'] * 1e6:.1f} us |" in text
+    assert "collected 70 items" in text  # the failed stage's log tail
