@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +20,7 @@ def dry_run(tmp_path_factory):
         pytest.skip("needs bash and coreutils' timeout")
     out = tmp_path_factory.mktemp("gpu_check")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    env["PYTHON"] = sys.executable
     result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run", str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return result, out
@@ -62,8 +64,6 @@ def test_markdown_summary_is_printed_and_saved(dry_run):
 def test_report_of_a_gpu_run(tmp_path):
     """The report's GPU-only paths, on the files a GPU run leaves: the fp64 refusals counted apart from real
     failures, a stage without its junit file, and the cost model's predictions beside the measured kernels."""
-    import sys
-
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import gpu_check_report
 
