@@ -29,7 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import avkernels  # noqa: E402
-from avkernels import reference  # noqa: E402
 from avkernels.flops import tanh_attention_cost  # noqa: E402
 
 CUDA = torch.cuda.is_available()
