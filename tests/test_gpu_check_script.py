@@ -74,9 +74,12 @@ def test_report_of_a_gpu_run(tmp_path):
     (tmp_path / "logs" / "tests-cuda.log").write_text("collected 70 items\n....")
     (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H200", "capability": "9.0", "sms": 132}))
     (tmp_path / "junit" / "tests-triton.xml").write_text(
-        '<testsuites><testsuite tests="3" failures="2" errors="0" skipped="0">'
+        '<testsuites><testsuite tests="4" failures="3" errors="0" skipped="0">'
         '<testcase classname="tests.test_x" name="test_fp64"><failure message="TypeError: tanh_attention: the triton '
         'backend computes float64 only in the interpreter">tb</failure></testcase>'
+        '<testcase classname="tests.test_x" name="test_fp64_dispatch"><failure message="ValueError: backend triton '
+        'cannot run tanh_attention: the triton backend computes in float32, bfloat16, float16, got float64 inputs">'
+        'tb</failure></testcase>'
         '<testcase classname="tests.test_x" name="test_real"><failure message="AssertionError: o: max error">tb'
         '</failure></testcase><testcase classname="tests.test_x" name="test_ok"/></testsuite></testsuites>')
     model = json.loads(open(gpu_check_report.COST_MODEL).read())
@@ -90,7 +93,7 @@ def test_report_of_a_gpu_run(tmp_path):
     assert gpu_check_report.main([str(tmp_path), "--elapsed", "400"]) == 1  # stages failed
     summary = json.loads((tmp_path / "summary.json").read_text())
     triton = summary["tests"]["tests-triton"]
-    assert (triton["passed"], triton["failures"], triton["fp64_refused_on_cuda"]) == (1, 2, 1)
+    assert (triton["passed"], triton["failures"], triton["fp64_refused_on_cuda"]) == (1, 3, 2)
     assert summary["tests"]["tests-cuda"] == {"error": "stage timeout"}
     text = (tmp_path / "summary.md").read_text()
     assert "NVIDIA H200" in text and "test_real" in text and "test_fp64" not in text.split("Failed tests:")[1]
