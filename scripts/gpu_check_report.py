@@ -133,6 +133,7 @@ def long_section(long):
     predicted = _predictions()
     shape = long.get("long", {}).get("shape", {})
     rows = long.get("long", {}).get("rows", [])
+    kernels = []
     if rows:
         lines += [f"### Long shape: B {shape.get('B')}, Mq = N = {shape.get('Mq')}, D = E = {shape.get('D')}, "
                   f"{shape.get('dtype')}", "",
@@ -143,12 +144,21 @@ def long_section(long):
             acc_text = ", ".join(f"{k} {v['ratio']:.2f}" if v.get("ratio") is not None else f"{k} -"
                                  for k, v in acc.items()) if acc else ""
             model = _fmt_s(_long_prediction(predicted, r["mode"], shape)) if r["provider"] == "triton" else ""
+            kernels += [(k, s) for k, s in r.get("kernels", {}).items() if "tanh_attention" in k]
             if "error" in r:
                 lines.append(f"| {r['provider']} | {r['mode']} | **error** | | | {r['error'][:200]} |")
             else:
                 lines.append(f"| {r['provider']} | {r['mode']} | {_fmt_s(r['median_s'])} | {r['tflops']:.1f} | "
                              f"{model} | {acc_text} |")
         lines.append("")
+        if kernels:
+            lines += ["Triton kernels of the forward + backward, per call (torch.profiler) vs the cost model:", "",
+                      "| kernel | measured | predicted | predicted bound |", "|---|---|---|---|"]
+            for kernel, seconds in sorted(kernels):
+                base = kernel.split("(")[0].strip()
+                p = predicted.get((base, "bf16", "long", "forward" if base.endswith("fwd_kernel") else "backward"), {})
+                lines.append(f"| {base} | {_fmt_s(seconds)} | {_fmt_s(p.get('predicted_s'))} | {p.get('bound', '-')} |")
+            lines.append("")
     official = long.get("official_kernels", {})
     if official.get("rows"):
         lines += ["### Official call of the dense block, triton, per kernel (torch.profiler) vs the cost model", "",

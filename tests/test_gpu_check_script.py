@@ -87,7 +87,9 @@ def test_report_of_a_gpu_run(tmp_path):
                and r["mode"] == "train" and r["kernel"].endswith("fwd_kernel"))
     (tmp_path / "bench" / "long.json").write_text(json.dumps({
         "long": {"shape": {"B": 8, "Mq": 4096, "N": 4096, "D": 64, "E": 64, "dtype": "bf16"},
-                 "rows": [{"provider": "triton", "mode": "forward", "median_s": 1e-3, "tflops": 137.4}]},
+                 "rows": [{"provider": "triton", "mode": "forward", "median_s": 1e-3, "tflops": 137.4},
+                          {"provider": "triton", "mode": "full", "median_s": 2e-3, "tflops": 103.0,
+                           "kernels": {"_tanh_attention_bwd_dq_kernel": 4e-4}}]},
         "official_kernels": {"rows": [{"dtype": "bfloat16", "fp32_matmul_precision": "highest",
                                        "kernels": {"_tanh_attention_fwd_kernel": 2.5e-4}}]}}))
     assert gpu_check_report.main([str(tmp_path), "--elapsed", "400"]) == 1  # stages failed
@@ -101,4 +103,6 @@ def test_report_of_a_gpu_run(tmp_path):
     assert f"| bf16 | _tanh_attention_fwd_kernel | 250.0 us | {predicted}" in text
     predicted_long = next(r for r in model["kernels"] if r["shape"] == "long" and r["kernel"].endswith("fwd_kernel"))
     assert f"| {predicted_long['predicted_s'] * 1e6:.1f} us |" in text
+    dq_long = next(r for r in model["kernels"] if r["shape"] == "long" and r["kernel"].endswith("dq_kernel"))
+    assert f"| _tanh_attention_bwd_dq_kernel | 400.0 us | {dq_long['predicted_s'] * 1e6:.1f} us |" in text
     assert "collected 70 items" in text  # the failed stage's log tail
