@@ -759,6 +759,7 @@ def main(argv=None) -> int:
                                                              "cost-model"))
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # kernels must be JIT functions to compile
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default (triton 3.9 warns when unset)
     sys.path.insert(0, ROOT)
     model = build(args.cache_dir)
     os.makedirs(args.out_dir, exist_ok=True)
