@@ -21,6 +21,7 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COST_MODEL = os.path.join(ROOT, "benchmarks", "results", "gpu-cost-model.json")
 TAIL_LINES = 15
+OK_TAIL_LINES = 4
 # The triton backend refuses fp64 on CUDA by design (avkernels/ops/triton/); the interpreter suites' fp64 checks meet
 # that refusal when they run on a GPU. Counted apart, so that real failures stand out. Both spellings: the
 # dispatcher's, and the launcher's own check behind it.
@@ -221,10 +222,12 @@ def render(summary):
         if bench.get("table_md"):
             with open(bench["table_md"]) as f:
                 lines += [f"### benchmarks/run.py: {name}", "", f.read().strip(), ""]
-    lines += ["## Log tails", ""]
+    lines += ["## Log tails", "", f"The last {OK_TAIL_LINES} lines of each stage that passed, {TAIL_LINES} of the others "
+              "(whole logs in logs/).", ""]
     for s in summary["stages"]:
-        if s["status"] != "ok" and s["log_tail"]:
-            lines += [f"### {s['name']} ({s['status']})", "", "```", s["log_tail"], "```", ""]
+        tail = s["log_tail"].splitlines()[-OK_TAIL_LINES:] if s["status"] == "ok" else s["log_tail"].splitlines()
+        if tail:
+            lines += [f"### {s['name']} ({s['status']})", "", "```", *tail, "```", ""]
     return "\n".join(lines) + "\n"
 
 
