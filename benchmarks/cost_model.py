@@ -19,18 +19,22 @@ model
 3. counts dynamic instructions: the main loop's body (the code between a backward branch and its target) runs
    ``ceil(loop extent / block)`` times per program, everything else once; a warp instruction is 32 lanes, and a
    warpgroup MMA (``HGMMA``) is issued by each of the group's four warps;
-4. turns the counts into per-element figures (per map element; per feature element for the gates) and a time: per pipe, the busiest SM's share of the grid divided
-   by that pipe's rate, and the HBM traffic divided by the bandwidth; the largest is the prediction and its pipe the
-   bound.
+4. turns the counts into per-element figures (per map element; per feature element for the gates) and a time:
+   per pipe, the busiest SM's share of the grid divided by that pipe's rate, the instruction issue (one warp
+   instruction per scheduler and clock), and the HBM traffic divided by the bandwidth; the largest is the
+   prediction and its pipe the bound.
 
 Rates (``HW``): bf16/fp16 dense MMA 790 TFLOP/s (measured on an H200), TF32 half of that (NVIDIA's 2:1 ratio),
 HBM 4.3 TB/s, 132 SMs at 1.98 GHz, and per SM and clock the lanes of NVIDIA's throughput table for compute
 capability 9.0 (CUDA C++ Programming Guide, "Arithmetic Instructions"): 16 for MUFU (exp2, reciprocal, tanh) and
-for the older conversions (I2F/F2I/F2F), 128 for fp32 add/mul/fma, 64 for integer, compare, select and logic
-(``I2FP``/``F2FP``, the ALU conversions of sm_86+, counted here), 32 for shuffles and load/store issue, and 4 warp
-instructions issued per clock (one per scheduler). Only the MUFU rate and the tensor/HBM figures were given with
-the task; the other lanes are this file's reading of NVIDIA's table and the likeliest to need correcting once a
-GPU has timed the kernels (scripts/gpu_check.sh sets the predictions beside the measured kernel times).
+for the older conversions (I2F/F2I/F2F), 128 for fp32 add/mul/fma, 64 for integer multiply-add (IMAD, on the
+FMA-heavy pipe, which fp32 shares with the FMA-lite pipe), 64 for the other integer, compare, select and logic
+instructions (the ALU pipe, with ``I2FP``/``F2FP``, the ALU conversions of sm_86+), 32 for shuffles and load/store
+issue, and 4 warp instructions issued per clock (one per scheduler). The pipe assignment (IMAD and fp32 on the FMA
+pipes, the rest of integer and logic on the ALU) is NVIDIA's description of GH100's pipes. Only the MUFU rate and
+the tensor/HBM figures were given with the task; the other lanes are this file's reading of NVIDIA's table and the
+likeliest to need correcting once a GPU has timed the kernels (scripts/gpu_check.sh sets the predictions beside the
+measured kernel times).
 
 What it leaves out: latency (a kernel with few resident warps may not reach a pipe's rate), L2 and shared-memory
 bandwidth (the L1/L2 traffic is reported, not timed), launch overhead (a few microseconds), and branches inside the
@@ -71,7 +75,8 @@ HW = {
     "hbm_bytes_per_s": 4.3e12,
     "mma_flops_per_s": {"bf16": 790e12, "f16": 790e12, "tf32": 395e12},
     # lanes per SM per clock (NVIDIA's throughput table for cc 9.0); "issue": warp instructions per SM per clock
-    "lanes_per_clock": {"mufu": 16, "conv": 16, "fp32": 128, "fp64": 64, "alu": 64, "shfl": 32, "lsu": 32},
+    # "fma": the FMA-heavy and FMA-lite pipes together (fp32 on either, IMAD on the heavy one only: see ``predict``)
+    "lanes_per_clock": {"mufu": 16, "conv": 16, "fma": 128, "fp64": 64, "alu": 64, "shfl": 32, "lsu": 32},
     "issue_per_clock": 4,
     "registers_per_sm": 65536,
     "shared_bytes_per_sm": 233472,  # 228 KiB
@@ -85,10 +90,11 @@ PIPES = {
     "mufu": ("MUFU",),
     "conv": ("I2F", "F2I", "F2F", "FRND"),
     "fp32": ("FADD", "FMUL", "FFMA", "FADD32I", "FMUL32I", "FFMA32I", "HADD2", "HMUL2", "HFMA2", "FSWZADD"),
+    "imad": ("IMAD", "IMUL", "IDP"),
     "fp64": ("DADD", "DMUL", "DFMA"),
-    "alu": ("IMAD", "IADD3", "IADD", "IADD32I", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "ISETP", "FSETP",
+    "alu": ("IADD3", "IADD", "IADD32I", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "ISETP", "FSETP",
             "HSETP2", "DSETP", "FSEL", "SEL", "LEA", "IABS", "PRMT", "FMNMX", "IMNMX", "VIADD", "VIADDMNMX", "VIMNMX",
-            "I2FP", "F2FP", "F2IP", "IMUL", "PLOP3", "P2R", "R2P", "SGXT", "BMSK", "IDP", "MOV", "POPC", "FLO",
+            "I2FP", "F2FP", "F2IP", "PLOP3", "P2R", "R2P", "SGXT", "BMSK", "IDP", "MOV", "POPC", "FLO",
             "BREV", "I2I", "I2IP", "FCHK", "IMNMX", "LEA"),
     "shfl": ("SHFL",),
     "lsu": ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LD", "ST", "ATOM", "ATOMG", "ATOMS", "RED",
@@ -426,9 +432,12 @@ def predict(compiled, grid, trips: int, elements: int, ref: dict, needed_mma: in
     warps, programs = compiled["num_warps"], int(math.prod(grid))
     per_sm = math.ceil(programs / hw["sms"])  # programs on the busiest SM
     clock = hw["clock_hz"]
-    times = {}
-    for pipe, lanes in hw["lanes_per_clock"].items():
-        times[pipe] = per_sm * warps * c["pipes"].get(pipe, 0) * 32 / lanes / clock
+    lanes_of = {pipe: per_sm * warps * c["pipes"].get(pipe, 0) * 32 for pipe in PIPES}
+    times = {pipe: lanes_of[pipe] / rate / clock for pipe, rate in hw["lanes_per_clock"].items() if pipe in PIPES}
+    # fp32 runs on the FMA-heavy and FMA-lite pipes (half the rate each), IMAD on the heavy one only: the pair needs
+    # at least the IMAD on the heavy pipe, and at least all of it spread over both.
+    half = hw["lanes_per_clock"]["fma"] / 2
+    times["fma"] = max(lanes_of["imad"] / half, (lanes_of["imad"] + lanes_of["fp32"]) / (2 * half)) / clock
     times["issue"] = per_sm * warps * c["warp_instructions"] / hw["issue_per_clock"] / clock
     times["tensor"] = sum(per_sm * warps * flops / (hw["mma_flops_per_s"][kind] / hw["sms"])
                           for kind, flops in c["mma_flops"].items())
@@ -439,6 +448,7 @@ def predict(compiled, grid, trips: int, elements: int, ref: dict, needed_mma: in
         "mufu": total * c["pipes"].get("mufu", 0) * 32 / elements,
         "mma_flops": total * sum(c["mma_flops"].values()) / elements,
         "fp32": total * c["pipes"].get("fp32", 0) * 32 / elements,
+        "imad": total * c["pipes"].get("imad", 0) * 32 / elements,
         "alu": total * c["pipes"].get("alu", 0) * 32 / elements,
         "conv": total * c["pipes"].get("conv", 0) * 32 / elements,
         "lsu": total * c["pipes"].get("lsu", 0) * 32 / elements,
@@ -619,12 +629,13 @@ def render(model: dict) -> str:
         "the load).", "",
         "## Counts per map element (dynamic, from the SASS)", "",
         "MUFU: special-function lanes (exp2, reciprocal); MMA: tensor-core FLOPs executed (TF32x3 runs three "
-        "products, and the 2 (D + E) of one forward pass is the minimum); ALU: integer/compare/select/logic lanes "
-        "(the dropout generator lives here); L2 B: bytes the loads and stores request from L2 (an upper bound at "
+        "products, and the 2 (D + E) of one forward pass is the minimum); FP32, IMAD (integer multiply-add) and "
+        "ALU (other integer, compare, select, logic) lanes: the dropout generator's multiplies are IMAD, its mixing "
+        "ALU; L2 B: bytes the loads and stores request from L2 (an upper bound at "
         "masked tails); occupancy: resident warps per SM of 64, from registers and shared memory.", "",
         "| shape | dtype | mode | kernel | grid x warps | regs | smem KB | occupancy | MUFU | MMA FLOP (x needed) "
-        "| FP32 | ALU | conv | LSU | L2 B | instr (warp) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| FP32 | IMAD | ALU | conv | LSU | L2 B | instr (warp) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in model["kernels"]:
         pe, occ = r["per_element"], r["occupancy"]
@@ -633,12 +644,13 @@ def render(model: dict) -> str:
             f"{r['grid']} x {r['num_warps']} | {r['registers']} | {r['shared_bytes'] / 1024:.0f} | "
             f"{occ['warps_per_sm']} ({occ['limited_by']}) | {pe['mufu']:.2f} | {pe['mma_flops']:.0f} "
             f"({r['mma_executed_over_needed']:.2f}) | "
-            f"{pe['fp32']:.1f} | {pe['alu']:.1f} | {pe['conv']:.2f} | {pe['lsu']:.2f} | {pe['global_bytes']:.2f} | "
-            f"{pe['warp_instructions']:.3f} |")
+            f"{pe['fp32']:.1f} | {pe['imad']:.1f} | {pe['alu']:.1f} | {pe['conv']:.2f} | {pe['lsu']:.2f} | "
+            f"{pe['global_bytes']:.2f} | {pe['warp_instructions']:.3f} |")
     lines += ["", "## Predicted time per kernel (microseconds) and bound", "",
               "Each column is the busiest SM's work on that pipe at its rate (HBM: the kernel's tensors once, at the "
               "bandwidth); the prediction is the largest.", "",
-              "| shape | dtype | mode | kernel | MUFU | MMA | FP32 | ALU | conv | LSU | issue | HBM | **predicted** "
+              "| shape | dtype | mode | kernel | MUFU | MMA | FMA (fp32 + IMAD) | ALU | conv | LSU | issue | HBM | "
+              "**predicted** "
               "| bound | useful TFLOP/s at prediction |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in model["kernels"]:
@@ -646,7 +658,7 @@ def render(model: dict) -> str:
         tflops = r["flops"] / r["predicted_s"] / 1e12
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['mode']} | `{r['kernel'].replace('_tanh_attention_', '')}` | "
-            + " | ".join(_us(t[p]) for p in ("mufu", "tensor", "fp32", "alu", "conv", "lsu", "issue", "hbm"))
+            + " | ".join(_us(t[p]) for p in ("mufu", "tensor", "fma", "alu", "conv", "lsu", "issue", "hbm"))
             + f" | **{_us(r['predicted_s'])}** | {r['bound']} | {tflops:.0f} |")
     lines += ["", "## Per call and per training step (tanh_attention kernels only)", "",
               "| shape | dtype | forward (training mode) | forward (inference) | backward | JCA step (2 calls) | "
@@ -675,13 +687,14 @@ def render_gates(model: dict) -> List[str]:
     lines = ["", "## The gates at the official shape (B 64, L 16, d 512, T = 2)", "",
              "Counts per feature element (B x L x d); `gate` serves DCA and GRJCA's iterations, `stage_gate` "
              "GRJCA's stage gate.", "",
-             "| op | dtype | mode | grid x warps | regs | occupancy | MUFU | FP32 | ALU | LSU | L2 B | instr (warp) "
-             "| issue us | HBM us | **predicted us** | bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| op | dtype | mode | grid x warps | regs | occupancy | MUFU | FP32 | IMAD | ALU | LSU | L2 B | instr "
+             "(warp) | issue us | HBM us | **predicted us** | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pe, t = r["per_element"], r["times_s"]
         lines.append(f"| {r['op']} | {r['dtype']} | {r['mode']} | {r['grid']} x {r['num_warps']} | {r['registers']} | "
-                     f"{r['occupancy']['warps_per_sm']} | {pe['mufu']:.2f} | {pe['fp32']:.1f} | {pe['alu']:.1f} | "
+                     f"{r['occupancy']['warps_per_sm']} | {pe['mufu']:.2f} | {pe['fp32']:.1f} | {pe['imad']:.1f} | "
+                     f"{pe['alu']:.1f} | "
                      f"{pe['lsu']:.2f} | {pe['global_bytes']:.1f} | {pe['warp_instructions']:.2f} | "
                      f"{t['issue'] * 1e6:.2f} | {t['hbm'] * 1e6:.2f} | **{r['predicted_s'] * 1e6:.2f}** | "
                      f"{r['bound']} |")
@@ -707,17 +720,32 @@ def findings(model: dict) -> List[str]:
     for label in sorted({d for d, _ in forwards}):
         train, infer = forwards.get((label, "train")), forwards.get((label, "inference"))
         if train and infer:
-            extra = train["per_element"]["alu"] - infer["per_element"]["alu"]
-            out.append(f"- **Dropout** ({label}, official forward): {extra:.0f} more ALU lanes per map element in "
-                       f"training than in inference, {_us(train['predicted_s'])} us against "
-                       f"{_us(infer['predicted_s'])} us predicted.")
+            alu = train["per_element"]["alu"] - infer["per_element"]["alu"]
+            imad = train["per_element"]["imad"] - infer["per_element"]["imad"]
+            out.append(f"- **Dropout** ({label}, official forward): {alu:.0f} more ALU and {imad:.0f} more IMAD lanes "
+                       f"per map element in training than in inference, {_us(train['predicted_s'])} us "
+                       f"({train['bound']}-bound) against {_us(infer['predicted_s'])} us predicted.")
+    for r in rows:
+        if r["shape"] == "official" and r["dtype"] == "bf16":
+            pe = r["per_element"]
+            total = pe["warp_instructions"] * 32
+            parts = {"FP32": pe["fp32"], "IMAD": pe["imad"], "ALU": pe["alu"], "MUFU": pe["mufu"], "LSU": pe["lsu"]}
+            parts["other"] = total - sum(parts.values())
+            out.append(f"- **Instruction mix** ({_name(r)}): {total:.0f} thread instructions per map element: "
+                       + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + ".")
     mufu_share = [r["times_s"]["mufu"] / r["predicted_s"] for r in rows]
-    out.append(f"- **tanh (MUFU)**: {min(r['mufu_per_tanh'] for r in rows):.2f} to "
-               f"{max(r['mufu_per_tanh'] for r in rows):.2f} MUFU operations per tanh (an exp2 and a reciprocal, "
-               f"plus any replication, below); the MUFU pipe needs {min(mufu_share):.0%} to {max(mufu_share):.0%} "
-               f"of the predicted time and bounds {bounds.get('mufu', 0)} of the kernels, so a one-instruction "
-               f"`tanh.approx` would halve that pipe's work"
-               + (" without changing any prediction." if not bounds.get("mufu") else " and speed up those kernels."))
+    issue_bound = [r for r in rows if r["bound"] == "issue"]
+    text = (f"- **tanh (MUFU)**: {min(r['mufu_per_tanh'] for r in rows):.2f} to "
+            f"{max(r['mufu_per_tanh'] for r in rows):.2f} MUFU operations per tanh (an exp2 and a reciprocal, plus "
+            f"any replication, below); the MUFU pipe needs {min(mufu_share):.0%} to {max(mufu_share):.0%} of the "
+            f"predicted time and bounds {bounds.get('mufu', 0)} of the kernels. A one-instruction `tanh.approx` "
+            f"halves that pipe's work")
+    if issue_bound:
+        per_element = sorted(r["per_element"]["warp_instructions"] * 32 for r in issue_bound)
+        text += (f"; in the issue-bound kernels what it saves is instructions: the exp2's argument, the division's "
+                 f"refinement and the sign select around the two MUFU operations, each instruction per map element "
+                 f"removed being 1/{per_element[0]:.0f} to 1/{per_element[-1]:.0f} of the predicted time.")
+    out.append(text if issue_bound else text + ".")
     dropout = [r for r in rows if r["sizes"]["dropout_p"] > 0]
     if dropout:
         calls = {}

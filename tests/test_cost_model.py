@@ -88,10 +88,20 @@ def test_sass_reader_counts_a_known_listing():
     assert cost_model.loops(instructions) == [(0x10, 0x40)]  # the trap loop after EXIT is not one
     c = cost_model.count(instructions, trips=3)
     assert c["warp_instructions"] == 1 + 5 * 3 + 3
-    assert c["pipes"]["mufu"] == 3 and c["pipes"]["lsu"] == 3 + 1 and c["pipes"]["alu"] == 1 + 3
+    assert c["pipes"]["mufu"] == 3 and c["pipes"]["lsu"] == 3 + 1 and c["pipes"]["alu"] == 1  # MOV
+    assert c["pipes"]["imad"] == 3  # IMAD runs on the FMA-heavy pipe, not the ALU
     assert c["mma_flops"] == {"tf32": 3 * 2 * 64 * 32 * 8 / 4}  # one warp's share of the warpgroup's product
     assert c["global_load_bytes"] == 3 * 32 * 16 and c["global_store_bytes"] == 32 * 2
     assert c["opcodes"]["IMAD.WIDE.U32"] == 3
+
+
+def test_fma_pipes_share_fp32_and_keep_imad_on_the_heavy_one():
+    compiled = {"sass": SASS.replace("MUFU.EX2 R5, R4", "FFMA R5, R4, R4, R4"), "num_warps": 4, "registers": 32,
+                "shared": 0, "local": 0, "stack": 0}
+    ref = {"flops": 0, "transcendentals": 0, "bytes": 0}
+    row = cost_model.predict(compiled, (132,), trips=1, elements=1, ref=ref, needed_mma=0)
+    clock, lanes = cost_model.HW["clock_hz"], 4 * 32  # one program per SM, 4 warps, one IMAD and one FFMA each
+    assert row["times_s"]["fma"] == pytest.approx(max(lanes / 64, 2 * lanes / 128) / clock)
 
 
 def test_occupancy():
