@@ -12,7 +12,7 @@ The code trained in float64; this script trains in float32, or under autocast wi
 (default: fp16 on CUDA, fp32 on CPU).
 
 Metric names: "balanced accuracy" (mean per-class recall) is what the paper calls WA, "overall accuracy" what it
-calls UWA (research/selfcross-spec.md 1.6).
+calls UWA (SPEC 5, docs/spec.md).
 """
 
 from __future__ import annotations

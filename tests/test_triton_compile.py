@@ -1,8 +1,8 @@
 """Every Triton kernel variant the library launches compiles for sm_80 and sm_90 without register spills.
 
 No GPU is needed: Triton compiles ahead of time to a cubin, and ``cuobjdump -res-usage`` (shipped in the triton
-wheel) reports registers, stack and local memory (docs: /work/shared/notes/triton-without-a-gpu.md). The variants
-come from each ``avkernels.ops.triton`` module's ``aot_specializations()``, a list of
+wheel) reports registers, stack and local memory (docs/architecture.md: "Compiling Triton kernels without a GPU").
+The variants come from each ``avkernels.ops.triton`` module's ``aot_specializations()``, a list of
 ``(kernel, signature, constexprs[, compile options])``.
 
 The compiles run in a subprocess with ``TRITON_INTERPRET=0``: under the interpreter ``@triton.jit`` yields
