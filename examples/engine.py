@@ -42,6 +42,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from avkernels.precision import PRECISIONS, autocast_dtype  # noqa: F401  (shared with `python -m avkernels predict`)
+
 logger = logging.getLogger("avkernels.examples")
 
 
@@ -274,16 +276,6 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of a ``--precision`` choice on ``device`` (``None``: float32, no autocast)."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {('auto', *PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
 
 
 def add_precision_argument(parser) -> None:
@@ -307,6 +299,8 @@ class Trainer:
         config: :class:`TrainConfig`.
         ctx: from :func:`setup_context`.
         resume: path of a checkpoint to resume from (``"auto"``: ``out_dir/last.pt`` when it exists).
+        extra_state: further entries of every checkpoint. The scripts store ``model_config`` and ``data_config``
+            there, so that ``python -m avkernels predict`` rebuilds the model and its data without any flag.
     """
 
     def __init__(
@@ -324,10 +318,12 @@ class Trainer:
         scheduler_metric: Optional[str] = None,
         resume: Optional[str] = None,
         run_info: Optional[Dict[str, Any]] = None,
+        extra_state: Optional[Dict[str, Any]] = None,
     ):
         if scheduler_per not in ("step", "epoch"):
             raise ValueError(f"scheduler_per: expected 'step' or 'epoch', got {scheduler_per!r}")
         self.task, self.cfg, self.ctx = task, config, ctx
+        self.extra_state = dict(extra_state or {})
         self.model = model.to(ctx.device)
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
@@ -406,6 +402,7 @@ class Trainer:
             "rng": states,
             "world_size": self.ctx.world_size,
             "config": asdict(self.cfg),
+            **self.extra_state,
         }
 
     def save(self, name: str) -> None:
