@@ -15,6 +15,10 @@ Export in eval mode: dropout is then off (``dropout_p == 0`` reaches the op) and
 training-mode export is refused, since the fused ops' dropout masks come from their own Philox streams, which ONNX
 cannot reproduce.
 
+``forward(*features)`` models (the fusions, the full models) need ``dynamic_shapes`` rather than ``dynamic_axes``
+with the dynamo exporter, whose conversion of ``dynamic_axes`` does not handle a variadic signature;
+:func:`export_onnx` builds them.
+
 Typical use (the two lines of the README)::
 
     from avkernels.export import export_onnx
@@ -159,7 +163,8 @@ def _require(modules: Sequence[str]) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(
-            f"ONNX export needs {', '.join(missing)}: pip install 'avkernels[onnx]' (or pip install {' '.join(missing)})"
+            f"ONNX export needs {', '.join(missing)}: pip install 'avkernels[onnx]' "
+            f"(or pip install {' '.join(missing)})"
         )
 
 

@@ -1,4 +1,4 @@
-"""``python -m avkernels predict``: a trained checkpoint and a dataset split in, predictions in the dataset's format out.
+"""``python -m avkernels predict``: predictions of a trained checkpoint on a dataset split, in the dataset's format.
 
 The checkpoint is a ``last.pt`` / ``best.pt`` of ``examples/train_av.py`` or ``examples/train_iemocap.py``: it holds
 the model's configuration (``model_config``) and how its data were read (``data_config``), so only the data folder
