@@ -16,7 +16,7 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from avkernels import predict
+    from avkernels import export, predict
 
     parser = argparse.ArgumentParser(prog="python -m avkernels",
                                      description="avkernels: fused kernels for audio-visual joint cross-attention")
@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_arguments(p)
     p.set_defaults(handler=predict.run_from_args)
+    p = commands.add_parser(
+        "export", help="export a checkpoint's model to an ONNX file of standard operators (dynamic batch)",
+        description="Export a checkpoint's model to ONNX (needs pip install 'avkernels[onnx]').",
+    )
+    export.add_arguments(p)
+    p.set_defaults(handler=export.run_from_args)
     p = commands.add_parser("backends", help="the fused-op backends of this install and why any is unavailable")
     p.add_argument("--op", choices=("tanh_attention", "gate", "stage_gate"), default=None)
     p.set_defaults(handler=_backends)

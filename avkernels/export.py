@@ -11,9 +11,8 @@ does) teaches both of torch's ONNX exporters to write each op as standard ONNX o
 * ``torch.onnx.export(..., dynamo=False)`` (TorchScript): a symbolic function per op
   (``torch.onnx.register_custom_op_symbolic``).
 
-Export in eval mode: dropout is then off (``dropout_p == 0`` reaches the op) and no dropout node is written. A
-training-mode export is refused, since the fused ops' dropout masks come from their own Philox streams, which ONNX
-cannot reproduce.
+Export in eval mode: dropout is then off (``dropout_p == 0`` reaches the op) and no dropout node is written
+(:func:`export_onnx` sets eval mode; the TorchScript exporter does too and refuses a training-mode export).
 
 ``forward(*features)`` models (the fusions, the full models) need ``dynamic_shapes`` rather than ``dynamic_axes``
 with the dynamo exporter, whose conversion of ``dynamic_axes`` does not handle a variadic signature;
@@ -37,6 +36,7 @@ import torch
 
 from avkernels import ops as _ops  # noqa: F401  (defines the custom ops before they are looked up below)
 from avkernels import reference
+from avkernels.backends import outside_autocast
 
 ONNX_REQUIREMENTS = ("onnx", "onnxscript")
 _TORCHSCRIPT_OPSET = 17  # the lowest opset the symbolics below are registered from (CastLike needs 15)
@@ -55,21 +55,30 @@ def _eval_only(dropout_p: float, op: str) -> None:
 
 
 # -- torch.onnx.export(dynamo=True): decompositions into ATen ops ------------------------------------------------
+#
+# The table is global, and FakeTensor also reads it: on symbolic sizes (torch.compile's dynamic shapes, torch.export
+# with dynamic dims) it prefers a decomposition to the op's registered fake. So each decomposition must give exactly
+# the fake's outputs (shapes, dtypes, the mask's presence) for every argument, dropout included, and must compute in
+# the inputs' dtype under autocast (as the ops' reference path does), never raise.
 
 
 def _tanh_attention_decomposition(q, k, v, seed, scale, dropout_p, activation, return_mask, backend):
-    _eval_only(dropout_p, "tanh_attention")
-    o, _ = reference.tanh_attention(q, k, v, scale, 0.0, None if activation == "none" else activation)
-    # The op's second output is an empty mask when no dropout ran; the graph's consumers expect that shape.
-    return o, torch.empty(0, dtype=torch.bool, device=q.device)
+    with outside_autocast(q.device):
+        o, mask = reference.tanh_attention(q, k, v, scale, dropout_p, None if activation == "none" else activation,
+                                           return_mask=return_mask)
+    if mask is None:  # the op's second output is an empty tensor when no mask is returned
+        mask = torch.empty(0, dtype=torch.bool, device=q.device)
+    return o, mask
 
 
 def _gate_decomposition(attended, unattended, weight, bias, tau, backend):
-    return reference.gate(attended, unattended, weight, bias, tau)
+    with outside_autocast(attended.device):
+        return reference.gate(attended, unattended, weight, bias, tau)
 
 
 def _stage_gate_decomposition(stages, weight, bias, tau, backend):
-    return reference.stage_gate(stages, weight, bias, tau)
+    with outside_autocast(stages[0].device):
+        return reference.stage_gate(stages, weight, bias, tau)
 
 
 DECOMPOSITIONS = {
@@ -253,3 +262,55 @@ def run_onnx(path: Union[str, "os.PathLike[str]"], inputs: Sequence[torch.Tensor
     session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
     return tuple(session.run(None, feeds))
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> Tuple[torch.Tensor, ...]:
+    """Random inputs of the shapes ``model`` takes (an AVRegressor, an IEMOCAP classifier or a fusion module)."""
+    from avkernels.models import AVRegressor
+    from avkernels.nn.fusion import RecursiveJointCrossAttention
+
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, AVRegressor):
+        shapes = [(model.seq_len, d) for d in model.input_dims]
+    elif isinstance(model, RecursiveJointCrossAttention):
+        shapes = [(model.seq_len, d) for d in model.dims]
+    elif hasattr(model, "specs") and hasattr(model, "modalities"):
+        shapes = [(model.specs[m].length or 8, model.specs[m].dim) for m in model.modalities]
+    else:
+        raise ExportError(f"example_inputs: no known input shapes for {type(model).__name__}; pass inputs yourself")
+    return tuple(torch.randn(batch, *shape, generator=g) for shape in shapes)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="last.pt or best.pt written by examples/train_av.py or train_iemocap.py")
+    parser.add_argument("output", help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip running the file in onnxruntime against PyTorch on a batch of another size")
+
+
+def run_from_args(args) -> int:
+    import sys
+
+    import numpy as np
+
+    from avkernels.predict import PredictError, load_model
+
+    try:
+        model, _ = load_model(args.checkpoint)
+        export_onnx(model, example_inputs(model, batch=2), args.output, opset_version=args.opset)
+        if not args.no_check:
+            inputs = example_inputs(model, batch=3, seed=1)
+            with torch.no_grad():
+                expected = model(*inputs)
+            expected = (expected,) if isinstance(expected, torch.Tensor) else expected
+            error = max(float(np.abs(got - e.numpy()).max()) for got, e in zip(run_onnx(args.output, inputs), expected))
+            print(f"onnxruntime vs PyTorch at batch 3: max abs difference {error:.2e}")
+    except (ExportError, PredictError, FileNotFoundError) as exc:
+        print(f"avkernels export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
+    return 0
