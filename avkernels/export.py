@@ -6,8 +6,8 @@ does) teaches both of torch's ONNX exporters to write each op as standard ONNX o
 ...), with the same arithmetic as :mod:`avkernels.reference`:
 
 * ``torch.onnx.export(..., dynamo=True)`` (the default): a decomposition of each op into ATen ops, registered in
-  ``torch._decomp.decomposition_table``. That table is read by the ONNX exporter only; ``torch.export`` and
-  ``torch.compile`` keep the fused op (their default tables list ATen ops explicitly).
+  ``torch._decomp.decomposition_table``. Of torch's graph passes only the ONNX exporter decomposes with that table:
+  ``torch.export``, AOTInductor and ``torch.compile`` keep the fused op (their tables list ATen ops explicitly).
 * ``torch.onnx.export(..., dynamo=False)`` (TorchScript): a symbolic function per op
   (``torch.onnx.register_custom_op_symbolic``).
 
@@ -39,7 +39,7 @@ from avkernels import reference
 from avkernels.backends import outside_autocast
 
 ONNX_REQUIREMENTS = ("onnx", "onnxscript")
-_TORCHSCRIPT_OPSET = 17  # the lowest opset the symbolics below are registered from (CastLike needs 15)
+_TORCHSCRIPT_OPSET = 15  # the symbolics hold for this opset and later ones (CastLike appeared in 15)
 
 
 class ExportError(RuntimeError):

@@ -45,7 +45,8 @@ MODEL_CLASSES = {cls.__name__: cls for cls in (AVRegressor, SelfAttentionClassif
 DIMENSIONS = ("valence", "arousal")
 SPLITS = {
     "synthetic": {"train": "train", "val": "val", "validation": "val"},
-    "affwild2": {"train": "Train_Set", "val": "Validation_Set", "validation": "Validation_Set", "test": "test"},
+    "affwild2": {"train": "Train_Set", "val": "Validation_Set", "validation": "Validation_Set", "test": "test",
+                 "Train_Set": "Train_Set", "Validation_Set": "Validation_Set"},
     "recola": {"train": "train", "dev": "dev", "val": "dev", "validation": "dev"},
     "iemocap": {"train": "train", "dev": "dev", "val": "dev", "validation": "dev", "test": "test"},
 }
@@ -62,9 +63,16 @@ class PredictError(ValueError):
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint's dict; it must hold ``model``, ``model_config`` and ``data_config``.
 
+    ``path`` may also be a run folder: its ``best.pt``, else its ``last.pt``.
+
     Checkpoints also hold optimizer and RNG states (numpy objects), so they are unpickled in full: load only files
     you trust.
     """
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"{path}: a folder without best.pt or last.pt")
+        path = found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -120,7 +128,7 @@ def _split_name(dataset: str, split: str) -> str:
 
 
 def build_dataset(data_config: Mapping[str, Any], split: str, data_root: Optional[str] = None, *,
-                  drop_no_video: Optional[bool] = None):
+                  drop_no_video: bool = False):
     """The split as a dataset whose items cover every frame (``windows="all"``) or every utterance once."""
     dataset = data_config["dataset"]
     split_name = _split_name(dataset, split)
@@ -131,8 +139,6 @@ def build_dataset(data_config: Mapping[str, Any], split: str, data_root: Optiona
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"{data_root}: {dataset} data folder not found")
     if dataset == "iemocap":
-        if drop_no_video is None:
-            drop_no_video = False
         return IEMOCAPFold(data_root, split_name, modalities=data_config["modalities"], drop_no_video=drop_no_video)
     common = dict(seq_len=data_config["seq_len"], clip_stride=data_config["clip_stride"], windows="all")
     if dataset == "recola":
@@ -325,7 +331,7 @@ def predict(
     overwrite: bool = False,
     progress: bool = False,
     num_workers: int = 0,
-    drop_no_video: Optional[bool] = None,
+    drop_no_video: bool = False,
 ) -> Dict[str, Any]:
     """Write the predictions of ``checkpoint`` on ``split`` into ``out_dir`` (module doc: formats and options).
 
@@ -361,13 +367,15 @@ def predict(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="last.pt or best.pt written by examples/train_av.py or train_iemocap.py")
+    parser.add_argument("checkpoint", help="best.pt or last.pt written by examples/train_av.py or train_iemocap.py, "
+                                           "or their run folder (best.pt, else last.pt)")
     parser.add_argument("--split", required=True,
                         help="affwild2: train | validation | test; recola: train | dev; iemocap: train | dev | test; "
                              "synthetic: train | val")
-    parser.add_argument("--data-root", "--fold-dir", dest="data_root",
+    parser.add_argument("--data-root", "--data", "--fold-dir", dest="data_root",
                         help="the dataset folder (IEMOCAP: the fold folder); not needed for the synthetic dataset")
-    parser.add_argument("--out", "-o", required=True, help="output folder (created; see --overwrite)")
+    parser.add_argument("--out", "--out-dir", "--output", "-o", dest="out", required=True,
+                        help="output folder (created; see --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument("--smooth", action="store_true",
                         help="SPEC 5 post-processing: clip, then a per-video moving average of 20 (valence) and 50 "
@@ -388,7 +396,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             args.checkpoint, args.split, args.out, data_root=args.data_root, smooth=args.smooth,
             precision=args.precision, batch_size=args.batch_size, device=args.device, backend=args.backend,
             overwrite=args.overwrite, progress=not args.no_progress, num_workers=args.num_workers,
-            drop_no_video=True if args.drop_no_video else None,
+            drop_no_video=args.drop_no_video,
         )
     except (PredictError, FileNotFoundError, ValueError) as exc:
         print(f"avkernels predict: error: {exc}", file=sys.stderr)

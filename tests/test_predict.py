@@ -133,7 +133,7 @@ def test_iemocap_one_row_per_utterance(tmp_path):
     checkpoint = str(tmp_path / "run" / "best.pt")
     for drop, expected_rows in ((False, [0, 1, 2]), (True, [0, 2])):
         out = str(tmp_path / f"pred_{drop}")
-        avpredict.predict(checkpoint, "test", out, data_root=fold, device="cpu", drop_no_video=drop or None)
+        avpredict.predict(checkpoint, "test", out, data_root=fold, device="cpu", drop_no_video=drop)
         assert os.listdir(out) == [avpredict.IEMOCAP_FILE]
         with open(os.path.join(out, avpredict.IEMOCAP_FILE)) as f:
             rows = list(csv.DictReader(f))
@@ -204,7 +204,8 @@ def test_command_line(affwild2, tmp_path):
     from avkernels.__main__ import main
 
     out = str(tmp_path / "pred")
-    argv = ["predict", checkpoint, "--split", "test", "--data-root", root, "--out", out, "--device", "cpu",
+    run_folder = os.path.dirname(checkpoint)  # a run folder stands for its best.pt
+    argv = ["predict", run_folder, "--split", "test", "--data-root", root, "--out", out, "--device", "cpu",
             "--smooth", "--precision", "bf16"]
     assert main(argv) == 0
     assert sorted(_affwild2_files(out)) == sorted(make_samples.AFFWILD2_VIDEOS)
