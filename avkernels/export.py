@@ -230,6 +230,10 @@ def export_onnx(
     """
     _require(ONNX_REQUIREMENTS)
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if dynamic_batch and any(x.shape[0] < 2 for x in inputs):
+        # torch.export specialises a size of 0 or 1 to a constant; a traced batch of 2 keeps the axis free.
+        inputs = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else
+                       x.new_zeros(2, *x.shape[1:]) for x in inputs)
     if input_names is None:
         input_names = [f"input_{i}" for i in range(len(inputs))]
     if output_names is None:

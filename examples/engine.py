@@ -13,7 +13,8 @@ What it does, once for every script:
 * **Checkpoints** (``last.pt`` every ``checkpoint_every`` steps and at each epoch end, ``best.pt`` on a new best
   validation score) are written to a temporary file and moved into place with ``os.replace``, so a crash never
   leaves a truncated checkpoint. They hold the model, optimizer, scheduler and scaler states, the epoch and the
-  step within it, the early-stopping state and the RNG states of every rank (torch, CUDA, numpy, python).
+  step within it, the early-stopping state and the RNG states of every rank (torch, CUDA, numpy, python), plus the
+  script's ``extra_state`` (the model and data configuration that ``python -m avkernels predict`` rebuilds from).
 * **Exact resume**: the data order is a function of ``(seed, epoch)`` (the sampler's own generator; the loader has
   its own generator too, so iterating never draws from the global RNG), and a resumed epoch skips the batches
   already done. Resuming from step ``n`` and taking one step gives bitwise the parameters of an uninterrupted run.
