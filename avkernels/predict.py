@@ -82,8 +82,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if missing:
         raise PredictError(
             f"{path}: the checkpoint has no {' or '.join(missing)}; it was written by a training script older than "
-            "the predict command. Resume it for one step with the current examples/train_av.py or train_iemocap.py "
-            "(--resume <checkpoint> --max-steps <its step + 1>) to write a checkpoint that has them"
+            "the predict command. Train with the current examples/train_av.py or train_iemocap.py, whose checkpoints "
+            "hold the model and data configuration"
         )
     return state
 
