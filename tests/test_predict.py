@@ -211,3 +211,25 @@ def test_command_line(affwild2, tmp_path):
     assert sorted(_affwild2_files(out)) == sorted(make_samples.AFFWILD2_VIDEOS)
     assert main(argv) == 2  # refuses to overwrite
     assert main(argv + ["--overwrite", "--no-progress"]) == 0
+
+
+def test_spatial_attention_checkpoint_and_a_training_backend_that_is_not_used(tmp_path):
+    # TSAV-like C x 49 video maps; the backend named at training is the machine's business, not the model's.
+    root = str(tmp_path / "data")
+    make_samples.write_affwild2(root)
+    for name, n in make_samples.AFFWILD2_VIDEOS.items():
+        np.save(os.path.join(root, "features", "video", name + ".npy"), np.random.rand(n, 98).astype(np.float32))
+    args = train_av.build_parser().parse_args(
+        TINY + ["--dataset", "affwild2", "--data-root", root, "--spatial-attention", "--backend", "reference",
+                "--out-dir", str(tmp_path / "run")])
+    train_av.run(args)
+    state = torch.load(str(tmp_path / "run" / "last.pt"), weights_only=False)
+    assert state["model_config"]["kwargs"]["fusion_kwargs"]["backend"] == "reference"
+    assert state["data_config"] == {"dataset": "affwild2", "modalities": ["video", "audio"], "seq_len": 4,
+                                    "clip_stride": 8}
+    model, _ = avpredict.load_model(str(tmp_path / "run"))
+    assert model.spatial_attention is not None and model.fusion.blocks[0].backend is None
+    out = str(tmp_path / "pred")
+    avpredict.predict(str(tmp_path / "run"), "train", out, data_root=root, device="cpu")
+    for name, n_frames in make_samples.AFFWILD2_VIDEOS.items():
+        assert read_va_annotation(os.path.join(out, name + ".txt")).shape == (n_frames, 2)
