@@ -91,6 +91,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.3"],
         "plot": ["matplotlib"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "triton==3.9.0"],
     },
     ext_modules=ext_modules,

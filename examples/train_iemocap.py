@@ -123,6 +123,11 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
             train_set, val_set, config, ctx, scheduler_per="epoch", scheduler_metric="loss", resume=args.resume,
             run_info={"args": vars(args), "dropped_no_video": {
                 s.split: s.n_dropped_no_video for s in (train_set, val_set, test_set)}},
+            extra_state={
+                "model_config": {"class": MODELS[args.model].__name__, "kwargs": {"modalities": list(args.modalities)}},
+                "data_config": {"dataset": "iemocap", "modalities": list(args.modalities),
+                                "drop_no_video": not args.keep_no_video},
+            },
         )
         history = trainer.fit()
         result: Dict[str, Any] = {"history": history, "trainer": trainer, "stopped_early": trainer.stopped_early}
