@@ -197,6 +197,20 @@ def _torch_load(source: object, map_location: object) -> object:
         return torch.load(source, map_location=map_location, weights_only=True)
 
 
+def _head(checkpoint: object, size: int = 8) -> Optional[bytes]:
+    """The first bytes of a file or seekable file object (left where it was); None when they cannot be read."""
+    try:
+        if isinstance(checkpoint, (str, os.PathLike)):
+            with open(checkpoint, "rb") as f:
+                return f.read(size)
+        position = checkpoint.tell()
+        head = checkpoint.read(size)
+        checkpoint.seek(position)
+        return head if isinstance(head, bytes) else None
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
 def load_checkpoint(checkpoint: object, map_location: object = "cpu") -> object:
     """``torch.load(checkpoint, weights_only=True)`` with errors that say what is wrong with the file."""
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -206,12 +220,20 @@ def load_checkpoint(checkpoint: object, map_location: object = "cpu") -> object:
     elif not isinstance(checkpoint, (io.IOBase, io.BytesIO)):
         return checkpoint
     where = _describe(checkpoint)
+    head = _head(checkpoint)
+    # torch.save writes a zip archive, or (before PyTorch 1.6, or with _use_new_zipfile_serialization=False) a
+    # pickle, which starts with the PROTO opcode. Anything else would fail inside the unpickler with a message
+    # about opcodes.
+    if head is not None and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        shown = repr(head[:8]) if head else "an empty file"
+        raise ValueError(f"checkpoint: {where} is not a PyTorch checkpoint (it starts with {shown})")
     try:
         return _torch_load(checkpoint, map_location)
     except pickle.UnpicklingError as error:
         message = str(error)
-        if "Weights only load failed" in message or "Unsupported global" in message:
+        if "Unsupported global" in message:
             detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            detail = detail.split(" was not an allowed global")[0]
             raise ValueError(
                 f"checkpoint: {where} holds Python objects besides tensors, numbers and strings, which "
                 f"weights_only loading refuses ({detail}). If you trust the file, load it yourself with "
