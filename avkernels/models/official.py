@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import zipfile
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
@@ -240,8 +239,11 @@ def load_checkpoint(checkpoint: object, map_location: object = "cpu") -> object:
                 f"torch.load(..., weights_only=False) and pass the loaded object."
             ) from None
         raise ValueError(f"checkpoint: {where} is not a PyTorch checkpoint ({message.strip()})") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"checkpoint: {where} is not a PyTorch checkpoint ({str(error).strip()})") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere in the unpickler (IndexError, ...)
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"checkpoint: {where} is not a PyTorch checkpoint ({reason})") from None
 
 
 def _state_dict_of(loaded: object, where: str) -> "OrderedDict[str, torch.Tensor]":
