@@ -119,7 +119,8 @@ def test_golden_record_sees_a_swapped_modality():
     prefix = "coattn.dcn_layers.0.dense_coattn."
     for a, b in (("value1_linear", "value2_linear"), ("key1_linear", "key2_linear")):
         for p in ("weight", "bias"):
-            state[prefix + f"{a}.{p}"], state[prefix + f"{b}.{p}"] = state[prefix + f"{b}.{p}"], state[prefix + f"{a}.{p}"]
+            first, second = f"{prefix}{a}.{p}", f"{prefix}{b}.{p}"
+            state[first], state[second] = state[second], state[first]
     model = AVRegressor.from_official(state, "dca")
     assert max_diff(predict(model), golden_outputs("dca")) > 1e-6
 
