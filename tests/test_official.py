@@ -113,6 +113,12 @@ def test_from_official_float32(repo):
     assert max_diff(predict(model, torch.float32), golden_outputs(repo)) < TOL32
 
 
+def test_half_precision_checkpoint_is_widened():
+    model = AVRegressor.from_official(golden_state("jca", torch.float16), "jca")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert max_diff(predict(model, torch.float32), golden_outputs("jca")) < 0.05
+
+
 def test_golden_record_sees_a_swapped_modality():
     """The golden outputs would catch the likeliest mapping mistake, the video's modules given to the audio."""
     state = golden_state("dca")

@@ -336,7 +336,8 @@ class AVRegressor(nn.Module):
         The result is configured like that repository's ``CAM`` (see :mod:`avkernels.models.official`: 512-d audio,
         25088-d visual maps read with the official scrambled ``view(-1, 49, 512)``, 16 clips), holds every tensor of
         the checkpoint, and is returned in eval mode, where it gives the official model's outputs on the same inputs
-        (to round-off). Call ``.train()`` to fine-tune it, ``.to(device)`` to move it.
+        (to round-off). It is float64 for a float64 checkpoint and float32 otherwise, on the CPU: call ``.train()``
+        to fine-tune it, ``.to(device)`` to move it.
 
         The argument order follows the library, video first: the official ``vouts, aouts = cam(audio, video)`` is
         ``valence, arousal = model(video, audio)``, with the same ``(B, 16, 512)`` audio and ``(B, 16, 25088)``

@@ -325,8 +325,10 @@ def from_official(
             lines.append(f"its keys are those of a CAM with num_seq={guess[1]}: pass iterations={guess[1]}")
         raise ValueError("; ".join(lines))
 
+    # A float64 checkpoint (one made to check equality) stays float64; half-precision ones are widened, since the
+    # LSTMs have no half kernels on CPU and widening loses nothing.
     floating = {v.dtype for v in state.values() if v.is_floating_point()}
-    dtype = floating.pop() if len(floating) == 1 else torch.float32
+    dtype = torch.float64 if floating == {torch.float64} else torch.float32
     # Built on the meta device: the tensors are about to be replaced, so nothing is initialised twice.
     with torch.device("meta"):
         model = cls(**official_config(repo, iterations, backend))
