@@ -23,7 +23,6 @@ official ``PositionAttn`` reads the visual map with the scrambled ``view(-1, 49,
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from collections import OrderedDict
@@ -216,8 +215,8 @@ def load_checkpoint(checkpoint: object, map_location: object = "cpu") -> object:
         path = os.fspath(checkpoint)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint: no such file {path!r}")
-    elif not isinstance(checkpoint, (io.IOBase, io.BytesIO)):
-        return checkpoint
+    elif not (hasattr(checkpoint, "read") and hasattr(checkpoint, "seek")):
+        return checkpoint  # already loaded
     where = _describe(checkpoint)
     head = _head(checkpoint)
     # torch.save writes a zip archive, or (before PyTorch 1.6, or with _use_new_zipfile_serialization=False) a
