@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+import avkernels
 from avkernels.models import AVRegressor
 from avkernels.models.official import OFFICIAL_REPOS, key_map, official_config
 from official_golden import golden_inputs, golden_state_dict, keys_of, load_golden
@@ -114,6 +115,12 @@ def test_from_official_float32(repo):
     model = AVRegressor.from_official({"net": golden_state(repo, torch.float32)}, repo)
     assert next(model.parameters()).dtype == torch.float32
     assert max_diff(predict(model, torch.float32), golden_outputs(repo)) < TOL32
+
+
+@pytest.mark.skipif("cpp" not in avkernels.backends(), reason="the C++ extension is not built")
+def test_from_official_with_the_cpp_backend():
+    model = AVRegressor.from_official(golden_state("dca", torch.float32), "dca", backend="cpp")
+    assert max_diff(predict(model, torch.float32), golden_outputs("dca")) < TOL32
 
 
 def test_half_precision_checkpoint_is_widened():
