@@ -92,7 +92,7 @@ setup(
         "triton": ["triton>=3.3"],
         "plot": ["matplotlib"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "triton==3.9.0"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "triton==3.9.0", "onnx", "onnxscript", "onnxruntime"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
