@@ -74,10 +74,13 @@ def _load_grad_out(DO, O, rows, cols, stride_do_row, stride_do_col, stride_o_row
     """The gradient with respect to the pre-activation output: ``do``, or ``do * (1 - o^2) * (o > 0)`` when the
     ``ReLU(tanh(.))`` epilogue ran (``o`` is the saved output; ``o > 0`` exactly where its pre-activation was)."""
     do = _load_tile(DO, rows, cols, stride_do_row, stride_do_col, n_rows, n_cols, ACC)
-    if tanh_relu:
-        o = _load_tile(O, rows, cols, stride_o_row, stride_o_col, n_rows, n_cols, ACC)
-        do = tl.where(o > 0, do * (1.0 - o * o), 0.0)
-    return do
+    # Selects, not an `if tanh_relu:` branch: a tile defined by a runtime branch and then fed to a TF32x3 dot broke
+    # triton 3.6's layout pass on sm_80 ("operand does not dominate this use"). Without the epilogue the load of o is
+    # masked off entirely (no memory traffic) and o = 0 leaves do unchanged.
+    relu = tanh_relu != 0
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols) & relu
+    o = tl.load(O + (rows[:, None] * stride_o_row + cols[None, :] * stride_o_col), mask=mask, other=0.0).to(ACC)
+    return tl.where(o > 0, do * (1.0 - o * o), tl.where(relu, 0.0, do))
 
 
 @triton.jit
@@ -92,7 +95,9 @@ def _dot_nt_chunked(A, a_rows, stride_a_row, stride_a_k, n_a, B, b_rows, stride_
         a = _load_tile(A, a_rows, ks, stride_a_row, stride_a_k, n_a, K, ACC)
         # B is read already transposed (its strides swapped) rather than transposed in registers.
         b_t = _load_tile(B, ks, b_rows, stride_b_k, stride_b_row, K, n_b, ACC)
-        out = tl.dot(a, b_t, out, input_precision=PRECISION)
+        # out_dtype is spelled out on every accumulating dot: triton 3.6 does not take it from the accumulator and
+        # asserts that an fp64 one matches its fp32 default.
+        out = tl.dot(a, b_t, out, input_precision=PRECISION, out_dtype=ACC)
     return out
 
 
@@ -113,12 +118,12 @@ def _dot_grad_out_v_chunked(DO, O, do_rows, stride_do_row, stride_do_e, stride_o
             v = _load_tile(V, v_rows, es, stride_v_row, stride_v_e, n_v, E, ACC)
             do_t = _load_grad_out(DO, O, es, do_rows, stride_do_e, stride_do_row, stride_o_e, stride_o_row, E, n_do,
                                   tanh_relu, ACC)
-            out = tl.dot(v, do_t, out, input_precision=PRECISION)
+            out = tl.dot(v, do_t, out, input_precision=PRECISION, out_dtype=ACC)
         else:
             do = _load_grad_out(DO, O, do_rows, es, stride_do_row, stride_do_e, stride_o_row, stride_o_e, n_do, E,
                                 tanh_relu, ACC)
             v_t = _load_tile(V, es, v_rows, stride_v_e, stride_v_row, E, n_v, ACC)
-            out = tl.dot(do, v_t, out, input_precision=PRECISION)
+            out = tl.dot(do, v_t, out, input_precision=PRECISION, out_dtype=ACC)
     return out
 
 
@@ -156,7 +161,7 @@ def _split_program_id(n_fast, n_mid):
     return pid % n_fast, (pid // n_fast) % n_mid, (pid // (n_fast * n_mid)).to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tanh_relu"])
 def _tanh_attention_fwd_kernel(
     Q, K, V, O, MASK,
     stride_qb, stride_qm, stride_qd,
@@ -182,7 +187,7 @@ def _tanh_attention_fwd_kernel(
             scalar arguments are fp32 on GPU).
         keep_scale_hi, keep_scale_lo: ``1 / (1 - dropout_p)`` as an fp32 pair.
         dropout_p, seed: dropout probability and Philox seed (used when ``DROPOUT``).
-        tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (a runtime flag: one branch per program).
+        tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (an int, 0 or 1: a runtime flag, one branch per program).
         ACC: compute dtype (fp32, or fp64 for fp64 inputs).
         PRECISION: ``tl.dot`` input precision ("ieee", "tf32" or "tf32x3").
         DROPOUT, RETURN_MASK: compile-time switches (the Philox code is large; leave it out when unused).
@@ -225,7 +230,7 @@ def _tanh_attention_fwd_kernel(
                     in_map = (rows[:, None] < Mq) & (cols_n[None, :] < N)
                     tl.store(MASK + b * Mq * N + (rows[:, None] * N + cols_n[None, :]), keep, mask=in_map)
         v = _load_tile(Vb, cols_n, cols_e, stride_vn, stride_ve, N, E, ACC)
-        acc = tl.dot(c, v, acc, input_precision=PRECISION)
+        acc = tl.dot(c, v, acc, input_precision=PRECISION, out_dtype=ACC)
     if tanh_relu:
         acc = tl.maximum(_tanh(acc), 0.0)
     out_mask = (rows[:, None] < Mq) & (cols_e[None, :] < E)
@@ -233,7 +238,7 @@ def _tanh_attention_fwd_kernel(
     tl.store(O + b * stride_ob + out_offsets, acc.to(O.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tanh_relu"])
 def _tanh_attention_bwd_dq_kernel(
     DO, O, Q, K, V, DQ,
     stride_dob, stride_dom, stride_doe,
@@ -301,13 +306,13 @@ def _tanh_attention_bwd_dq_kernel(
             k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
         else:
             k = tl.trans(k_t)
-        acc = tl.dot(ds, k, acc, input_precision=PRECISION)
+        acc = tl.dot(ds, k, acc, input_precision=PRECISION, out_dtype=ACC)
     out_mask = (rows[:, None] < Mq) & (cols_d[None, :] < D)
     out_offsets = rows[:, None] * stride_dqm + cols_d[None, :] * stride_dqd
     tl.store(DQ + b * stride_dqb + out_offsets, acc.to(DQ.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tanh_relu"])
 def _tanh_attention_bwd_dkdv_kernel(
     DO, O, Q, K, V, DK, DV,
     stride_dob, stride_dom, stride_doe,
@@ -385,7 +390,7 @@ def _tanh_attention_bwd_dkdv_kernel(
                                     tanh_relu, ACC)
             else:
                 do = tl.trans(do_t)
-            dv = tl.dot(p_t, do, dv, input_precision=PRECISION)
+            dv = tl.dot(p_t, do, dv, input_precision=PRECISION, out_dtype=ACC)
         if has_dk:
             if HEAD_LOOPS:
                 dp_t = _dot_grad_out_v_chunked(DOb, Ob, cols_m, stride_dom, stride_doe, stride_om, stride_oe, Mq,
@@ -398,7 +403,7 @@ def _tanh_attention_bwd_dkdv_kernel(
             ds_t = dp_t * (1.0 - c_t * c_t) * scale
             if DROPOUT:
                 ds_t = tl.where(keep_t, ds_t * keep_scale, 0.0)
-            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION, out_dtype=ACC)
     dk_mask = (rows[:, None] < N) & (cols_d[None, :] < D)
     dk_offsets = rows[:, None] * stride_dkn + cols_d[None, :] * stride_dkd
     tl.store(DK + b * stride_dkb + dk_offsets, dk.to(DK.dtype.element_ty), mask=dk_mask)
@@ -479,11 +484,18 @@ def _split(x: float) -> Tuple[float, float]:
     return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
+def _activation_flag(activation) -> int:
+    """``tanh_relu`` as an int, not a bool: the interpreter of triton 3.6 cannot take bool arguments (it stores them
+    as int32 in an int1 tensor and raises). Not specialised (``do_not_specialize``), so 0 and 1 share one binary, as
+    the bool did."""
+    return int(activation == "tanh_relu")
+
+
 def _scalars(q, k, v, scale, dropout_p, seed, activation) -> List:
     scale_hi, scale_lo = _split(scale)
     keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else (1.0, 0.0)
     return [q.shape[1], k.shape[1], q.shape[2], v.shape[2], scale_hi, scale_lo, keep_hi, keep_lo,
-            float(dropout_p), int(seed), activation == "tanh_relu"]
+            float(dropout_p), int(seed), _activation_flag(activation)]
 
 
 def _batch_strides(x: torch.Tensor, name: str) -> Tuple[torch.Tensor, List[int]]:
@@ -588,7 +600,7 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[str, str]:
-    """Triton signature of ``kernel``: pointers as given, the float scalars fp32, ``tanh_relu`` i1, other ints i32
+    """Triton signature of ``kernel``: pointers as given, the float scalars fp32, the ints (``tanh_relu`` included) i32
     (what the launcher passes for tensors under 2**31 elements per batch element)."""
     signature = {}
     for name in kernel.arg_names:
@@ -598,8 +610,6 @@ def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[
             signature[name] = pointer_types[name]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
-        elif name == "tanh_relu":
-            signature[name] = "i1"
         else:
             signature[name] = "i32"
     return signature
