@@ -76,11 +76,10 @@ def _load_grad_out(DO, O, rows, cols, stride_do_row, stride_do_col, stride_o_row
     do = _load_tile(DO, rows, cols, stride_do_row, stride_do_col, n_rows, n_cols, ACC)
     # Selects, not an `if tanh_relu:` branch: a tile defined by a runtime branch and then fed to a TF32x3 dot broke
     # triton 3.6's layout pass on sm_80 ("operand does not dominate this use"). Without the epilogue the load of o is
-    # masked off entirely (no memory traffic) and o = 0 leaves do unchanged.
-    relu = tanh_relu != 0
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols) & relu
-    o = tl.load(O + (rows[:, None] * stride_o_row + cols[None, :] * stride_o_col), mask=mask, other=0.0).to(ACC)
-    return tl.where(o > 0, do * (1.0 - o * o), tl.where(relu, 0.0, do))
+    # masked off entirely (no memory traffic) and o = 0 leaves do unchanged. The flag enters the mask through the row
+    # bound, not as `& (tanh_relu != 0)`: triton 3.9's interpreter rejects the mask that and-ing a scalar bool gives.
+    o = _load_tile(O, rows, cols, stride_o_row, stride_o_col, n_rows * tanh_relu, n_cols, ACC)
+    return tl.where(o > 0, do * (1.0 - o * o), tl.where(tanh_relu != 0, 0.0, do))
 
 
 @triton.jit
