@@ -11,7 +11,7 @@ interpreted functions, which cannot be compiled.
 Compiling is slow on a CPU-only CI machine (about a second per variant), so by default this file compiles a subset
 that fits its time budget, choosing in each group the variant with the most feature switches on (``DROPOUT``,
 ``RETURN_MASK``: they hold the most registers): for sm_90, every kernel at every shape class (size class, precision,
-block sizes) in its first listed dtype; for sm_80, every kernel in every dtype. ``AVKERNELS_AOT_FULL=1`` compiles
+block sizes) in its first listed dtype; for sm_80, every kernel in every dtype (and tanh form, exact or fast). ``AVKERNELS_AOT_FULL=1`` compiles
 every variant for both targets (several minutes).
 """
 
@@ -70,7 +70,7 @@ _SCRIPT = textwrap.dedent(
                 key = (kernel.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items()
                                                      if k not in FEATURE_SWITCHES)))
             else:
-                key = (kernel.__name__, pointers)
+                key = (kernel.__name__, pointers, constexprs.get("FAST_TANH"))
             rank = sum(bool(constexprs.get(f)) for f in FEATURE_SWITCHES)
             if key not in best or rank > best[key][0]:
                 best[key] = (rank, spec)
@@ -141,3 +141,65 @@ def test_tanh_attention_keeps_nothing_on_the_stack(compiled):
     (``STACK`` > 0 with ``STL``/``LDL`` instructions) while ``LOCAL`` stays 0."""
     bad = [r for r in compiled if r["module"] == "tanh_attention" and r["stack"] > STACK_ALLOWED]
     assert not bad, "stack spills:\n" + "\n".join(map(str, bad))
+
+
+# Compiles tanh_attention's kernels for sm_90 in fp16 with the exact and the fast tanh, and reports which hardware
+# tanh instructions the PTX and the SASS contain.
+_FAST_TANH_SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from avkernels.ops.triton import tanh_attention as ta
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    done = set()
+    for kernel, signature, constexprs, options in ta.aot_specializations():
+        key = (kernel.__name__, constexprs["FAST_TANH"])
+        if signature["Q"] != "*fp16" or constexprs["BLOCK_D"] != 16 or constexprs["DROPOUT"] or key in done:
+            continue
+        done.add(key)
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name],
+                                  capture_output=True, text=True, check=True).stdout
+        print(json.dumps({"kernel": kernel.__name__, "fast": constexprs["FAST_TANH"],
+                          "ptx": "tanh.approx.f32" in compiled.asm["ptx"], "sass": "MUFU.TANH" in sass}), flush=True)
+    """
+)
+
+
+def test_fast_tanh_switch_selects_the_hardware_tanh():
+    """``AVKERNELS_TRITON_FAST_TANH=1`` (the ``FAST_TANH`` constexpr) puts ``tanh.approx.f32`` in the PTX and
+    ``MUFU.TANH`` in the sm_90 SASS of all three tanh_attention kernels; without it neither appears."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _FAST_TANH_SCRIPT], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 6, rows  # three kernels, exact and fast
+    for row in rows:
+        assert row["ptx"] == row["fast"] and row["sass"] == row["fast"], row
+
+
+def test_fast_tanh_only_for_half_precision_on_gpu(monkeypatch):
+    """The switch is off by default, never applies to fp32 (exact tanh kept), and is ignored by the interpreter
+    (which cannot run inline PTX): under TRITON_INTERPRET=1 the launchers never ask for it."""
+    import avkernels.ops.triton as package
+    import torch
+    from avkernels.ops.triton import tanh_attention as ta
+
+    monkeypatch.delenv(ta.FAST_TANH_ENV_VAR, raising=False)
+    monkeypatch.setattr(package, "INTERPRET", False)  # as on a GPU
+    assert not ta._fast_tanh(torch.float16)
+    monkeypatch.setenv(ta.FAST_TANH_ENV_VAR, "1")
+    assert ta._fast_tanh(torch.float16) and ta._fast_tanh(torch.bfloat16)
+    assert not ta._fast_tanh(torch.float32) and not ta._fast_tanh(torch.float64)
+    monkeypatch.setattr(package, "INTERPRET", True)
+    assert not ta._fast_tanh(torch.float16)

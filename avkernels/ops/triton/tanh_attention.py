@@ -37,6 +37,7 @@ by default, all with ``AVKERNELS_AOT_FULL=1``).
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, NamedTuple, Tuple
 
 import torch
@@ -47,12 +48,18 @@ from avkernels.backends import OpImpl, register_impl
 
 
 @triton.jit
-def _tanh(x):
-    # exp of -2|x| is in (0, 1]: it never overflows, and (1 - t) / (1 + t) never cancels catastrophically, unlike
-    # 2 * sigmoid(2x) - 1 for large |x|. Absolute error: a few ulps of 1.
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:
+        # The SFU's tanh (sm_75+): one MUFU.TANH instead of an exp, a division and selects; relative error about
+        # 2**-11, below the rounding of the fp16/bf16 outputs it is used for (see _fast_tanh).
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        # exp of -2|x| is in (0, 1]: it never overflows, and (1 - t) / (1 + t) never cancels catastrophically,
+        # unlike 2 * sigmoid(2x) - 1 for large |x|. Absolute error: a few ulps of 1.
+        t = tl.exp(-2.0 * tl.abs(x))
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(x < 0, -y, y)
 
 
 @triton.jit
@@ -171,7 +178,7 @@ def _tanh_attention_fwd_kernel(
     scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr, RETURN_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Forward: ``o[b, rows, cols] = act(sum_n Drop(tanh(scale * q k^T))[rows, n] v[n, cols])``.
 
@@ -194,6 +201,8 @@ def _tanh_attention_fwd_kernel(
             BLOCK_E: output columns per program.
         HEAD_LOOPS: D or E exceeds one block: stream the contraction over D in chunks, and split E over programs.
             Otherwise the q tile stays in registers for the whole loop.
+        FAST_TANH: the hardware ``tanh.approx.f32`` for the map and the epilogue (see :func:`_fast_tanh`); the same
+            in the backward kernels, which must recompute the forward's map.
 
     Grid: ``(cdiv(Mq, BLOCK_M) * cdiv(E, BLOCK_E) * B,)``; Mq blocks vary fastest so that programs running together
     share the same ``k`` and ``v`` in L2.
@@ -220,7 +229,7 @@ def _tanh_attention_fwd_kernel(
         else:
             k_t = _load_tile(Kb, cols_d, cols_n, stride_kd, stride_kn, D, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _tanh(s * scale)
+        c = _tanh(s * scale, FAST_TANH)
         if DROPOUT:
             keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             c = tl.where(keep, c * keep_scale, 0.0)
@@ -231,7 +240,7 @@ def _tanh_attention_fwd_kernel(
         v = _load_tile(Vb, cols_n, cols_e, stride_vn, stride_ve, N, E, ACC)
         acc = tl.dot(c, v, acc, input_precision=PRECISION, out_dtype=ACC)
     if tanh_relu:
-        acc = tl.maximum(_tanh(acc), 0.0)
+        acc = tl.maximum(_tanh(acc, FAST_TANH), 0.0)
     out_mask = (rows[:, None] < Mq) & (cols_e[None, :] < E)
     out_offsets = rows[:, None] * stride_om + cols_e[None, :] * stride_oe
     tl.store(O + b * stride_ob + out_offsets, acc.to(O.dtype.element_ty), mask=out_mask)
@@ -250,7 +259,7 @@ def _tanh_attention_bwd_dq_kernel(
     scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Backward for q: ``dq[b, rows, cols] = sum_n dS[rows, n] k[n, cols]`` with
     ``dS = (do_pre @ v^T) * keep / (1 - p) * (1 - tanh(S)^2) * scale``, the map recomputed tile by tile.
@@ -296,7 +305,7 @@ def _tanh_attention_bwd_dq_kernel(
             v_t = _load_tile(Vb, cols_e, cols_n, stride_ve, stride_vn, E, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
             dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _tanh(s * scale)
+        c = _tanh(s * scale, FAST_TANH)
         ds = dp * (1.0 - c * c) * scale
         if DROPOUT:
             keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
@@ -325,7 +334,7 @@ def _tanh_attention_bwd_dkdv_kernel(
     scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Backward for k and v, on the transposed map (rows are N positions):
     ``dk[b, rows, :] = sum_m dS^T[rows, m] q[m, :]`` and ``dv[b, rows, :] = sum_m P^T[rows, m] do_pre[m, :]`` with
@@ -377,7 +386,7 @@ def _tanh_attention_bwd_dkdv_kernel(
             do_t = _load_grad_out(DOb, Ob, cols_e, cols_m, stride_doe, stride_dom, stride_oe, stride_om, E, Mq,
                                   tanh_relu, ACC)
             s_t = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=ACC)
-        c_t = _tanh(s_t * scale)
+        c_t = _tanh(s_t * scale, FAST_TANH)
         if DROPOUT:
             keep_t = _keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
         if has_dv:
@@ -463,6 +472,22 @@ def _configs(precision: str) -> Dict[Tuple[int, bool], LaunchConfig]:
     return _CONFIGS_TF32X3 if precision == "tf32x3" else _CONFIGS
 
 
+FAST_TANH_ENV_VAR = "AVKERNELS_TRITON_FAST_TANH"
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fast_tanh(dtype: torch.dtype) -> bool:
+    """Whether the kernels use the GPU's ``tanh.approx.f32`` (relative error about 2**-11) instead of the exact
+    ``tanh`` built from ``exp``: only when ``AVKERNELS_TRITON_FAST_TANH=1`` (default off), only for fp16/bf16 inputs,
+    whose map the tensor cores read at 10 bits of mantissa (fp16) or less anyway and whose outputs round to 11 or
+    8 bits, and never under the interpreter, which cannot run inline PTX. Read at each launch."""
+    if os.environ.get(FAST_TANH_ENV_VAR, "0") != "1" or dtype not in _HALF_DTYPES:
+        return False
+    from avkernels.ops.triton import INTERPRET  # the package sets it before importing this module
+
+    return not INTERPRET
+
+
 def _meta(dtype: torch.dtype, d: int, e: int):
     """The launch config and the compile-time arguments shared by the three kernels."""
     precision = _precision(dtype)
@@ -473,7 +498,8 @@ def _meta(dtype: torch.dtype, d: int, e: int):
     else:
         head, loops = max(16, triton.next_power_of_2(max(d, e))), False
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops)
+    meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
+                FAST_TANH=_fast_tanh(dtype))
     return configs[(head, loops)], meta
 
 
@@ -617,18 +643,20 @@ def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[
 def aot_specializations() -> List[Tuple]:
     """Every kernel variant the launchers above can launch on a GPU, as ``(kernel, signature, constexprs, options)``.
 
-    One per kernel x dtype (fp32 with TF32x3 and with TF32 dots, fp16, bf16) x size class x dropout (x return_mask
-    for the forward). The activation is a runtime flag, so each variant covers both. fp64 is interpreter-only
-    (refused on CUDA by the launchers).
+    One per kernel x dtype (fp32 with TF32x3 and with TF32 dots, fp16, bf16, each of the two with exact and fast
+    tanh) x size class x dropout (x return_mask for the forward). The activation is a runtime flag, so each variant
+    covers both. fp64 is interpreter-only (refused on CUDA by the launchers).
     """
     specs = []
-    variants = [(dtype, precision) for dtype in _GPU_DTYPES
-                for precision in (("tf32x3", "tf32") if dtype == torch.float32 else ("tf32",))]
-    for dtype, precision in variants:
+    variants = [(dtype, precision, fast) for dtype in _GPU_DTYPES
+                for precision in (("tf32x3", "tf32") if dtype == torch.float32 else ("tf32",))
+                for fast in ((False, True) if dtype in _HALF_DTYPES else (False,))]
+    for dtype, precision, fast in variants:
         ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
         for (head, loops), cfg in _configs(precision).items():
             options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops)
+            shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
+                          FAST_TANH=fast)
             rows_on_mq = dict(BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop)
             for dropout in (False, True):
                 for return_mask in ((False, True) if dropout else (False,)):
