@@ -11,8 +11,8 @@ interpreted functions, which cannot be compiled.
 Compiling is slow on a CPU-only CI machine (about a second per variant), so by default this file compiles a subset
 that fits its time budget, choosing in each group the variant with the most feature switches on (``DROPOUT``,
 ``RETURN_MASK``: they hold the most registers): for sm_90, every kernel at every shape class (size class, precision,
-block sizes) in its first listed dtype; for sm_80, every kernel in every dtype (and tanh form, exact or fast). ``AVKERNELS_AOT_FULL=1`` compiles
-every variant for both targets (several minutes).
+block sizes) in its first listed dtype; for sm_80, every kernel in every dtype and tanh form (exact or fast).
+``AVKERNELS_AOT_FULL=1`` compiles every variant for both targets (several minutes).
 """
 
 import json

@@ -10,7 +10,6 @@ import os
 import torch
 
 from avkernels.backends import BackendInfo, register_backend
-
 from avkernels.ops.triton import _compat
 
 try:

@@ -1,7 +1,7 @@
 """Which triton releases the ``"triton"`` backend supports, and the one fix it applies to older ones.
 
 Supported: triton 3.6 (pinned by torch 2.11) through 3.9 (torch 2.13); CI runs the interpreter and ahead-of-time
-compile tests with both ends (``make test``; the oldest in the venv made by ``scripts/triton_oldest_env.sh``). The
+compile tests with both ends (``make test``; the oldest in the venv made by ``scripts/test_oldest_triton.sh``). The
 kernels are written to the subset both ends accept, so there is one code path; the only version-keyed code is
 :func:`install_interpreter_fixes`.
 """

@@ -193,7 +193,8 @@ def _tanh_attention_fwd_kernel(
             scalar arguments are fp32 on GPU).
         keep_scale_hi, keep_scale_lo: ``1 / (1 - dropout_p)`` as an fp32 pair.
         dropout_p, seed: dropout probability and Philox seed (used when ``DROPOUT``).
-        tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (an int, 0 or 1: a runtime flag, one branch per program).
+        tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (an int, 0 or 1: a runtime flag, one branch per
+            program).
         ACC: compute dtype (fp32, or fp64 for fp64 inputs).
         PRECISION: ``tl.dot`` input precision ("ieee", "tf32" or "tf32x3").
         DROPOUT, RETURN_MASK: compile-time switches (the Philox code is large; leave it out when unused).
