@@ -132,7 +132,9 @@ def test_no_register_spills(compiled):
 # one register around the main loop (one STL before it, one LDL after: 8 bytes of stack), e.g. the sm_80 dq kernel in
 # fp16/bf16 with dropout at the smallest head, where ptxas 12.9 (triton 3.9) uses 145 registers and no stack. That
 # is ptxas trading two instructions per program for occupancy, not a kernel that outgrew its tiles: allowed there,
-# and nowhere else.
+# and nowhere else. Known gap: AVKERNELS_AOT_FULL=1 under triton 3.6 also finds, on sm_80, 32 bytes in the fp32
+# TF32x3 dq kernel at head 32 without dropout and 16 bytes in the bf16 fast-tanh dk/dv kernel at head 16 without
+# dropout (no LOCAL spill anywhere); the default subset that CI compiles with 3.6 does not include them.
 STACK_ALLOWED = 8 if parse_version(triton.__version__) < (3, 9) else 0
 
 
