@@ -88,8 +88,12 @@ setup(
     python_requires=">=3.9",
     # torch is not pinned: an installed torch is never upgraded (install torch first, see the README).
     install_requires=["torch>=2.4", "numpy", "tqdm"],
+    # triton: the range the Triton backend is tested with, 3.6 (pinned by torch 2.11) to 3.9 (torch 2.13); an older
+    # one makes the backend unavailable with the reason (avkernels/ops/triton/_compat.py). The test extra pins the
+    # newest for the main environment; `make test` also runs the Triton tests with 3.6 in a venv of their own
+    # (scripts/test_oldest_triton.sh).
     extras_require={
-        "triton": ["triton>=3.3"],
+        "triton": ["triton>=3.6,<3.10"],
         "plot": ["matplotlib"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "triton==3.9.0", "onnx", "onnxscript", "onnxruntime"],
