@@ -63,6 +63,14 @@ def test_missing_ninja_is_the_stated_reason(without_cpp, monkeypatch):
     assert "needs ninja" in reason and "pip install ninja" in reason
 
 
+def test_missing_compiler_is_the_stated_reason(without_cpp, monkeypatch):
+    monkeypatch.delenv(native.JIT_ENV_VAR, raising=False)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(RuntimeWarning, match="fall back"):
+        reason = native._cpp_unavailable()
+    assert "needs a C++ compiler" in reason and "/nonexistent/c++" in reason
+
+
 def test_failed_compile_is_the_stated_reason(without_cpp, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Error building extension 'avkernels__C_cpu'\nmore compiler output")
@@ -143,6 +151,8 @@ def test_pip_install_with_build_isolation_gets_the_cpp_backend(tmp_path):
         [python, "-m", "pip", "install", str(project)], env=env, cwd=tmp_path, capture_output=True, text=True,
         timeout=900,
     )
+    if install.returncode != 0 and "No matching distribution found for setuptools" in install.stderr:
+        pytest.skip("PyPI is not reachable: an isolated build cannot fetch setuptools")
     assert install.returncode == 0, install.stdout + install.stderr
     assert "Requirement already satisfied: torch" in install.stdout, install.stdout  # never another torch
     installed = os.path.join(_venv_site_packages(venv), "avkernels")

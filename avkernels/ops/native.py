@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import os
 import runpy
+import shutil
 import sys
 import threading
 import warnings
@@ -115,6 +116,9 @@ def _jit_obstacle() -> Optional[str]:
         return "its sources are not installed (no csrc/ in the package or beside it)"
     from torch.utils import cpp_extension
 
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler.split()[0] if compiler.strip() else "c++") is None:
+        return f"its build on first use needs a C++ compiler, and {compiler!r} was not found (set $CXX)"
     if not cpp_extension.is_ninja_available():
         return "its build on first use needs ninja, which is not installed (`pip install ninja`)"
     return None
@@ -134,11 +138,13 @@ def _source_root(backend: str) -> Optional[str]:
 
 
 def _build_directory(backend: str, root: str, cfg: dict) -> str:
-    """One cache folder per sources, flags, torch and Python: a match is a finished build, reused as it is, and an
+    """One cache folder per install, sources, flags, torch and Python: a match is a finished build, reused as it is, and an
     upgrade of torch or of avkernels compiles into a new folder instead of loading a stale binary."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(torch.__version__.encode())
+    # The root too: ninja's build file names the sources by absolute path, so two installs sharing a folder would
+    # take turns recompiling.
+    digest = hashlib.sha256(f"{torch.__version__}\0{os.path.abspath(root)}".encode())
     for path in _sources(root, cfg["SHIPPED_SOURCES"]):
         digest.update(os.path.relpath(path, root).encode())
         with open(path, "rb") as f:
