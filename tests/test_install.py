@@ -2,8 +2,8 @@
 
 pip's default build is isolated and has no torch, so it builds no extension; the package then carries ``csrc/`` and
 compiles ``avkernels._C_cpu`` against the installed torch the first time dispatch asks for the cpp backend. The slow
-test checks that route end to end, from a fresh venv; the others check, in this process and without compiling, what
-happens when that build cannot run.
+test checks that route end to end from a fresh venv (``pip install <path>``, then the wheel of a ``git+file://``
+clone); the others check, in this process and without compiling, what happens when that build cannot run.
 """
 
 import os
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_pip_install_with_build_isolation_gets_the_cpp_backend(tmp_path):
     pytest.importorskip("setuptools")
     if shutil.which("ninja") is None:
         pytest.skip("ninja is not installed: the build on first use needs it (its absence is tested above)")
-    project = tmp_path / "project"
+    project, clone_source = tmp_path / "project", tmp_path / "repository"
     project.mkdir()
     _copy_project(project)
     venv = str(tmp_path / "venv")
@@ -173,3 +174,22 @@ def test_pip_install_with_build_isolation_gets_the_cpp_backend(tmp_path):
     module = [line.split(" ", 1)[1] for line in first.stdout.splitlines() if line.startswith("MODULE ")]
     assert module and module[0].startswith(str(tmp_path / "extensions")), first.stdout
     assert f"MODULE {module[0]}" in second.stdout
+
+    # `pip install git+URL` builds from a clone, which holds only tracked files: its wheel must carry the sources too.
+    if shutil.which("git") is None:
+        return
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
+    subprocess.run(git + ["init", "-q", str(clone_source)], check=True, timeout=60)
+    _copy_project(clone_source)
+    subprocess.run(git + ["add", "-A"], cwd=clone_source, check=True, timeout=60)
+    subprocess.run(git + ["commit", "-qm", "copy"], cwd=clone_source, check=True, timeout=60)
+    wheels = tmp_path / "wheels"
+    wheel = subprocess.run(
+        [python, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), f"git+file://{clone_source}"], env=env,
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert wheel.returncode == 0, wheel.stdout + wheel.stderr
+    (built,) = wheels.glob("avkernels-*.whl")
+    names = zipfile.ZipFile(built).namelist()
+    assert "avkernels/csrc/cpu/bindings.cpp" in names and "avkernels/csrc/common/philox.h" in names, names
+    assert not [n for n in names if "_C_cpu" in n], names

@@ -138,8 +138,8 @@ def _source_root(backend: str) -> Optional[str]:
 
 
 def _build_directory(backend: str, root: str, cfg: dict) -> str:
-    """One cache folder per install, sources, flags, torch and Python: a match is a finished build, reused as it is, and an
-    upgrade of torch or of avkernels compiles into a new folder instead of loading a stale binary."""
+    """One cache folder per install, sources, flags, torch and Python: a match is a finished build, reused as it is,
+    and an upgrade of torch or of avkernels compiles into a new folder instead of loading a stale binary."""
     from torch.utils import cpp_extension
 
     # The root too: ninja's build file names the sources by absolute path, so two installs sharing a folder would
