@@ -49,7 +49,8 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
-        warnings.warn(f"avkernels: torch is not importable at build time ({exc}); building without extensions")
+        warnings.warn(f"avkernels: torch is not importable at build time ({exc}); building without extensions "
+                      "(avkernels compiles the CPU one against the installed torch on first use)")
         return [], {}
 
     class OptionalBuildExtension(BuildExtension):
