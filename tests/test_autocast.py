@@ -263,3 +263,49 @@ def test_compiles_whole_under_autocast_with_the_default_backend():
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
     finally:
         torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# avkernels.nn.Linear: 16-bit GEMMs on float32 units where the CPU has no 16-bit matrix units
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("native", [False, True])
+def test_linear_under_cpu_autocast(dtype, native, monkeypatch):
+    from avkernels.nn import linear
+
+    monkeypatch.setitem(linear.NATIVE_16BIT_GEMM, dtype, native)
+    torch.manual_seed(3)
+    ours = linear.Linear(37, 19)
+    plain = torch.nn.Linear(37, 19)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 7, 37, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = ours(x)
+        y_torch = plain(x)
+    assert y.dtype == y_torch.dtype == dtype
+    if native:  # a CPU with 16-bit matrix units: exactly nn.Linear
+        assert torch.equal(y, y_torch)
+    else:  # the 16-bit-rounded operands multiplied in float32, rounded once: a 16-bit GEMM with fp32 accumulation
+        r = lambda t: t.detach().to(dtype).float()  # noqa: E731
+        torch.testing.assert_close(y, (r(x) @ r(ours.weight).T + r(ours.bias)).to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(y.float(), y_torch.float(), rtol=2 ** -6, atol=2 ** -6)
+    grads = torch.autograd.grad(y.float().sum(), (x, ours.weight, ours.bias))
+    want = torch.autograd.grad(y_torch.float().sum(), (x, plain.weight, plain.bias))
+    for g, w in zip(grads, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=2 ** -6, atol=2 ** -5)
+    with torch.no_grad():  # outside autocast it is nn.Linear
+        assert torch.equal(ours(x), plain(x))
+
+
+def test_modules_use_the_autocast_aware_linear():
+    from avkernels.nn import Linear
+
+    for model in (avkernels.GRJCA((6, 10), SEQ, form="dense"), avkernels.RJCA((6, 10), SEQ, form="additive"),
+                  AVRegressor((8, 6), SEQ, joint_dim=10, head_hidden=4)):
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        # The gates' nn.Linear only hold the weights that the fused gate ops read; they never run a GEMM.
+        assert all(hasattr(parent, "tau") for parent in model.modules() for m in parent.children() if m in linears)
+        assert any(isinstance(m, Linear) for m in model.modules())

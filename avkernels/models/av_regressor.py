@@ -26,6 +26,7 @@ from torch import nn
 from avkernels._validation import check_probability
 from avkernels.models._checks import check_features, check_positive_int
 from avkernels.nn.fusion import DCA, GRJCA, JCA, RJCA, RecursiveJointCrossAttention
+from avkernels.nn.linear import Linear
 
 FUSIONS = {"jca": JCA, "rjca": RJCA, "dca": DCA, "grjca": GRJCA}
 
@@ -68,7 +69,7 @@ class ResidualBiLSTM(nn.Module):
         # Rows [0, 2 * num_layers) are h0 and the rest c0, one row per (layer, direction), shared by every sample.
         self.initial_state = nn.Parameter(torch.empty(2 * 2 * num_layers, per_direction))
         self.dropout = nn.Dropout(dropout)
-        self.projection = nn.Linear(input_size + hidden_size, hidden_size)
+        self.projection = Linear(input_size + hidden_size, hidden_size)
         nn.init.xavier_uniform_(self.initial_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +143,12 @@ class AudioGuidedSpatialAttention(nn.Module):
         ):
             check_positive_int(value, name)
         self.channels, self.positions, self.scrambled_reshape = channels, positions, scrambled_reshape
-        self.video_projection = nn.Linear(channels, hidden)
-        self.guide_projection = nn.Linear(guide_dim, hidden)
-        self.video_score = nn.Linear(hidden, positions, bias=False)
-        self.guide_score = nn.Linear(hidden, positions, bias=False)
-        self.score = nn.Linear(positions, 1, bias=False)
-        self.output = nn.Linear(channels, out_dim)
+        self.video_projection = Linear(channels, hidden)
+        self.guide_projection = Linear(guide_dim, hidden)
+        self.video_score = Linear(hidden, positions, bias=False)
+        self.guide_score = Linear(hidden, positions, bias=False)
+        self.score = Linear(positions, 1, bias=False)
+        self.output = Linear(channels, out_dim)
 
     def positions_first(self, video: torch.Tensor) -> torch.Tensor:
         """``(..., channels * positions)`` flattened map -> ``(..., positions, channels)``."""
@@ -173,7 +174,7 @@ class AudioGuidedSpatialAttention(nn.Module):
 
 def regression_head(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     """``Linear(in_dim, hidden) -> ReLU -> Dropout -> Linear(hidden, 1)``, applied per time step."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+    return nn.Sequential(Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), Linear(hidden, 1))
 
 
 class AVRegressor(nn.Module):

@@ -3,6 +3,7 @@
 from avkernels.nn.blocks import AdditiveJointCrossAttention, DenseJointCrossAttention
 from avkernels.nn.fusion import DCA, GRJCA, JCA, RJCA, RecursiveJointCrossAttention
 from avkernels.nn.gates import Gate, StageGate
+from avkernels.nn.linear import Linear
 
 __all__ = [
     "AdditiveJointCrossAttention",
@@ -14,4 +15,5 @@ __all__ = [
     "GRJCA",
     "Gate",
     "StageGate",
+    "Linear",
 ]

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from avkernels.nn.linear import Linear
 from avkernels.ops.tanh_attention import tanh_attention
 
 
@@ -36,10 +37,10 @@ class DenseJointCrossAttention(nn.Module):
         self.dropout_p = dropout
         self.backend = backend
         self.scale = 1.0 / math.sqrt(joint)
-        self.query = nn.Linear(joint, joint)
-        self.keys = nn.ModuleList(nn.Linear(seq_len, seq_len) for _ in dims)
-        self.values = nn.ModuleList(nn.Linear(d, d) for d in dims)
-        self.outputs = nn.ModuleList(nn.Linear(joint, d) for d in dims)
+        self.query = Linear(joint, joint)
+        self.keys = nn.ModuleList(Linear(seq_len, seq_len) for _ in dims)
+        self.values = nn.ModuleList(Linear(d, d) for d in dims)
+        self.outputs = nn.ModuleList(Linear(joint, d) for d in dims)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
@@ -76,10 +77,10 @@ class AdditiveJointCrossAttention(nn.Module):
         self.dropout_p = dropout
         self.backend = backend
         self.scale = 1.0 / math.sqrt(joint)
-        self.keys = nn.ModuleList(nn.Linear(seq_len, seq_len, bias=False) for _ in dims)
-        self.correlations = nn.ModuleList(nn.Linear(joint, hidden, bias=False) for _ in dims)
-        self.inputs = nn.ModuleList(nn.Linear(seq_len, hidden, bias=False) for _ in dims)
-        self.outputs = nn.ModuleList(nn.Linear(hidden, seq_len, bias=False) for _ in dims)
+        self.keys = nn.ModuleList(Linear(seq_len, seq_len, bias=False) for _ in dims)
+        self.correlations = nn.ModuleList(Linear(joint, hidden, bias=False) for _ in dims)
+        self.inputs = nn.ModuleList(Linear(seq_len, hidden, bias=False) for _ in dims)
+        self.outputs = nn.ModuleList(Linear(hidden, seq_len, bias=False) for _ in dims)
 
     def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         joint_t = torch.cat(features, dim=-1).transpose(1, 2)  # J^T: (B, d, L)
