@@ -35,15 +35,25 @@ def check_shape(x: torch.Tensor, name: str, expected: Sequence[Dim]) -> None:
         raise ValueError(f"{name}: expected shape {shape_str(expected)}, got {tuple(x.shape)}")
 
 
-def check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], *, dtype: Optional[torch.dtype] = None) -> None:
-    """All tensors on one device and (unless autocast is on) of one dtype, optionally ``dtype``."""
+def check_same(
+    tensors: Sequence[torch.Tensor],
+    names: Sequence[str],
+    *,
+    dtype: Optional[torch.dtype] = None,
+    autocast_may_mix: bool = True,
+) -> None:
+    """All tensors on one device and of one dtype, optionally ``dtype``.
+
+    ``autocast_may_mix``: skip the dtype check while autocast is on for the device (a module's inputs may then come
+    in the autocast dtype beside float32 parameters). The functional ops pass ``False``: they check after casting.
+    """
     first, first_name = tensors[0], names[0]
     for t, n in zip(tensors[1:], names[1:]):
         if t.device != first.device:
             raise ValueError(f"{n}: expected a tensor on {first.device} like {first_name}, got one on {t.device}")
     want = dtype if dtype is not None else first.dtype
     want_from = "the module's parameters" if dtype is not None else first_name
-    if _autocast_enabled(first.device):
+    if autocast_may_mix and _autocast_enabled(first.device):
         return
     for t, n in zip(tensors, names):
         if t.dtype != want:

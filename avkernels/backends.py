@@ -1,75 +1,123 @@
-"""Backend registry: which implementation of each fused op runs where.
+"""Backend registry and dispatch: which implementation of each fused op runs a given call.
 
-Every functional op (``tanh_attention``, ``gate``, ``stage_gate``) takes ``backend=None | "reference" | "triton" |
-"cpp" | "cuda"``. A backend registers itself here when its module is imported (see ``avkernels/ops/__init__.py``);
-adding one is a matter of calling :func:`register_backend` once and :func:`register_impl` per op.
+Every functional op (``tanh_attention``, ``gate``, ``stage_gate``) takes ``backend=None`` or the name of a registered
+backend (``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` in this build). A backend registers itself when its
+module is imported (see ``avkernels/ops/__init__.py``): :func:`register_backend` once, with its preference rank per
+device type, then :func:`register_impl` per op. Nothing else lists backend names, so adding one touches only its own
+module.
+
+Each call is described by an :class:`Inputs` (device, dtype after autocast, named sizes, options). A backend runs it
+only when every check passes: the backend is usable in this process (its build or package is there), it accepts the
+device and dtype (:attr:`BackendInfo.input_reason`), it implements the op, and the op's own limits allow the sizes
+and options (:attr:`OpImpl.supports`). Each check answers ``None`` or a sentence saying why not, as xformers'
+``not_supported_reasons`` does.
 
 Choosing a backend:
 
 * ``backend="name"`` (or ``AVKERNELS_BACKEND=name`` in the environment) forces one. A forced backend that cannot run
-  the inputs is an error naming the backend and the reason, never a silent fallback.
-* ``backend=None`` picks the first usable entry of :data:`DEFAULT_PREFERENCE` for the inputs' device type. The
-  Triton interpreter (``TRITON_INTERPRET=1``) runs on CPU tensors but is far slower than the reference, so it is
-  never chosen by default on CPU; ask for it by name.
+  the inputs is an error naming the backend and every reason, never a silent fallback.
+* ``backend=None`` takes the first backend, in the preference order of the inputs' device type, that can run the
+  inputs; ``"reference"`` (plain PyTorch, every device and dtype) closes every list. Backends passed over are
+  recorded with their reasons, which :func:`backend_status` ``(op)`` reports (a record, not a log call: a logging
+  call inside the op would break ``torch.compile``'s graph). The Triton interpreter (``TRITON_INTERPRET=1``) runs CPU tensors but is far slower than the
+  reference, so it has no rank on CPU: it runs there only when asked for by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 BACKEND_ENV_VAR = "AVKERNELS_BACKEND"
-KNOWN_BACKENDS = ("reference", "triton", "cpp", "cuda")
+OPS = ("tanh_attention", "gate", "stage_gate")
 
-# Fastest first, per device type; "reference" always closes the list.
-DEFAULT_PREFERENCE: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("triton", "cuda", "reference"),
-    "cpu": ("cpp", "reference"),
-}
+
+@dataclass(frozen=True)
+class Inputs:
+    """What dispatch knows about one call of an op, after autocast has picked the compute dtype.
+
+    Attributes:
+        op: the op's name, one of :data:`OPS`.
+        device: where the tensors live.
+        dtype: the dtype the backend will receive (every floating input has it).
+        sizes: named sizes, e.g. ``{"B": 8, "Mq": 16, "N": 512, "D": 16, "E": 16}`` for ``tanh_attention``.
+        options: the call's options that a backend may not support, e.g. ``{"return_mask": True, "dropout": True}``.
+    """
+
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"{self.op} on {self.device.type} in {str(self.dtype).replace('torch.', '')} ({sizes})"
 
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """How to tell whether a backend can run here.
+    """How to tell whether a backend can run a call.
 
     Attributes:
-        name: one of :data:`KNOWN_BACKENDS`.
-        unavailable_reason: returns ``None`` when the backend is usable in this process at all (its build or
-            package is present), else a sentence saying why not.
-        device_reason: returns ``None`` when the backend can run tensors on the given device, else why not.
+        name: the name users pass as ``backend=``.
+        unavailable_reason: ``None`` when the backend is usable in this process at all (its build or package is
+            present and works), else a sentence saying why not.
+        input_reason: ``None`` when the backend accepts tensors of ``inputs.device`` and ``inputs.dtype``, else why
+            not (op-independent; op-specific limits go in :attr:`OpImpl.supports`).
+        preference: device type -> rank; ``backend=None`` tries backends in increasing rank on that device type.
+            A device type missing here is never chosen by default (the backend may still be asked for by name).
     """
 
     name: str
     unavailable_reason: Callable[[], Optional[str]]
-    device_reason: Callable[[torch.device], Optional[str]]
+    input_reason: Callable[[Inputs], Optional[str]]
+    preference: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class OpImpl:
-    """One backend's implementation of one op: its forward and backward callables.
+    """One backend's implementation of one op.
 
-    The signatures per op are documented in the op's module (e.g. :mod:`avkernels.ops.tanh_attention`).
+    Attributes:
+        forward, backward: the callables whose signatures each op documents (e.g. :mod:`avkernels.ops.tanh_attention`).
+        supports: ``None`` when this implementation handles the sizes and options of ``inputs``, else why not;
+            omitted when it handles every call its backend's :attr:`BackendInfo.input_reason` admits.
     """
 
     forward: Callable
     backward: Callable
+    supports: Optional[Callable[[Inputs], Optional[str]]] = None
 
 
 _BACKENDS: Dict[str, BackendInfo] = {}
 _IMPLS: Dict[Tuple[str, str], OpImpl] = {}
+# op -> {backend: reason} for the backends passed over by the last default choice of that op.
+_PASSED_OVER: Dict[str, Dict[str, str]] = {}
+
+
+def dtype_reason(dtype: torch.dtype, accepted, backend: str) -> Optional[str]:
+    """The sentence every backend uses to refuse a dtype (``accepted`` an iterable of dtypes)."""
+    if dtype in accepted:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in accepted)
+    return f"the {backend} backend computes in {names}, got {str(dtype).replace('torch.', '')} inputs"
 
 
 def register_backend(info: BackendInfo) -> None:
-    if info.name not in KNOWN_BACKENDS:
-        raise ValueError(f"backend name must be one of {KNOWN_BACKENDS}, got {info.name!r}")
+    if not isinstance(info.name, str) or not info.name.isidentifier():
+        raise ValueError(f"backend name must be an identifier, got {info.name!r}")
     _BACKENDS[info.name] = info
 
 
 def register_impl(op: str, backend: str, impl: OpImpl) -> None:
-    """Register the ``forward``/``backward`` pair that runs ``op`` on ``backend``."""
+    """Register the implementation that runs ``op`` on ``backend``."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"register_backend({backend!r}) must come before register_impl")
     _IMPLS[(op, backend)] = impl
@@ -82,51 +130,124 @@ def get_impl(op: str, backend: str) -> OpImpl:
         raise RuntimeError(f"backend {backend!r} has no implementation of {op!r}") from None
 
 
-def _why_not(name: str, op: str, device: Optional[torch.device]) -> Optional[str]:
-    info = _BACKENDS.get(name)
+def registered() -> Tuple[str, ...]:
+    """Every registered backend name, usable here or not, in registration order."""
+    return tuple(_BACKENDS)
+
+
+def why_not(backend: str, inputs: Inputs) -> List[str]:
+    """Every reason ``backend`` cannot run ``inputs``; empty when it can."""
+    info = _BACKENDS.get(backend)
     if info is None:
-        return "it is not installed in this build of avkernels"
+        return [f"no backend named {backend!r} is registered in this build of avkernels"]
     reason = info.unavailable_reason()
-    if reason is None and name != "reference" and (op, name) not in _IMPLS:
-        reason = f"it has no implementation of {op}"
-    if reason is None and device is not None:
-        reason = info.device_reason(device)
-    return reason
+    if reason is not None:
+        return [reason]  # nothing else can be asked of a backend that is not there
+    reasons = []
+    if backend != "reference" and (inputs.op, backend) not in _IMPLS:
+        reasons.append(f"it has no implementation of {inputs.op}")
+    reason = info.input_reason(inputs)
+    if reason is not None:
+        reasons.append(reason)
+    impl = _IMPLS.get((inputs.op, backend))
+    if impl is not None and impl.supports is not None and not reasons:
+        reason = impl.supports(inputs)
+        if reason is not None:
+            reasons.append(reason)
+    return reasons
+
+
+def preference(device_type: str) -> List[str]:
+    """The backends ``backend=None`` tries on ``device_type``, first choice first, ``"reference"`` last."""
+    ranked = [info for info in _BACKENDS.values() if device_type in info.preference and info.name != "reference"]
+    return [info.name for info in sorted(ranked, key=lambda info: info.preference[device_type])] + ["reference"]
 
 
 def backends() -> List[str]:
-    """The backends usable in this process, in :data:`KNOWN_BACKENDS` order ("reference" is always there)."""
-    return [name for name in KNOWN_BACKENDS if name in _BACKENDS and _BACKENDS[name].unavailable_reason() is None]
+    """The backends usable in this process (built and working here), in registration order."""
+    return [name for name, info in _BACKENDS.items() if info.unavailable_reason() is None]
 
 
-def backend_status() -> Dict[str, str]:
-    """Every known backend with "available" or the reason it is not (for bug reports and the README)."""
-    return {name: (_why_not(name, "tanh_attention", None) or "available") for name in KNOWN_BACKENDS}
-
-
-def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
-    """The backend that runs ``op`` on tensors living on ``device``.
+def backend_status(op: Optional[str] = None) -> Dict[str, str]:
+    """Every registered backend with ``"available"`` or the reason it is not (for bug reports and the README).
 
     Args:
-        op: the op's name, e.g. ``"tanh_attention"``.
-        backend: the caller's choice; ``None`` defers to ``$AVKERNELS_BACKEND`` and then to the default order.
-        device: where the inputs live.
+        op: also report whether each backend implements this op, and why the last ``backend=None`` call of the op
+            passed a backend over (e.g. ``"available; passed over for the last tanh_attention call (... in
+            float16 ...): the cpp backend computes in float32, float64, got float16 inputs"``).
+    """
+    status = {}
+    for name, info in _BACKENDS.items():
+        reason = info.unavailable_reason()
+        if reason is None and op is not None and name != "reference" and (op, name) not in _IMPLS:
+            reason = f"it has no implementation of {op}"
+        status[name] = reason or "available"
+        if reason is None and op is not None and name in _PASSED_OVER.get(op, {}):
+            status[name] += f"; passed over for the last {op} call: {_PASSED_OVER[op][name]}"
+    return status
+
+
+def resolve(backend: Optional[str], inputs: Inputs) -> str:
+    """The backend that runs ``inputs``.
+
+    Args:
+        backend: the caller's choice; ``None`` defers to ``$AVKERNELS_BACKEND`` and then to the device's preference
+            order.
+        inputs: the call.
     Raises:
-        ValueError: ``backend`` is not a known name.
-        RuntimeError: the requested backend cannot run here, with the reason.
+        ValueError: ``backend`` is not a registered name.
+        RuntimeError: the requested backend cannot run the inputs, with every reason.
     """
     source = "backend"
     if backend is None:
         backend = os.environ.get(BACKEND_ENV_VAR) or None
         source = f"${BACKEND_ENV_VAR}"
     if backend is not None:
-        if backend not in KNOWN_BACKENDS:
-            raise ValueError(f"{source} must be one of {KNOWN_BACKENDS} or None, got {backend!r}")
-        reason = _why_not(backend, op, device)
-        if reason is not None:
-            raise RuntimeError(f"{op}: backend {backend!r} (from {source}) cannot run on {device}: {reason}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"{source} must be one of {registered()} or None, got {backend!r}")
+        reasons = why_not(backend, inputs)
+        if reasons:
+            raise RuntimeError(
+                f"{inputs.op}: backend {backend!r} (from {source}) cannot run {inputs.describe()}: " + "; ".join(reasons)
+            )
         return backend
-    for name in DEFAULT_PREFERENCE.get(device.type, ("reference",)):
-        if _why_not(name, op, device) is None:
+    passed_over = {}
+    for name in preference(inputs.device.type):
+        reasons = why_not(name, inputs)
+        if not reasons:
+            _PASSED_OVER[inputs.op] = {n: f"({inputs.describe()}) {r}" for n, r in passed_over.items()}
             return name
-    return "reference"
+        passed_over[name] = "; ".join(reasons)
+    raise AssertionError("the reference backend runs every input")  # pragma: no cover
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` casts to on ``device``, or ``None`` when autocast is off there."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+    except RuntimeError:  # device types without autocast (e.g. "meta", used for shape inference)
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def cast_for_autocast(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The op inputs as the op receives them under ``torch.autocast`` (SPEC 8).
+
+    When autocast is on for the tensors' device, every floating input (parameters passed as ``v`` or as gate weights
+    included) is cast to the autocast dtype, so that a backend sees one dtype; float64 is left alone, as torch's
+    autocast leaves it. The casts are ordinary autograd ops, so gradients reach the parameters in their own dtype.
+    Outside autocast the tensors are returned as they are.
+    """
+    dtype = autocast_dtype(tensors[0].device)
+    if dtype is None:
+        return list(tensors)
+    return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
+
+
+def outside_autocast(device: torch.device) -> ContextManager:
+    """Runs the reference in the dtype its inputs were cast to: under autocast, torch would otherwise run its
+    matmuls in the autocast dtype but its softmax in float32, and return a dtype that depends on the op."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

@@ -6,7 +6,10 @@ What it does, once for every script:
   CPU), wraps the model in ``DistributedDataParallel`` and shards the training data with a ``DistributedSampler``.
   Only rank 0 evaluates, logs, draws the progress bar and writes checkpoints; the metrics it computes are broadcast
   so that every rank takes the same scheduler and early-stopping decisions.
-* **Mixed precision** on CUDA only (``torch.autocast`` + ``GradScaler``); on CPU training stays in float32.
+* **Mixed precision** on CPU and CUDA: ``precision`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (``torch.autocast`` in
+  that dtype around the forward pass and the loss; a ``GradScaler`` for fp16, whose gradients underflow otherwise).
+  ``"auto"`` means fp16 on CUDA and fp32 on CPU, where only CPUs with bfloat16 matrix units (AMX, AVX-512 BF16) make
+  16-bit faster.
 * **Checkpoints** (``last.pt`` every ``checkpoint_every`` steps and at each epoch end, ``best.pt`` on a new best
   validation score) are written to a temporary file and moved into place with ``os.replace``, so a crash never
   leaves a truncated checkpoint. They hold the model, optimizer, scheduler and scaler states, the epoch and the
@@ -248,7 +251,7 @@ class TrainConfig:
         checkpoint_every: also write ``last.pt`` every this many steps (0: only at epoch ends).
         patience: early stopping after this many evaluations without a strict improvement of ``task.monitor``
             (``None``: never).
-        amp: mixed precision on CUDA (ignored on CPU).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (autocast dtype) or ``"auto"`` (fp16 on CUDA, fp32 on CPU).
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
         progress: draw a tqdm progress bar (rank 0).
         log_every: write a train record every this many steps.
@@ -263,12 +266,31 @@ class TrainConfig:
     max_steps: Optional[int] = None
     checkpoint_every: int = 0
     patience: Optional[int] = None
-    amp: bool = True
+    precision: str = "auto"
     grad_clip: Optional[float] = None
     progress: bool = True
     log_every: int = 10
     num_workers: int = 0
     eval_batch_size: Optional[int] = None
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a ``--precision`` choice on ``device`` (``None``: float32, no autocast)."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {('auto', *PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def add_precision_argument(parser) -> None:
+    parser.add_argument(
+        "--precision", choices=("auto", *PRECISIONS), default="auto",
+        help="autocast dtype of the forward pass (auto: fp16 on CUDA, fp32 on CPU); fp16 adds a gradient scaler",
+    )
 
 
 class Trainer:
@@ -314,8 +336,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model.parameters())
         self.scheduler = make_scheduler(self.optimizer) if make_scheduler is not None else None
         self.scheduler_per, self.scheduler_metric = scheduler_per, scheduler_metric
-        self.use_amp = config.amp and ctx.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.autocast_dtype = autocast_dtype(config.precision, ctx.device)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.autocast_dtype == torch.float16)
 
         self.sampler = ResumableSampler(train_set, ctx, config.batch_size, config.seed)
         self.train_loader = DataLoader(
@@ -358,7 +380,10 @@ class Trainer:
     # -- autocast ------------------------------------------------------------------------------------------------
 
     def autocast(self):
-        return torch.autocast(device_type=self.ctx.device.type, dtype=torch.float16, enabled=self.use_amp)
+        return torch.autocast(
+            device_type=self.ctx.device.type, dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 

@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import Context, Task, TrainConfig, Trainer, seed_everything, setup_context, teardown_context  # noqa: E402
+from engine import (  # noqa: E402
+    Context, Task, TrainConfig, Trainer, add_precision_argument, seed_everything, setup_context, teardown_context,
+)
 
 from avkernels.data import INVALID_LABEL, AffWild2VA, RECOLA, SyntheticAV, SyntheticAVConfig  # noqa: E402
 from avkernels.losses import CCCLoss  # noqa: E402
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    add_precision_argument(g)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     g.add_argument("--num-workers", type=int, default=0)
     g = p.add_argument_group("output")
@@ -235,7 +237,7 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
         config = TrainConfig(
             out_dir=out_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
             max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, patience=args.patience,
-            amp=not args.no_amp, grad_clip=args.grad_clip, progress=not args.no_progress, log_every=args.log_every,
+            precision=args.precision, grad_clip=args.grad_clip, progress=not args.no_progress, log_every=args.log_every,
             num_workers=args.num_workers,
         )
         total_steps = args.epochs * (len(train_set) // (args.batch_size * ctx.world_size))

@@ -8,7 +8,8 @@ The paper's protocol (the defaults): cross-entropy, Adam lr 1e-3, batch 32, Redu
 patience 10) on the validation loss, early stopping when the validation overall accuracy has not improved for 10
 epochs, then the best checkpoint is evaluated on the test split. The paper ran 5 folds x seeds 1..10 and reports
 mean (std) over the 50 runs; ``--epochs`` caps a run (the code's cap was 20,000, i.e. early stopping only).
-The code trained in float64; this script trains in float32 (fp16 autocast on CUDA unless ``--no-amp``).
+The code trained in float64; this script trains in float32, or under autocast with ``--precision bf16|fp16``
+(default: fp16 on CUDA, fp32 on CPU).
 
 Metric names: "balanced accuracy" (mean per-class recall) is what the paper calls WA, "overall accuracy" what it
 calls UWA (research/selfcross-spec.md 1.6).
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import Context, Task, TrainConfig, Trainer, seed_everything, setup_context, teardown_context  # noqa: E402
+from engine import (  # noqa: E402
+    Context, Task, TrainConfig, Trainer, add_precision_argument, seed_everything, setup_context, teardown_context,
+)
 
 from avkernels.data import IEMOCAPFold  # noqa: E402
 from avkernels.metrics import balanced_accuracy, overall_accuracy  # noqa: E402
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--no-amp", action="store_true")
+    add_precision_argument(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join("runs", "iemocap"))
@@ -110,7 +113,7 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
         config = TrainConfig(
             out_dir=args.out_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
             max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, patience=args.patience,
-            amp=not args.no_amp, progress=not args.no_progress, log_every=args.log_every, num_workers=args.num_workers,
+            precision=args.precision, progress=not args.no_progress, log_every=args.log_every, num_workers=args.num_workers,
         )
         trainer = Trainer(
             task, model,

@@ -17,7 +17,7 @@ import torch
 import avkernels
 import reference_spec as spec  # tests/ is on sys.path (pytest's rootdir-less conftest layout)
 from avkernels import reference as lib_reference
-from avkernels.backends import BACKEND_ENV_VAR, DEFAULT_PREFERENCE, KNOWN_BACKENDS, BackendInfo, OpImpl
+from avkernels.backends import BACKEND_ENV_VAR, BackendInfo, Inputs, OpImpl
 
 # The module, not the function avkernels.backends() that the package exports under the same name.
 registry = importlib.import_module("avkernels.backends")
@@ -114,17 +114,41 @@ def isolated_registry(monkeypatch):
     """The registry's tables, restored after the test whatever it registers."""
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     monkeypatch.setattr(registry, "_IMPLS", dict(registry._IMPLS))
+    monkeypatch.setattr(registry, "_PASSED_OVER", {})
+
+
+def _register_standin(calls, input_reason=lambda inputs: None, supports=None, name="cpp", rank=0):
+    registry.register_backend(BackendInfo(name, lambda: None, input_reason, preference={"cpu": rank}))
+    for op, impl in (("tanh_attention", _tanh_attention_impl), ("gate", _gate_impl), ("stage_gate", _stage_gate_impl)):
+        standin_impl = impl(calls)
+        registry.register_impl(op, name, OpImpl(standin_impl.forward, standin_impl.backward, supports=supports))
 
 
 @pytest.fixture
 def standin(isolated_registry):
     """Registers the stand-in as "cpp" (first choice on CPU); yields the list of calls it receives."""
     calls = []
-    registry.register_backend(BackendInfo("cpp", lambda: None, lambda device: None))
-    registry.register_impl("tanh_attention", "cpp", _tanh_attention_impl(calls))
-    registry.register_impl("gate", "cpp", _gate_impl(calls))
-    registry.register_impl("stage_gate", "cpp", _stage_gate_impl(calls))
+    _register_standin(calls)
     return calls
+
+
+def inputs_of(op="tanh_attention", dtype=torch.float32, device=CPU, **sizes):
+    return Inputs(op, device, dtype, sizes)
+
+
+OP_CALLS = {  # op -> a call of the public op on (B=2)-batched inputs of the given dtype
+    "tanh_attention": lambda dtype, **kw: avkernels.tanh_attention(
+        torch.randn(2, 3, 5, dtype=dtype), torch.randn(2, 7, 5, dtype=dtype), torch.randn(2, 7, 4, dtype=dtype), **kw
+    ),
+    "gate": lambda dtype, **kw: avkernels.gate(
+        *(torch.randn(2, 3, 5, dtype=dtype) for _ in range(2)), torch.randn(2, 5, dtype=dtype),
+        torch.randn(2, dtype=dtype), **kw
+    ),
+    "stage_gate": lambda dtype, **kw: avkernels.stage_gate(
+        [torch.randn(2, 3, 5, dtype=dtype) for _ in range(3)], torch.randn(3, 15, dtype=dtype),
+        torch.randn(3, dtype=dtype), **kw
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,71 +156,109 @@ def standin(isolated_registry):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _first_usable_on_cpu(op):
-    for name in DEFAULT_PREFERENCE["cpu"]:
-        try:
-            return registry.resolve(op, name, CPU)
-        except RuntimeError:
-            continue
-    raise AssertionError("no usable backend on CPU")
-
-
-@pytest.mark.parametrize("op", ["tanh_attention", "gate", "stage_gate"])
-def test_default_is_first_usable_of_cpu_preference(op):
-    assert DEFAULT_PREFERENCE["cpu"][-1] == "reference"
-    assert registry.resolve(op, None, CPU) == _first_usable_on_cpu(op)
+@pytest.mark.parametrize("op", registry.OPS)
+def test_default_is_first_backend_of_the_preference_that_can_run_the_inputs(op):
+    order = registry.preference("cpu")
+    assert order[-1] == "reference"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        inputs = inputs_of(op, dtype)
+        first = next(name for name in order if not registry.why_not(name, inputs))
+        assert registry.resolve(None, inputs) == first
 
 
 def test_default_prefers_a_built_cpu_backend(standin):
-    assert registry.resolve("tanh_attention", None, CPU) == "cpp"
+    assert registry.resolve(None, inputs_of()) == "cpp"
     avkernels.tanh_attention(rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2))
     assert [c[:2] for c in standin] == [("tanh_attention", "forward")]
 
 
 def test_default_skips_a_backend_that_cannot_run_the_device(isolated_registry):
-    registry.register_backend(BackendInfo("cpp", lambda: None, lambda device: "it runs on the moon only"))
-    registry.register_impl("tanh_attention", "cpp", _tanh_attention_impl([]))
-    assert registry.resolve("tanh_attention", None, CPU) == "reference"
+    _register_standin([], input_reason=lambda inputs: "it runs on the moon only")
+    assert registry.resolve(None, inputs_of()) == "reference"
+    assert "passed over for the last tanh_attention call" in avkernels.backend_status("tanh_attention")["cpp"]
+    assert "it runs on the moon only" in avkernels.backend_status("tanh_attention")["cpp"]
     with pytest.raises(RuntimeError, match=re.escape("backend 'cpp'") + ".*it runs on the moon only"):
-        registry.resolve("tanh_attention", "cpp", CPU)
+        registry.resolve("cpp", inputs_of())
+
+
+def test_default_falls_through_on_dtype_and_a_named_backend_says_why(isolated_registry):
+    calls = []
+    _register_standin(calls, input_reason=lambda inputs: registry.dtype_reason(inputs.dtype, (F64,), "cpp"))
+    avkernels.tanh_attention(rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2))
+    assert len(calls) == 1
+    out = OP_CALLS["tanh_attention"](torch.float16)  # falls through to the reference, in float16
+    assert out.dtype == torch.float16 and len(calls) == 1
+    status = avkernels.backend_status("tanh_attention")["cpp"]
+    assert status.startswith("available; passed over") and "float16" in status and "computes in float64" in status
+    msg = "tanh_attention: backend 'cpp' (from backend) cannot run tanh_attention on cpu in float16"
+    with pytest.raises(RuntimeError, match=re.escape(msg) + ".*the cpp backend computes in float64, got float16"):
+        OP_CALLS["tanh_attention"](torch.float16, backend="cpp")
+    avkernels.tanh_attention(rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2))  # a call that runs clears the record
+    assert avkernels.backend_status("tanh_attention")["cpp"] == "available"
+
+
+def test_default_falls_through_on_sizes_and_options(isolated_registry):
+    calls = []
+    def no_masks_no_long_keys(inputs):
+        if inputs.options.get("return_mask"):
+            return "it cannot return the dropout mask"
+        return "it takes N <= 8" if inputs.sizes.get("N", 0) > 8 else None
+    _register_standin(calls, supports=no_masks_no_long_keys)
+    q = rand(1, 2, 3)
+    avkernels.tanh_attention(q, rand(1, 8, 3), rand(1, 8, 2))
+    avkernels.tanh_attention(q, rand(1, 9, 3), rand(1, 9, 2))
+    avkernels.tanh_attention(q, rand(1, 8, 3), rand(1, 8, 2), dropout_p=0.5, training=True, return_mask=True)
+    assert len(calls) == 1  # the second and third calls fell through to the reference
+    with pytest.raises(RuntimeError, match="it takes N <= 8"):
+        avkernels.tanh_attention(q, rand(1, 9, 3), rand(1, 9, 2), backend="cpp")
+
+
+def test_a_new_backend_needs_no_central_list(isolated_registry):
+    calls = []
+    _register_standin(calls, name="mine", rank=-1)  # ranked before every built-in CPU backend
+    assert "mine" in avkernels.backends() and registry.preference("cpu")[0] == "mine"
+    avkernels.gate(rand(1, 2, 3), rand(1, 2, 3), rand(2, 3), rand(2))
+    assert calls == [("gate", "forward")]
+    model = avkernels.DCA((3, 5), 2, backend="mine").double()
+    model(rand(1, 2, 3), rand(1, 2, 5))
+    assert {c[0] for c in calls} == {"tanh_attention", "gate"}
 
 
 def test_reference_always_available():
     assert "reference" in avkernels.backends()
-    assert set(avkernels.backends()) <= set(KNOWN_BACKENDS)
-    status = avkernels.backend_status()
-    assert set(status) == set(KNOWN_BACKENDS) and status["reference"] == "available"
-    assert all(isinstance(reason, str) and reason for reason in status.values())
+    assert set(avkernels.backends()) <= set(registry.registered())
+    for op in (None, *registry.OPS):
+        status = avkernels.backend_status(op)
+        assert set(status) == set(registry.registered()) and status["reference"] == "available"
+        assert all(isinstance(reason, str) and reason for reason in status.values())
 
 
 def test_unknown_backend_name():
-    msg = "must be one of ('reference', 'triton', 'cpp', 'cuda') or None, got 'gpu'"
+    msg = f"must be one of {registry.registered()} or None, got 'gpu'"
     with pytest.raises(ValueError, match=re.escape(msg)):
         avkernels.tanh_attention(rand(1, 2, 3), rand(1, 4, 3), rand(1, 4, 2), backend="gpu")
     with pytest.raises(ValueError, match="got 'Reference'"):
         avkernels.gate(rand(1, 2, 3), rand(1, 2, 3), rand(2, 3), rand(2), backend="Reference")
+    with pytest.raises(ValueError, match="backend: expected None or one of"):
+        avkernels.JCA((3, 5), 2, backend="gpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the 'cuda' backend may be usable on a machine with a GPU")
-@pytest.mark.parametrize("op", ["tanh_attention", "gate", "stage_gate"])
+@pytest.mark.parametrize("op", registry.OPS)
 def test_known_but_unavailable_backend(op):
-    x = rand(1, 2, 3)
-    call = {
-        "tanh_attention": lambda: avkernels.tanh_attention(x, x, x, backend="cuda"),
-        "gate": lambda: avkernels.gate(x, x, rand(2, 3), rand(2), backend="cuda"),
-        "stage_gate": lambda: avkernels.stage_gate([x], rand(1, 3), rand(1), backend="cuda"),
-    }[op]
-    # The message names the op, the backend, the device and a non-empty reason.
-    with pytest.raises(RuntimeError, match=rf"{op}: backend 'cuda' \(from backend\) cannot run on cpu: \S+"):
-        call()
+    # The message names the op, the backend, the call and a non-empty reason.
+    with pytest.raises(RuntimeError, match=rf"{op}: backend 'cuda' \(from backend\) cannot run {op} on cpu in float64 "
+                                           rf"\(.*\): \S+"):
+        OP_CALLS[op](torch.float64, backend="cuda")
 
 
 def test_backend_without_the_op(isolated_registry):
-    registry.register_backend(BackendInfo("cpp", lambda: None, lambda device: None))
+    registry.register_backend(BackendInfo("cpp", lambda: None, lambda inputs: None, preference={"cpu": 0}))
     registry._IMPLS.pop(("gate", "cpp"), None)  # the real cpp backend, when built, has one
     with pytest.raises(RuntimeError, match=re.escape("backend 'cpp'") + ".*it has no implementation of gate"):
         avkernels.gate(rand(1, 2, 3), rand(1, 2, 3), rand(2, 3), rand(2), backend="cpp")
-    assert registry.resolve("gate", None, CPU) == "reference"
+    assert registry.resolve(None, inputs_of("gate")) == "reference"
+    assert avkernels.backend_status("gate")["cpp"] == "it has no implementation of gate"
 
 
 def test_environment_variable_forces_a_backend(standin, monkeypatch):
@@ -210,7 +272,7 @@ def test_environment_variable_forces_a_backend(standin, monkeypatch):
     avkernels.tanh_attention(q, k, v, backend="reference")  # an explicit argument wins over the variable
     assert len(standin) == 1
     monkeypatch.setenv(BACKEND_ENV_VAR, "")  # empty means unset
-    assert registry.resolve("tanh_attention", None, CPU) == "cpp"
+    assert registry.resolve(None, inputs_of()) == "cpp"
 
 
 def test_environment_variable_invalid_or_unavailable(monkeypatch):
@@ -220,19 +282,57 @@ def test_environment_variable_invalid_or_unavailable(monkeypatch):
         avkernels.tanh_attention(x, x, x)
     if not torch.cuda.is_available():
         monkeypatch.setenv(BACKEND_ENV_VAR, "cuda")
-        msg = f"backend 'cuda' (from ${BACKEND_ENV_VAR}) cannot run on cpu"
+        msg = f"backend 'cuda' (from ${BACKEND_ENV_VAR}) cannot run tanh_attention on cpu"
         with pytest.raises(RuntimeError, match=re.escape(msg)):
             avkernels.JCA((3, 5), 2)(rand(1, 2, 3).float(), rand(1, 2, 5).float())
 
 
 def test_register_errors(isolated_registry):
     before = dict(registry._BACKENDS)
-    with pytest.raises(ValueError, match=re.escape("backend name must be one of") + ".*got 'mps'"):
-        registry.register_backend(BackendInfo("mps", lambda: None, lambda device: None))
+    with pytest.raises(ValueError, match=re.escape("backend name must be an identifier") + ".*got 'my backend'"):
+        registry.register_backend(BackendInfo("my backend", lambda: None, lambda inputs: None))
     assert registry._BACKENDS == before
+    with pytest.raises(ValueError, match=re.escape("op must be one of") + ".*got 'softmax'"):
+        registry.register_impl("softmax", "reference", OpImpl(None, None))
     registry._BACKENDS.pop("cpp", None)  # the isolated copy: a real "cpp" build stays registered
     with pytest.raises(ValueError, match=re.escape("register_backend('cpp') must come before register_impl")):
         registry.register_impl("gate", "cpp", _gate_impl([]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The device x dtype matrix: backend=None runs every op in every dtype on every device here; every backend asked by
+# name either runs the call or refuses it with the reasons that why_not gives.
+# ----------------------------------------------------------------------------------------------------------------
+
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _call_on(op, dtype, device, **kw):
+    torch.manual_seed(0)
+    with torch.device(device):
+        return OP_CALLS[op](dtype, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", registry.OPS)
+def test_device_dtype_matrix(op, dtype, device):
+    out = _call_on(op, dtype, device)
+    want = _call_on(op, dtype, device, backend="reference")
+    outs, wants = (out, want) if isinstance(out, tuple) else ((out,), (want,))
+    tol = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for got, ref in zip(outs, wants):
+        assert got.dtype == dtype and got.device.type == device.type
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    for name in registry.registered():
+        reasons = registry.why_not(name, Inputs(op, device, dtype))
+        if reasons:
+            with pytest.raises(RuntimeError, match=re.escape(f"backend {name!r}")):
+                _call_on(op, dtype, device, backend=name)
+        else:
+            got = _call_on(op, dtype, device, backend=name)
+            assert (got[0] if isinstance(got, tuple) else got).dtype == dtype
 
 
 # ----------------------------------------------------------------------------------------------------------------

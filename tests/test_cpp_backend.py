@@ -29,6 +29,10 @@ def ext():
     return native._MODULES["cpp"]
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # stored in 16 bits, computed in fp32 by the kernels
+ALL_DTYPES = (torch.float64, torch.float32, *HALF_DTYPES)
+
+
 def tolerance(dtype):
     """Allowed error = 2 x the reference's own error in this dtype (flash-attention's rule) + an absolute floor."""
     return 1e-12 if dtype == torch.float64 else 2e-6
@@ -232,10 +236,11 @@ def test_fast_tanh_accuracy(ext):
     assert torch.equal(torch.signbit(got[nonzero]), torch.signbit(exact[nonzero]))
 
 
-def test_deterministic_bits(ext):
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_deterministic_bits(ext, dtype):
     """Same seed -> same bits, forward and backward, whatever the thread count (reductions run in a fixed order)."""
-    q, k = torch.randn(3, 100, 16), torch.randn(3, 200, 16)
-    v, do = torch.randn(1, 200, 8), torch.randn(3, 100, 8)
+    q, k = torch.randn(3, 100, 16, dtype=dtype), torch.randn(3, 200, 16, dtype=dtype)
+    v, do = torch.randn(1, 200, 8, dtype=dtype), torch.randn(3, 100, 8, dtype=dtype)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -306,13 +311,206 @@ def test_opcheck_custom_ops(ext):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# bfloat16 / float16 attention, through the extension's functions (the Python dispatch of 16-bit inputs is being
+# reworked). Every test here has "half_precision" in its name: test_half_precision_on_every_isa_variant reruns them.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ext_attention(ext, q, k, v, do, scale, activation=None, dropout_p=0.0, seed=0):
+    """((o, dq, dk, dv), keep-mask or None) from the extension's forward and backward, without autograd."""
+    act = int(activation == "tanh_relu")
+    o, mask = ext.tanh_attention_forward(q, k, v, seed, scale, dropout_p, act, dropout_p > 0)
+    grads = ext.tanh_attention_backward(do, q, k, v, o, seed, scale, dropout_p, act, True)
+    return (o, *grads), (mask if dropout_p > 0 else None)
+
+
+def _attention_inputs(shape, layout, dtype):
+    """q, k, v, do of `shape` (B, Mq, N, D, E) in `dtype`, laid out as `layout` says: "contiguous"; "strided"
+    (transposed q and v, every other column of k and do); "shared" (v of batch 1); "expanded" (batch stride 0)."""
+    batch, rows, keys, head, value = shape
+    q, k = torch.randn(batch, rows, head, dtype=dtype), torch.randn(batch, keys, head, dtype=dtype)
+    v, do = torch.randn(batch, keys, value, dtype=dtype), torch.randn(batch, rows, value, dtype=dtype)
+    if layout == "strided":
+        q = torch.randn(batch, head, rows, dtype=dtype).transpose(1, 2)
+        k = torch.randn(batch, keys, 2 * head, dtype=dtype)[..., ::2]
+        v = torch.randn(batch, value, keys, dtype=dtype).transpose(1, 2)
+        do = torch.randn(batch, rows, 2 * value, dtype=dtype)[..., 1::2]
+    elif layout == "shared":
+        v = torch.randn(1, keys, value, dtype=dtype)
+    elif layout == "expanded":
+        v = torch.randn(1, keys, value, dtype=dtype).expand(batch, keys, value)
+    return q, k, v, do
+
+
+HALF_ATTENTION_CASES = {  # (B, Mq, N, D, E), layout, activation, dropout_p
+    "primes": ((3, 37, 71, 13, 19), "contiguous", None, 0.0),
+    "primes-strided-tanh_relu-dropout": ((3, 37, 71, 13, 19), "strided", "tanh_relu", 0.3),
+    "tile-edges-strided": ((2, 33, 65, 17, 31), "strided", None, 0.0),
+    "shared-v-tanh_relu": ((3, 37, 71, 13, 19), "shared", "tanh_relu", 0.0),
+    "expanded-v-dropout": ((2, 45, 100, 8, 6), "expanded", None, 0.5),
+    "long-rows-dropout": ((1, 300, 130, 7, 1), "contiguous", "tanh_relu", 0.2),
+    "ones": ((1, 1, 1, 1, 1), "contiguous", None, 0.0),
+}
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", list(HALF_ATTENTION_CASES))
+def test_half_precision_attention_matches_reference(ext, dtype, case):
+    """o, dq, dk, dv of 16-bit inputs against the fp64 reference on the same (rounded) inputs, within twice the error
+    of the reference computed in that dtype; a dropout mask is replayed in both references."""
+    shape, layout, activation, p = HALF_ATTENTION_CASES[case]
+    q, k, v, do = _attention_inputs(shape, layout, dtype)
+    scale = shape[3] ** -0.5
+    ours, mask = _ext_attention(ext, q, k, v, do, scale, activation, p, seed=11)
+    if p > 0:
+        assert mask.dtype == torch.bool and mask.shape == shape[:3] and 0 < mask.double().mean() < 1
+
+    def ref(q, k, v):
+        return reference.tanh_attention(q, k, v, scale, p, activation, dropout_mask=mask)[0]
+
+    same = attention_grads(ref, q, k, v, do)
+    exact = attention_grads(ref, q.double(), k.double(), v.double(), do.double())
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), ours, same, exact):
+        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous(), name
+        assert_close_to_reference(a, b, c, dtype, name)
+
+
+@pytest.mark.parametrize("activation", [None, "tanh_relu"])
+def test_half_precision_dropout_masks_do_not_depend_on_the_dtype(ext, activation):
+    """The same seed draws the same mask for float32, bfloat16 and float16 inputs (Philox offsets depend on the
+    shapes only), and it is the mask the generator defines."""
+    batch, rows, keys, p, seed = 2, 45, 130, 0.4, 2024
+    q, k, v, _ = _attention_inputs((batch, rows, keys, 8, 5), "contiguous", torch.float32)
+    act = int(activation == "tanh_relu")
+    masks = [ext.tanh_attention_forward(q.to(dtype), k.to(dtype), v.to(dtype), seed, 0.3, p, act, True)[1]
+             for dtype in (torch.float32, *HALF_DTYPES)]
+    uniform = ext.dropout_uniform(seed, 0, batch * rows, keys).view(batch, rows, keys)
+    for mask in masks:
+        assert torch.equal(mask, uniform >= p)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
+    """One kernel body: on contiguous inputs, every 16-bit output is bit for bit the fp32 kernel's output on the
+    widened inputs, rounded to nearest even by torch. So no intermediate is rounded to 16 bits, and the F16C (AVX2)
+    and c10::Half (baseline) conversions round as torch does."""
+    q, k, v, do = _attention_inputs((3, 37, 71, 13, 19), "contiguous", dtype)
+    wide = [t.float() for t in (q, k, v, do)]
+    for activation, p in ((None, 0.0), ("tanh_relu", 0.3)):
+        (o, *grads), _ = _ext_attention(ext, q, k, v, do, 0.4, activation, p, seed=5)
+        act = int(activation == "tanh_relu")
+        o32, _ = ext.tanh_attention_forward(*wide[:3], 5, 0.4, p, act, False)
+        # the fp32 backward reads the 16-bit forward output (tanh_relu), as the 16-bit backward does
+        grads32 = ext.tanh_attention_backward(wide[3], *wide[:3], o.float(), 5, 0.4, p, act, True)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (o32, *grads32)):
+            assert torch.equal(a, b.to(dtype)), (activation, name)
+
+    attended, unattended = torch.randn(2, 37, 19, dtype=dtype), torch.randn(2, 37, 19, dtype=dtype)
+    weight, bias = torch.randn(2, 19, dtype=dtype), torch.randn(2, dtype=dtype)
+    dout, dg = torch.randn(2, 37, 19, dtype=dtype), torch.randn(2, 37, 2, dtype=dtype)
+    out, g, *gate_grads = _ext_gate(ext, attended, unattended, weight, bias, dout, dg, 0.3)
+    wide = [t.float() for t in (attended, unattended, weight, bias)]
+    out32, g32 = ext.gate_forward(*wide, 0.3)
+    gate_grads32 = ext.gate_backward(dout.float(), dg.float(), *wide[:3], g.float(), out.float(), 0.3, True)
+    for name, a, b in zip(("out", "g", "d_att", "d_unatt", "d_w", "d_b"), (out, g, *gate_grads),
+                          (out32, g32, *gate_grads32)):
+        assert torch.equal(a, b.to(dtype)), name
+
+    stages = [torch.randn(2, 37, 11, dtype=dtype) for _ in range(3)]
+    weight, bias = torch.randn(3, 33, dtype=dtype) * 0.3, torch.randn(3, dtype=dtype)
+    dout, ds = torch.randn(2, 37, 11, dtype=dtype), torch.randn(2, 37, 3, dtype=dtype)
+    out, s = ext.stage_gate_forward(stages, weight, bias, 0.5)
+    stage_grads = ext.stage_gate_backward(dout, ds, stages, weight, s, out, 0.5, True)
+    wide = [t.float() for t in stages]
+    out32, s32 = ext.stage_gate_forward(wide, weight.float(), bias.float(), 0.5)
+    stage_grads32 = ext.stage_gate_backward(dout.float(), ds.float(), wide, weight.float(), s.float(), out.float(),
+                                            0.5, True)
+    for name, a, b in zip(("out", "s", "d_stages", "d_w", "d_b"), (out, s, *stage_grads), (out32, s32, *stage_grads32)):
+        assert torch.equal(a, b.to(dtype)), name
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_stores_keep_nan_inf_extremes_and_subnormals(ext, dtype):
+    """Through the widening and the rounding store: NaN stays NaN, inf stays inf, the largest finite value survives,
+    and so does a value that is subnormal in fp16 (2^-20; the kernels flush fp32 subnormals only, and F16C must
+    not flush fp16 ones). o = tanh(q) v with one key of k = 1; tanh(30) = 1 and tanh(2^-20) = 2^-20 in fp32."""
+    top, tiny = torch.finfo(dtype).max, 2.0**-20
+    q = torch.tensor([float("nan"), 30.0, 30.0, -30.0, tiny, 30.0], dtype=dtype).view(6, 1, 1)
+    v = torch.tensor([1.0, float("inf"), top, top, 1.0, tiny], dtype=dtype).view(6, 1, 1)
+    o, _ = ext.tanh_attention_forward(q, torch.ones_like(q), v, 0, 1.0, 0.0, 0, False)
+    assert o.dtype == dtype and torch.isnan(o[0]).all()
+    assert o.flatten()[1:].tolist() == [float("inf"), top, -top, tiny, tiny]
+
+
+def test_half_precision_mixed_dtypes_are_refused(ext):
+    q = torch.randn(2, 5, 3, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"tanh_attention_forward: k must have the dtype of q \(BFloat16\), got Half"):
+        ext.tanh_attention_forward(q, q.half(), q, 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"tanh_attention_forward: v must have the dtype of q \(BFloat16\), got Float"):
+        ext.tanh_attention_forward(q, q, q.float(), 0, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match=r"tanh_attention_backward: dout must have the dtype of q \(BFloat16\)"):
+        ext.tanh_attention_backward(q.half(), q, q, q, q, 0, 1.0, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match=r"tanh_attention_backward: out must have the dtype of q \(BFloat16\)"):
+        ext.tanh_attention_backward(q, q, q, q, q.half(), 0, 1.0, 0.0, 1, False)
+    a = torch.randn(2, 3, 5, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"gate_forward: unattended must have the dtype of attended \(Half\)"):
+        ext.gate_forward(a, a.bfloat16(), torch.randn(2, 5, dtype=torch.float16), a[0, 0, :2], 0.1)
+    with pytest.raises(RuntimeError, match=r"gate_forward: bias must have the dtype of attended \(Half\)"):
+        ext.gate_forward(a, a, torch.randn(2, 5, dtype=torch.float16), torch.randn(2), 0.1)
+    with pytest.raises(RuntimeError, match=r"stage_gate_forward: stages\[1\] must have the dtype of stages\[0\]"):
+        ext.stage_gate_forward([a, a.float()], torch.randn(2, 10, dtype=torch.float16), torch.randn(2), 0.1)
+    with pytest.raises(RuntimeError, match=r"stage_gate_backward: ds must have the dtype of stages\[0\]"):
+        ext.stage_gate_backward(a, torch.randn(2, 3, 2), [a, a], torch.randn(2, 10, dtype=torch.float16),
+                                torch.randn(2, 3, 2, dtype=torch.float16), a, 0.1, False)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_half_precision_on_every_isa_variant(ext, isa):
+    """The 16-bit tests above rerun with AVKERNELS_CPU_ISA lowered: each ISA variant widens and rounds on its own
+    path (fp16: F16C from AVX2 up, c10::Half in the baseline build)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AVKERNELS_CPU_ISA": isa}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+         "half_precision and not every_isa"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
 # gates
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def _ext_gate(ext, attended, unattended, weight, bias, dout, dg, tau):
+    """(out, g, d_attended, d_unattended, d_weight, d_bias) from the extension's functions, without autograd."""
+    out, g = ext.gate_forward(attended, unattended, weight, bias, tau)
+    return (out, g, *ext.gate_backward(dout, dg, attended, unattended, weight, g, out, tau, True))
+
+
+def _ext_stage_gate(ext, stages, weight, bias, dout, ds, tau):
+    """(out, s, d_stages[0], ..., d_weight, d_bias) from the extension's functions, without autograd."""
+    out, s = ext.stage_gate_forward(stages, weight, bias, tau)
+    d_stages, d_weight, d_bias = ext.stage_gate_backward(dout, ds, stages, weight, s, out, tau, True)
+    return (out, s, *d_stages.unbind(0), d_weight, d_bias)
+
+
+def _gate_shape(dtype, small, large):
+    """16-bit inputs get rows over several 32-row chunks. fp32 / fp64 keep few rows: there the weight and bias
+    gradients sum ~100 terms of size |dg| / tau, and the fp32 reference's error on such a sum is now and then 10x
+    below its usual size, which the 2x rule cannot absorb (the kernels' own error is unchanged from before 16-bit
+    support); a 16-bit reference's error is dominated by its rounding of intermediates and does not have that luck."""
+    return large if dtype in HALF_DTYPES else small
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_gate_matches_reference(ext, dtype):
-    batch, length, d = 3, 7, 13
+    batch, length, d = _gate_shape(dtype, (3, 7, 13), (3, 37, 71))
     attended = torch.randn(batch, d, length, dtype=dtype).transpose(1, 2)  # strided
     unattended = torch.randn(batch, length, d, dtype=dtype)
     weight, bias = torch.randn(2, d, dtype=dtype) * 0.1, torch.randn(2, dtype=dtype) * 0.1
@@ -325,17 +523,21 @@ def test_gate_matches_reference(ext, dtype):
         grads = torch.autograd.grad((out, g), leaves, (cast(dout), cast(dg)))  # gradients through g too
         return (out, g, *grads)
 
-    ours = run(lambda *a: avkernels.gate(*a, tau=0.1, backend="cpp"), lambda t: t)
+    if dtype in HALF_DTYPES:  # the Python dispatch of 16-bit inputs is being reworked: call the extension itself
+        ours = _ext_gate(ext, attended, unattended, weight, bias, dout, dg, 0.1)
+    else:
+        ours = run(lambda *a: avkernels.gate(*a, tau=0.1, backend="cpp"), lambda t: t)
     same = run(lambda *a: reference.gate(*a, 0.1), lambda t: t)
     exact = run(lambda *a: reference.gate(*a, 0.1), lambda t: t.double())
     for name, a, b, c in zip(("out", "g", "d_att", "d_unatt", "d_w", "d_b"), ours, same, exact):
+        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous(), name
         assert_close_to_reference(a, b, c, dtype, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("n_stages", [1, 3])
 def test_stage_gate_matches_reference(ext, dtype, n_stages):
-    batch, length, d = 2, 5, 11
+    batch, length, d = _gate_shape(dtype, (2, 5, 11), (2, 37, 19))
     stages = [torch.randn(batch, length, d, dtype=dtype) for _ in range(n_stages)]
     stages[0] = torch.randn(batch, d, length, dtype=dtype).transpose(1, 2)  # strided
     weight = torch.randn(n_stages, n_stages * d, dtype=dtype) * 0.1
@@ -348,10 +550,14 @@ def test_stage_gate_matches_reference(ext, dtype, n_stages):
         grads = torch.autograd.grad((out, s), leaves, (cast(dout), cast(ds)))
         return (out, s, *grads)
 
-    ours = run(lambda x, w, b: avkernels.stage_gate(x, w, b, tau=0.2, backend="cpp"), lambda t: t)
+    if dtype in HALF_DTYPES:
+        ours = _ext_stage_gate(ext, stages, weight, bias, dout, ds, 0.2)
+    else:
+        ours = run(lambda x, w, b: avkernels.stage_gate(x, w, b, tau=0.2, backend="cpp"), lambda t: t)
     same = run(lambda x, w, b: reference.stage_gate(x, w, b, 0.2), lambda t: t)
     exact = run(lambda x, w, b: reference.stage_gate(x, w, b, 0.2), lambda t: t.double())
     for i, (a, b, c) in enumerate(zip(ours, same, exact)):
+        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous(), f"output {i}"
         assert_close_to_reference(a, b, c, dtype, f"output {i}")
 
 
@@ -430,14 +636,15 @@ def test_fusion_modules_match_reference(ext, model, form):
 def test_backend_is_registered_and_default_on_cpu(ext):
     assert "cpp" in avkernels.backends()
     assert avkernels.backend_status()["cpp"] == "available"
-    from avkernels.backends import resolve
+    from avkernels.backends import Inputs, resolve
 
-    assert resolve("tanh_attention", None, torch.device("cpu")) == "cpp"
+    assert resolve(None, Inputs("tanh_attention", torch.device("cpu"), torch.float32)) == "cpp"
 
 
 def test_bad_inputs_reach_cpp_checks(ext):
     q, k, v = torch.randn(2, 5, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 4)
-    with pytest.raises(RuntimeError, match="tanh_attention_forward: q must be a float32 or float64 CPU tensor"):
+    with pytest.raises(RuntimeError,
+                       match="tanh_attention_forward: q must be a float32, float64, bfloat16 or float16 CPU tensor"):
         ext.tanh_attention_forward(q.int(), k, v, 0, 1.0, 0.0, 0, False)
     with pytest.raises(RuntimeError, match=r"tanh_attention_forward: k must have shape \(B, N, D\)"):
         ext.tanh_attention_forward(q, k[..., :2], v, 0, 1.0, 0.0, 0, False)

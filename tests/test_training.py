@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import avkernels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
@@ -240,3 +242,45 @@ def test_a_batch_without_any_label_of_one_dimension_still_trains():
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.valence_head.parameters())
     arousal_term = task.criterion((model(batch["video"], batch["audio"])[1],), (batch["arousal"],))
     assert loss.item() == pytest.approx(arousal_term.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_scripts_take_a_precision_on_cpu(tmp_path, precision, monkeypatch):
+    # The forward pass runs under CPU autocast in that dtype (the fused ops return it), the parameters stay float32,
+    # fp16 goes through the gradient scaler, and both scripts train, evaluate and checkpoint.
+    seen = set()
+    real_tanh_attention = avkernels.nn.blocks.tanh_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.add((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None, q.dtype))
+        assert real_tanh_attention(q, k, v, **kwargs).dtype == torch.get_autocast_dtype("cpu")
+        return real_tanh_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(avkernels.nn.blocks, "tanh_attention", recording)
+    out = str(tmp_path / "av")
+    result = train_av.run(_args("--fusion", "grjca", "--max-steps", "3", "--precision", precision, "--out-dir", out))
+    trainer = result["trainer"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert {autocast for autocast, _ in seen} == {dtype}  # every fused call ran under autocast in that dtype
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _records(out, "train"))
+    assert _records(out, "config")[0]["config"]["precision"] == precision
+
+    fold = str(tmp_path / "fold01")
+    make_samples.write_iemocap_fold(fold)
+    args = train_iemocap.build_parser().parse_args([
+        "--fold-dir", fold, "--model", "self", "--modalities", "video", "text", "--epochs", "1", "--batch-size", "2",
+        "--no-progress", "--out-dir", str(tmp_path / "iemocap"), "--device", "cpu", "--precision", precision,
+    ])
+    assert 0.0 <= train_iemocap.run(args)["test"]["overall_accuracy"] <= 1.0
+
+
+def test_precision_choices():
+    assert engine.autocast_dtype("auto", torch.device("cpu")) is None
+    assert engine.autocast_dtype("auto", torch.device("cuda")) == torch.float16
+    assert engine.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="precision: expected one of .* got 'fp8'"):
+        engine.autocast_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        _args("--precision", "half")

@@ -75,11 +75,28 @@ class ResidualBiLSTM(nn.Module):
         """``(B, L, input_size) -> (B, L, hidden_size)``, unit L2 norm along the last axis."""
         states = self.initial_state.unsqueeze(1).expand(-1, x.shape[0], -1).contiguous()
         h0, c0 = states.chunk(2, dim=0)
-        recurrent, _ = self.rnn(x, (h0, c0))
+        recurrent, _ = run_outside_autocast(self.rnn, x, (h0, c0))
         return F.normalize(self.projection(self.dropout(torch.cat([x, recurrent], dim=-1))), dim=-1)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+
+
+def run_outside_autocast(rnn: nn.RNNBase, x: torch.Tensor, state=None) -> Tuple[torch.Tensor, object]:
+    """``rnn(x, *state)`` in the recurrent layer's own dtype, also under ``torch.autocast``.
+
+    CPU autocast runs LSTMs and GRUs in bfloat16 through oneDNN, which has no bfloat16 recurrent primitive on CPUs
+    without AVX-512 BF16 ("could not create a primitive descriptor for the LSTM forward propagation primitive"), and
+    a recurrence carries its rounding error through every step. The layer is small next to the fusion (L steps of
+    a few hundred units), so it runs in float32 everywhere and its output joins the autocast region as float32.
+    """
+    dtype = rnn.weight_ih_l0.dtype
+    if isinstance(state, torch.Tensor):
+        state = state.to(dtype)
+    elif state is not None:  # an LSTM's (h0, c0)
+        state = tuple(s.to(dtype) for s in state)
+    with torch.autocast(x.device.type, enabled=False):
+        return rnn(x.to(dtype), state)
 
 
 class AudioGuidedSpatialAttention(nn.Module):

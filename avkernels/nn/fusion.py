@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from avkernels._validation import check_float_tensor, check_positive, check_probability, check_same, check_shape
-from avkernels.backends import KNOWN_BACKENDS
+from avkernels.backends import registered
 from avkernels.nn.blocks import AdditiveJointCrossAttention, DenseJointCrossAttention
 from avkernels.nn.gates import Gate, StageGate
 
@@ -26,8 +26,8 @@ Outputs = Tuple[torch.Tensor, ...]
 
 def _check_backend_name(backend: Optional[str]) -> None:
     # Availability depends on the inputs' device and is checked per call; a misspelt name is caught at once.
-    if backend is not None and backend not in KNOWN_BACKENDS:
-        raise ValueError(f"backend: expected None or one of {KNOWN_BACKENDS}, got {backend!r}")
+    if backend is not None and backend not in registered():
+        raise ValueError(f"backend: expected None or one of {registered()}, got {backend!r}")
 
 
 class RecursiveJointCrossAttention(nn.Module):

@@ -2,7 +2,8 @@
 
 from avkernels.backends import BackendInfo, register_backend
 
-register_backend(BackendInfo("reference", unavailable_reason=lambda: None, device_reason=lambda device: None))
+# Plain PyTorch: every device and dtype. It closes every preference list without a rank of its own.
+register_backend(BackendInfo("reference", unavailable_reason=lambda: None, input_reason=lambda inputs: None))
 
 from avkernels.ops.gate import gate  # noqa: E402
 from avkernels.ops.stage_gate import stage_gate  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import get_impl, resolve
+from avkernels.backends import Inputs, cast_for_autocast, get_impl, outside_autocast, resolve
 
 
 @torch.library.custom_op("avkernels::gate", mutates_args=())
@@ -89,7 +89,6 @@ def check_gate_inputs(attended, unattended, weight, bias) -> None:
     check_shape(unattended, "unattended", tuple(attended.shape))
     check_shape(weight, "weight", (2, attended.shape[-1]))
     check_shape(bias, "bias", (2,))
-    check_same([attended, unattended, weight, bias], ["attended", "unattended", "weight", "bias"])
 
 
 def gate(
@@ -111,11 +110,16 @@ def gate(
         backend: see :func:`avkernels.tanh_attention`.
     Returns:
         ``(out, g)``: ``out = ReLU(g[..., :1] * unattended + g[..., 1:] * attended)`` of shape ``(B, L, d)`` and the
-        gate ``g`` of shape ``(B, L, 2)`` (index 0 = unattended, 1 = attended).
+        gate ``g`` of shape ``(B, L, 2)`` (index 0 = unattended, 1 = attended), both in the inputs' dtype (under
+        ``torch.autocast``, the autocast dtype: the inputs and the weights are cast to it first; SPEC 8).
     """
     check_gate_inputs(attended, unattended, weight, bias)
     tau = check_positive(tau, "tau")
-    name = resolve("gate", backend, attended.device)
+    attended, unattended, weight, bias = cast_for_autocast([attended, unattended, weight, bias])
+    check_same([attended, unattended, weight, bias], ["attended", "unattended", "weight", "bias"], autocast_may_mix=False)
+    batch, length, d = attended.shape
+    name = resolve(backend, Inputs("gate", attended.device, attended.dtype, {"B": batch, "L": length, "d": d}))
     if name == "reference" or attended.numel() == 0:
-        return reference.gate(attended, unattended, weight, bias, tau)
+        with outside_autocast(attended.device):
+            return reference.gate(attended, unattended, weight, bias, tau)
     return torch.ops.avkernels.gate(attended, unattended, weight, bias, tau, name)

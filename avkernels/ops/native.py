@@ -23,7 +23,7 @@ from typing import Dict, Optional
 
 import torch
 
-from avkernels.backends import BackendInfo, OpImpl, register_backend, register_impl
+from avkernels.backends import BackendInfo, Inputs, OpImpl, dtype_reason, register_backend, register_impl
 
 _ACTIVATIONS = {"none": 0, "tanh_relu": 1}
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,8 +58,16 @@ def _cpp_unavailable() -> Optional[str]:
     return _not_built("cpp")
 
 
-def _cpp_device(device: torch.device) -> Optional[str]:
-    return None if device.type == "cpu" else f"the cpp backend runs on CPU tensors, got a {device.type} tensor"
+# The dtypes the kernels compute in: csrc/cpu checks them again (checks.h), csrc/cuda in binding.cpp.
+_CPP_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CUDA_MAX_STAGES = 8  # kMaxGateCandidates in csrc/cuda/gate.cuh
+
+
+def _cpp_inputs(inputs: Inputs) -> Optional[str]:
+    if inputs.device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors, got {inputs.device.type} tensors"
+    return dtype_reason(inputs.dtype, _CPP_DTYPES, "cpp")
 
 
 def _cuda_unavailable() -> Optional[str]:
@@ -69,8 +77,16 @@ def _cuda_unavailable() -> Optional[str]:
     return reason
 
 
-def _cuda_device(device: torch.device) -> Optional[str]:
-    return None if device.type == "cuda" else f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+def _cuda_inputs(inputs: Inputs) -> Optional[str]:
+    if inputs.device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, got {inputs.device.type} tensors"
+    return dtype_reason(inputs.dtype, _CUDA_DTYPES, "cuda")
+
+
+def _cuda_stage_gate(inputs: Inputs) -> Optional[str]:
+    if inputs.sizes["T"] > _CUDA_MAX_STAGES:
+        return f"the cuda stage gate takes at most {_CUDA_MAX_STAGES} stages, got {inputs.sizes['T']}"
+    return None
 
 
 def _deterministic() -> bool:
@@ -100,7 +116,15 @@ def _register_impls(backend: str) -> None:
 
     register_impl("tanh_attention", backend, OpImpl(tanh_attention_forward, tanh_attention_backward))
     register_impl("gate", backend, OpImpl(lambda *args: ext().gate_forward(*args), gate_backward))
-    register_impl("stage_gate", backend, OpImpl(lambda *args: ext().stage_gate_forward(*args), stage_gate_backward))
+    register_impl(
+        "stage_gate",
+        backend,
+        OpImpl(
+            lambda *args: ext().stage_gate_forward(*args),
+            stage_gate_backward,
+            supports=_cuda_stage_gate if backend == "cuda" else None,
+        ),
+    )
 
 
 def build_jit(backend: str = "cpp", verbose: bool = True) -> ModuleType:
@@ -144,7 +168,8 @@ def build_jit(backend: str = "cpp", verbose: bool = True) -> ModuleType:
 
 for _backend in ("cpp", "cuda"):
     _load(_backend)
-register_backend(BackendInfo("cpp", unavailable_reason=_cpp_unavailable, device_reason=_cpp_device))
-register_backend(BackendInfo("cuda", unavailable_reason=_cuda_unavailable, device_reason=_cuda_device))
+register_backend(BackendInfo("cpp", _cpp_unavailable, _cpp_inputs, preference={"cpu": 0}))
+# After triton on CUDA: the Triton kernels are the tuned ones there; these are the no-JIT alternative.
+register_backend(BackendInfo("cuda", _cuda_unavailable, _cuda_inputs, preference={"cuda": 1}))
 _register_impls("cpp")
 _register_impls("cuda")

@@ -22,7 +22,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import get_impl, resolve
+from avkernels.backends import Inputs, cast_for_autocast, get_impl, outside_autocast, resolve
 
 
 @torch.library.custom_op("avkernels::stage_gate", mutates_args=())
@@ -95,7 +95,7 @@ def stage_gate(
         backend: see :func:`avkernels.tanh_attention`.
     Returns:
         ``(out, s)``: ``out = ReLU(sum_t s[..., t] * stages[t])`` of shape ``(B, L, d)`` and ``s`` of shape
-        ``(B, L, T)``.
+        ``(B, L, T)``, in the inputs' dtype (under ``torch.autocast``, the autocast dtype; SPEC 8).
     """
     if isinstance(stages, torch.Tensor) or not isinstance(stages, (list, tuple)) or len(stages) == 0:
         raise TypeError(f"stages: expected a non-empty list or tuple of (B, L, d) tensors, got {type(stages).__name__}")
@@ -111,9 +111,13 @@ def stage_gate(
     n_stages, d = len(stages), stages[0].shape[-1]
     check_shape(weight, "weight", (n_stages, n_stages * d))
     check_shape(bias, "bias", (n_stages,))
-    check_same(stages + [weight, bias], names + ["weight", "bias"])
     tau = check_positive(tau, "tau")
-    name = resolve("stage_gate", backend, stages[0].device)
+    *stages, weight, bias = cast_for_autocast(stages + [weight, bias])
+    check_same(stages + [weight, bias], names + ["weight", "bias"], autocast_may_mix=False)
+    batch, length, d = stages[0].shape
+    sizes = {"T": n_stages, "B": batch, "L": length, "d": d}
+    name = resolve(backend, Inputs("stage_gate", stages[0].device, stages[0].dtype, sizes))
     if name == "reference" or stages[0].numel() == 0:
-        return reference.stage_gate(stages, weight, bias, tau)
+        with outside_autocast(stages[0].device):
+            return reference.stage_gate(stages, weight, bias, tau)
     return torch.ops.avkernels.stage_gate(stages, weight, bias, tau, name)

@@ -29,7 +29,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
-from avkernels.backends import get_impl, resolve
+from avkernels.backends import Inputs, cast_for_autocast, get_impl, outside_autocast, resolve
 
 ACTIVATIONS = (None, "tanh_relu")
 SEED_BOUND = 2**31  # Philox keys are 32-bit halves; every backend accepts seeds below this
@@ -135,10 +135,14 @@ def tanh_attention(
         training: whether dropout is active.
         activation: ``None`` or ``"tanh_relu"`` (returns ``ReLU(tanh(o))``, the dense JCA form).
         return_mask: also return the boolean keep-mask that was drawn (``None`` when no dropout ran).
-        backend: ``None`` (fastest available for the inputs' device, or ``$AVKERNELS_BACKEND``), ``"reference"``,
-            ``"triton"``, ``"cpp"`` or ``"cuda"``.
+        backend: ``None`` (the first backend, fastest first, that can run these inputs; or ``$AVKERNELS_BACKEND``),
+            or a backend's name: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` (see :mod:`avkernels.backends`).
     Returns:
         ``o`` of shape ``(B, Mq, E)``, or ``(o, mask)`` when ``return_mask``.
+
+    Precision (SPEC 8): ``q``, ``k``, ``v`` share one dtype (float32, float64, bfloat16 or float16); accumulation is
+    float32 (float64 for float64) and ``o`` has the input dtype. Under ``torch.autocast`` the inputs, ``v`` included
+    when it is a parameter, are cast to the autocast dtype first.
     """
     check_float_tensor(q, "q")
     check_float_tensor(k, "k")
@@ -155,7 +159,8 @@ def tanh_attention(
         raise ValueError(f"v: expected batch size {batch} (like q) or 1 (shared), got {v.shape[0]}")
     if v.shape[0] > 1 and v.stride(0) == 0:
         v = v[:1]  # a batch-expanded weight: let the kernel broadcast it and reduce dv over the batch once
-    check_same([q, k, v], ["q", "k", "v"])
+    q, k, v = cast_for_autocast([q, k, v])
+    check_same([q, k, v], ["q", "k", "v"], autocast_may_mix=False)
     p = check_probability(dropout_p, "dropout_p")
     if not training:
         p = 0.0
@@ -166,9 +171,18 @@ def tanh_attention(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
-    name = resolve("tanh_attention", backend, q.device)
+    inputs = Inputs(
+        "tanh_attention",
+        q.device,
+        q.dtype,
+        {"B": batch, "Mq": q.shape[1], "N": n, "D": head, "E": v.shape[2]},
+        {"dropout": p > 0, "return_mask": return_mask and p > 0, "shared_v": v.shape[0] == 1 and batch > 1,
+         "activation": activation},
+    )
+    name = resolve(backend, inputs)
     if name == "reference" or min(q.shape + k.shape + v.shape[1:]) == 0:
-        o, mask = reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask)
+        with outside_autocast(q.device):
+            o, mask = reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask)
     else:
         o, mask = torch.ops.avkernels.tanh_attention(
             q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask, name

@@ -8,13 +8,18 @@
 namespace avk {
 namespace cpu {
 
+// The kernels compute in fp32 (fp64 for float64 inputs) whatever the storage dtype (convert.h), so the 16-bit
+// dtypes are accepted wherever float32 is.
 inline void check_float_cpu(const at::Tensor& t, const char* fn, const char* name) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " must be a float32 or float64 CPU tensor, got an undefined tensor");
-  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble), fn, ": ",
-              name, " must be a float32 or float64 CPU tensor, got a ", t.scalar_type(), " tensor on ", t.device());
+  constexpr const char* kExpected = " must be a float32, float64, bfloat16 or float16 CPU tensor, got ";
+  TORCH_CHECK(t.defined(), fn, ": ", name, kExpected, "an undefined tensor");
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(t.device().is_cpu() && (s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf),
+              fn, ": ", name, kExpected, "a ", s, " tensor on ", t.device());
 }
 
-// `t` like `ref`: same dtype (both already checked to be float CPU tensors).
+// `t` like `ref`: same dtype (both already checked to be float CPU tensors). Mixed dtypes are refused rather than
+// promoted: a silent copy of a whole input would hide a caller's mistake and cost a pass over memory.
 inline void check_float_cpu_like(const at::Tensor& t, const at::Tensor& ref, const char* fn, const char* name,
                                  const char* ref_name) {
   check_float_cpu(t, fn, name);

@@ -2,6 +2,11 @@
 //   g = softmax((a W^T + b) / tau) per row (b, l),  out = ReLU(g0 * u + g1 * a)
 // with a = attended, u = unattended, W (2, d). Backward reads each row once more and reduces the weight and bias
 // gradients per chunk of rows, then over chunks in a fixed order (deterministic).
+//
+// bf16 / fp16 rows are widened to fp32 as they are read (convert.h: row_as) and the output rows rounded once as they
+// are written (RowOut), so the row loops below are the fp32 ones; the weight-gradient partials and their sum stay
+// in fp32 and are rounded at the very end. A widened row is unit-stride, so strided 16-bit inputs take the
+// vectorised backward loop too.
 
 #include "ops.h"
 
@@ -10,6 +15,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "checks.h"
+#include "convert.h"
 #include "rows.h"
 
 namespace avk {
@@ -84,26 +90,30 @@ std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, cons
   at::Tensor out = at::empty(attended.sizes(), attended.options());
   at::Tensor g = at::empty({attended.size(0), attended.size(1), 2}, attended.options());
   if (rows == 0) return {out, g};
-  const at::Tensor w = weight.contiguous(), bias_c = bias.contiguous();  // 2 x d: small
+  const at::ScalarType compute = compute_dtype(attended.scalar_type());
+  const at::Tensor w = weight.contiguous().to(compute), bias_c = bias.contiguous().to(compute);  // 2 x d: small
 
-  AT_DISPATCH_FLOATING_TYPES(attended.scalar_type(), fn, [&] {
-    using T = scalar_t;
-    const RowView<T> a_rows(attended), u_rows(unattended);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, attended.scalar_type(), fn, [&] {
+    using S = scalar_t;
+    using T = compute_t<S>;
+    const RowView<S> a_rows(attended), u_rows(unattended);
     const T* w0 = w.data_ptr<T>();
     const T* w1 = w0 + d;
     const T* bias_p = bias_c.data_ptr<T>();
-    T* out_p = out.data_ptr<T>();
-    T* g_p = g.data_ptr<T>();
+    S* out_p = out.data_ptr<S>();
+    S* g_p = g.data_ptr<S>();
     parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(3 * d);  // a, u and out rows in T (16-bit inputs only)
       for (int64_t r = begin; r < end; ++r) {
-        const T* a = a_rows.row(r);
-        const T* u = u_rows.row(r);
-        T z[2] = {bias_p[0] + dot(a, a_rows.s2, w0, d), bias_p[1] + dot(a, a_rows.s2, w1, d)};
+        const auto a = row_as<T>(a_rows.row(r), a_rows.s2, d, scratch.data());
+        const auto u = row_as<T>(u_rows.row(r), u_rows.s2, d, scratch.data() + d);
+        T z[2] = {bias_p[0] + dot(a.data, a.stride, w0, d), bias_p[1] + dot(a.data, a.stride, w1, d)};
         softmax_in_place(z, 2, static_cast<T>(tau));
-        g_p[2 * r] = z[0];
-        g_p[2 * r + 1] = z[1];
-        T* o = out_p + r * d;
-        for (int64_t x = 0; x < d; ++x) o[x] = std::max(z[0] * u[x * u_rows.s2] + z[1] * a[x * a_rows.s2], T(0));
+        narrow_row(g_p + 2 * r, z, 2);
+        const RowOut<S, T> o(out_p + r * d, d, scratch.data() + 2 * d);
+        for (int64_t x = 0; x < d; ++x)
+          o.data[x] = std::max(z[0] * u.data[x * u.stride] + z[1] * a.data[x * a.stride], T(0));
+        o.commit();
       }
     });
   });
@@ -133,42 +143,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
   at::Tensor d_weight = at::zeros({2, d}, attended.options());
   at::Tensor d_bias = at::zeros({2}, attended.options());
   if (rows == 0) return {d_attended, d_unattended, d_weight, d_bias};
-  const at::Tensor w = weight.contiguous();
+  const at::ScalarType compute = compute_dtype(attended.scalar_type());
+  const at::Tensor w = weight.contiguous().to(compute);
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   // Per chunk: 2 * d weight-gradient entries, then the 2 bias-gradient entries.
-  at::Tensor part = at::zeros({chunks, 2 * d + 2}, attended.options());
+  at::Tensor part = at::zeros({chunks, 2 * d + 2}, attended.options().dtype(compute));
 
-  AT_DISPATCH_FLOATING_TYPES(attended.scalar_type(), fn, [&] {
-    using T = scalar_t;
-    const RowView<T> a_rows(attended), u_rows(unattended), o_rows(out), do_rows(dout), g_rows(g), dg_rows(dg);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, attended.scalar_type(), fn, [&] {
+    using S = scalar_t;
+    using T = compute_t<S>;
+    const RowView<S> a_rows(attended), u_rows(unattended), o_rows(out), do_rows(dout), g_rows(g), dg_rows(dg);
     const T* w0 = w.data_ptr<T>();
     const T* w1 = w0 + d;
-    T* da_p = d_attended.data_ptr<T>();
-    T* du_p = d_unattended.data_ptr<T>();
+    S* da_p = d_attended.data_ptr<S>();
+    S* du_p = d_unattended.data_ptr<S>();
     T* part_p = part.data_ptr<T>();
     const RowStrides strides{a_rows.s2, u_rows.s2, o_rows.s2, do_rows.s2};
-    const bool unit_stride = a_rows.s2 == 1 && u_rows.s2 == 1 && o_rows.s2 == 1 && do_rows.s2 == 1;
+    const bool unit_stride = !std::is_same_v<S, T> ||  // widened rows are unit-stride
+                             (a_rows.s2 == 1 && u_rows.s2 == 1 && o_rows.s2 == 1 && do_rows.s2 == 1);
     parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      std::vector<T> scratch(6 * d);  // a, u, out, dout, d_attended and d_unattended rows in T (16-bit only)
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         T* dw0 = part_p + chunk * (2 * d + 2);
         T* dw1 = dw0 + d;
         T* db = dw1 + d;
         for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-          const T gate[2] = {g_rows.row(r)[0], g_rows.row(r)[g_rows.s2]};
-          const T dg_row[2] = {dg_rows.row(r)[0], dg_rows.row(r)[dg_rows.s2]};
-          const RowPointers<T> row{a_rows.row(r), u_rows.row(r), o_rows.row(r), do_rows.row(r), w0, w1,
-                                   da_p + r * d, du_p + r * d, dw0, dw1};
+          const T gate[2] = {widen<T>(g_rows.row(r)[0]), widen<T>(g_rows.row(r)[g_rows.s2])};
+          const T dg_row[2] = {widen<T>(dg_rows.row(r)[0]), widen<T>(dg_rows.row(r)[dg_rows.s2])};
+          T* buf = scratch.data();
+          const RowOut<S, T> da(da_p + r * d, d, buf + 4 * d), du(du_p + r * d, d, buf + 5 * d);
+          const RowPointers<T> row{row_as<T>(a_rows.row(r), a_rows.s2, d, buf).data,
+                                   row_as<T>(u_rows.row(r), u_rows.s2, d, buf + d).data,
+                                   row_as<T>(o_rows.row(r), o_rows.s2, d, buf + 2 * d).data,
+                                   row_as<T>(do_rows.row(r), do_rows.s2, d, buf + 3 * d).data,
+                                   w0, w1, da.data, du.data, dw0, dw1};
           T dz[2];
           if (unit_stride)
             backward_row(row, UnitStrides(), d, gate, dg_row, static_cast<T>(tau), dz);
           else
             backward_row(row, strides, d, gate, dg_row, static_cast<T>(tau), dz);
+          da.commit();
+          du.commit();
           db[0] += dz[0];
           db[1] += dz[1];
         }
       }
     });
-    at::Tensor total = at::empty({2 * d + 2}, attended.options());
+    at::Tensor total = at::empty({2 * d + 2}, part.options());
     sum_chunks(part_p, chunks, 2 * d + 2, total.data_ptr<T>());
     d_weight.copy_(total.narrow(0, 0, 2 * d).view({2, d}));
     d_bias.copy_(total.narrow(0, 2 * d, 2));

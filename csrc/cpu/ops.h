@@ -1,6 +1,10 @@
 // The functions avkernels._C_cpu exports; avkernels._C_cuda (csrc/cuda/binding.cpp) exports the same op functions
 // (names and signatures), without the dropout-generator helpers for tests.
 // Semantics are the OpImpl contracts in avkernels/ops/{tanh_attention,gate,stage_gate}.py.
+//
+// Dtypes: float32, float64, bfloat16 and float16, the same for every floating tensor of one call (a mix is refused,
+// naming the argument). 16-bit inputs are computed in fp32 (convert.h) and every output and gradient is returned in
+// the input dtype, rounded once to nearest even; dropout masks depend on the seed and shapes only, never the dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -2,6 +2,9 @@
 //   s = softmax((concat_t X_t W^T + b) / tau) per row (b, l),  out = ReLU(sum_t s_t X_t)
 // with W (T, T * d). Backward returns d_stages as one (T, B, L, d) tensor and reduces the weight and bias gradients
 // per chunk of rows, then over chunks in a fixed order (deterministic).
+//
+// bf16 / fp16 stages are widened to fp32 row by row as they are read and the outputs rounded once on their final
+// store (convert.h), so one row loop serves every dtype; the weight-gradient partials stay in fp32 until the end.
 
 #include "ops.h"
 
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "convert.h"
 #include "rows.h"
 
 namespace avk {
@@ -55,31 +59,36 @@ std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tens
   at::Tensor out = at::empty(shape, stages[0].options());
   at::Tensor s = at::empty({shape[0], shape[1], n}, stages[0].options());
   if (rows == 0) return {out, s};
-  const at::Tensor w = weight.contiguous(), bias_c = bias.contiguous();
+  const at::ScalarType compute = compute_dtype(stages[0].scalar_type());
+  const at::Tensor w = weight.contiguous().to(compute), bias_c = bias.contiguous().to(compute);
 
-  AT_DISPATCH_FLOATING_TYPES(stages[0].scalar_type(), fn, [&] {
-    using T = scalar_t;
-    const std::vector<RowView<T>> x_rows = row_views<T>(stages);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, stages[0].scalar_type(), fn, [&] {
+    using S = scalar_t;
+    using T = compute_t<S>;
+    const std::vector<RowView<S>> x_rows = row_views<S>(stages);
     const T* w_p = w.data_ptr<T>();
     const T* bias_p = bias_c.data_ptr<T>();
-    T* out_p = out.data_ptr<T>();
-    T* s_p = s.data_ptr<T>();
+    S* out_p = out.data_ptr<S>();
+    S* s_p = s.data_ptr<S>();
     parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(n * d + d), z(n);  // the stage rows and the out row in T (16-bit only); logits
+      std::vector<RowAs<S, T>> x(n);
       for (int64_t r = begin; r < end; ++r) {
-        T* z = s_p + r * n;  // logits, then softmax in place
+        for (int64_t t = 0; t < n; ++t) x[t] = row_as<T>(x_rows[t].row(r), x_rows[t].s2, d, scratch.data() + t * d);
         for (int64_t t = 0; t < n; ++t) {
           T acc = bias_p[t];
-          for (int64_t src = 0; src < n; ++src) acc += dot(x_rows[src].row(r), x_rows[src].s2, w_p + (t * n + src) * d, d);
+          for (int64_t src = 0; src < n; ++src) acc += dot(x[src].data, x[src].stride, w_p + (t * n + src) * d, d);
           z[t] = acc;
         }
-        softmax_in_place(z, n, static_cast<T>(tau));
-        T* o = out_p + r * d;
+        softmax_in_place(z.data(), n, static_cast<T>(tau));
+        narrow_row(s_p + r * n, z.data(), n);
+        const RowOut<S, T> out_row(out_p + r * d, d, scratch.data() + n * d);
+        T* o = out_row.data;
         std::fill(o, o + d, T(0));
-        for (int64_t t = 0; t < n; ++t) {
-          const T* x = x_rows[t].row(r);
-          for (int64_t i = 0; i < d; ++i) o[i] += z[t] * x[i * x_rows[t].s2];
-        }
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t i = 0; i < d; ++i) o[i] += z[t] * x[t].data[i * x[t].stride];
         for (int64_t i = 0; i < d; ++i) o[i] = std::max(o[i], T(0));
+        out_row.commit();
       }
     });
   });
@@ -111,61 +120,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
   at::Tensor d_weight = at::zeros({n, n * d}, stages[0].options());
   at::Tensor d_bias = at::zeros({n}, stages[0].options());
   if (rows == 0) return {d_stages, d_weight, d_bias};
-  const at::Tensor w = weight.contiguous();
+  const at::ScalarType compute = compute_dtype(stages[0].scalar_type());
+  const at::Tensor w = weight.contiguous().to(compute);
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   const int64_t part_size = n * n * d + n;  // weight gradient, then bias gradient
-  at::Tensor part = at::zeros({chunks, part_size}, stages[0].options());
+  at::Tensor part = at::zeros({chunks, part_size}, stages[0].options().dtype(compute));
 
-  AT_DISPATCH_FLOATING_TYPES(stages[0].scalar_type(), fn, [&] {
-    using T = scalar_t;
-    const std::vector<RowView<T>> x_rows = row_views<T>(stages);
-    const RowView<T> o_rows(out), do_rows(dout), s_rows(s), ds_rows(ds);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, stages[0].scalar_type(), fn, [&] {
+    using S = scalar_t;
+    using T = compute_t<S>;
+    const std::vector<RowView<S>> x_rows = row_views<S>(stages);
+    const RowView<S> o_rows(out), do_rows(dout), s_rows(s), ds_rows(ds);
     const T* w_p = w.data_ptr<T>();
-    T* dx_p = d_stages.data_ptr<T>();
+    S* dx_p = d_stages.data_ptr<S>();
     T* part_p = part.data_ptr<T>();
     parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<T> dpre(d), gate(n), dgate(n), dz(n);
+      // The stage, out and dout rows in T, then the n d_stages rows (16-bit only).
+      std::vector<T> scratch(2 * n * d + 2 * d);
+      std::vector<RowAs<S, T>> x(n);
+      std::vector<RowOut<S, T>> dx_rows;
+      dx_rows.reserve(n);
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         T* dw = part_p + chunk * part_size;
         T* db = dw + n * n * d;
         for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-          const T *o = o_rows.row(r), *dy = do_rows.row(r);
+          T* buf = scratch.data();
+          const auto o = row_as<T>(o_rows.row(r), o_rows.s2, d, buf + n * d);
+          const auto dy = row_as<T>(do_rows.row(r), do_rows.s2, d, buf + n * d + d);
           for (int64_t i = 0; i < d; ++i) {
-            const T grad = dy[i * do_rows.s2];  // loaded unconditionally, so that the select vectorises
-            dpre[i] = o[i * o_rows.s2] > T(0) ? grad : T(0);
+            const T grad = dy.data[i * dy.stride];  // loaded unconditionally, so that the select vectorises
+            dpre[i] = o.data[i * o.stride] > T(0) ? grad : T(0);
+          }
+          dx_rows.clear();
+          for (int64_t t = 0; t < n; ++t) {
+            x[t] = row_as<T>(x_rows[t].row(r), x_rows[t].s2, d, buf + t * d);
+            dx_rows.emplace_back(dx_p + (t * rows + r) * d, d, buf + (n + 2 + t) * d);
           }
           for (int64_t t = 0; t < n; ++t) {
-            gate[t] = s_rows.row(r)[t * s_rows.s2];
-            T acc = ds_rows.row(r)[t * ds_rows.s2];
-            const T* x = x_rows[t].row(r);
-            T* dx = dx_p + (t * rows + r) * d;
+            gate[t] = widen<T>(s_rows.row(r)[t * s_rows.s2]);
+            T acc = widen<T>(ds_rows.row(r)[t * ds_rows.s2]);
+            const T* xt = x[t].data;
+            const int64_t xs = x[t].stride;
+            T* dx = dx_rows[t].data;
 _Pragma("omp simd reduction(+ : acc)")
             for (int64_t i = 0; i < d; ++i) {
               dx[i] = dpre[i] * gate[t];
-              acc += dpre[i] * x[i * x_rows[t].s2];
+              acc += dpre[i] * xt[i * xs];
             }
             dgate[t] = acc;
           }
           softmax_backward(gate.data(), dgate.data(), dz.data(), n, static_cast<T>(tau));
           // Every stage feeds every logit: dX_src += sum_t dz_t W[t, src], dW[t, src] += dz_t X_src.
           for (int64_t src = 0; src < n; ++src) {
-            const T* x = x_rows[src].row(r);
-            T* dx = dx_p + (src * rows + r) * d;
+            const T* xs_row = x[src].data;
+            const int64_t xs = x[src].stride;
+            T* dx = dx_rows[src].data;
             for (int64_t t = 0; t < n; ++t) {
               const T* w_row = w_p + t * n * d + src * d;
               T* dw_row = dw + t * n * d + src * d;
 _Pragma("omp simd")
               for (int64_t i = 0; i < d; ++i) {
                 dx[i] += dz[t] * w_row[i];
-                dw_row[i] += dz[t] * x[i * x_rows[src].s2];
+                dw_row[i] += dz[t] * xs_row[i * xs];
               }
             }
           }
+          for (const RowOut<S, T>& dx : dx_rows) dx.commit();
           for (int64_t t = 0; t < n; ++t) db[t] += dz[t];
         }
       }
     });
-    at::Tensor total = at::empty({part_size}, stages[0].options());
+    at::Tensor total = at::empty({part_size}, part.options());
     sum_chunks(part_p, chunks, part_size, total.data_ptr<T>());
     d_weight.copy_(total.narrow(0, 0, n * n * d).view({n, n * d}));
     d_bias.copy_(total.narrow(0, n * n * d, n));

@@ -10,6 +10,11 @@
 // query rows q = do = 0. The padded rows and columns of the C and dS tiles are cleared before they are contracted,
 // so that they contribute nothing even when a real input is infinite (inf * 0 would be NaN).
 //
+// bf16 / fp16 inputs are widened to fp32 as they are packed and computed exactly as fp32 inputs are (same tiles, same
+// task partition, same Philox offsets, so the same dropout mask); o, dq and the summed dk / dv are rounded to the
+// input dtype on their final store only (convert.h). A 16-bit kernel body would gain nothing on CPUs without 16-bit
+// arithmetic and would lose the accuracy of the fp32 sums over the keys.
+//
 // Determinism: forward tasks write disjoint output rows. Backward tasks own their dq rows and accumulate dk/dv into
 // a private buffer; the buffers are then summed in task order. The task partition depends on the shapes only (not
 // on the thread count), so results are bitwise reproducible with any number of threads.
@@ -25,6 +30,7 @@
 
 #include "checks.h"
 #include "common/philox.h"
+#include "convert.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -238,21 +244,18 @@ struct Blocking {
 };
 
 // dst[r * ld + c] = src[r * src_r + c * src_c] for r < rows, c < cols, and 0 elsewhere in rows_alloc x ld.
-// Reading through strides here is what lets the ops accept any layout without copying whole inputs.
-template <typename T>
-void pack(T* dst, int64_t ld, int64_t rows_alloc, const T* src, int64_t src_r, int64_t src_c, int64_t rows,
+// Reading through strides here is what lets the ops accept any layout without copying whole inputs, and widening
+// here (storage S = bf16 / fp16 to T = float) is what lets one kernel body serve every storage type: an element is
+// converted once as it is packed and then reused from the tile by every row or key of the block.
+template <typename S, typename T>
+void pack(T* dst, int64_t ld, int64_t rows_alloc, const S* src, int64_t src_r, int64_t src_c, int64_t rows,
           int64_t cols) {
   for (int64_t r = 0; r < rows_alloc; ++r) {
     T* row = dst + r * ld;
     int64_t c = 0;
     if (r < rows) {
-      const T* s = src + r * src_r;
-      if (src_c == 1) {
-        std::copy(s, s + cols, row);
-        c = cols;
-      } else {
-        for (; c < cols; ++c) row[c] = s[c * src_c];
-      }
+      widen_row(row, src + r * src_r, src_c, cols);
+      c = cols;
     }
     std::fill(row + c, row + ld, T(0));
   }
@@ -320,11 +323,14 @@ AVK_INLINE Vec<T, VB> load_keep(const float* keep) {
 constexpr int64_t kMinTasks = 32;
 constexpr int64_t kMaxPartBytes = int64_t(256) << 20;
 
-template <typename T>
+// S is the storage type of the tensors, T = compute_t<S> the type of every tile and sum (Tile<T>: so the tiles,
+// the task partition and the dropout draws of a bf16 / fp16 problem are those of the fp32 one).
+template <typename S>
 struct Problem {
-  const T* q;
-  const T* k;
-  const T* v;
+  using T = compute_t<S>;
+  const S* q;
+  const S* k;
+  const S* v;
   int64_t batch, rows, keys, head, value;  // B, Mq, N, D, E
   int64_t sq[3], sk[3], sv[3];
   T scale;
@@ -358,13 +364,14 @@ struct Problem {
   }
 };
 
-template <typename T>
-Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seed, double scale,
+template <typename S>
+Problem<S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seed, double scale,
                         double dropout_p, int64_t activation) {
-  Problem<T> P;
-  P.q = q.data_ptr<T>();
-  P.k = k.data_ptr<T>();
-  P.v = v.data_ptr<T>();
+  using T = compute_t<S>;
+  Problem<S> P;
+  P.q = q.data_ptr<S>();
+  P.k = k.data_ptr<S>();
+  P.v = v.data_ptr<S>();
   P.batch = q.size(0);
   P.rows = q.size(1);
   P.keys = k.size(1);
@@ -403,15 +410,16 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 // The packed key/value blocks of one batch element, kept while a thread runs that element's tasks: packing them
 // once per task instead of once per row block removes a strided copy per map element.
-template <typename T>
+template <typename S>
 struct KeyValuePanels {
+  using T = compute_t<S>;
   std::vector<T> k_panels;  // (key_blocks, D, BN): each key block transposed, for S = q k^T
   std::vector<T> k_blocks;  // (key_blocks, BN, Dp): each key block, for dq = dS k (backward only)
   std::vector<T> v_panels;  // (key_blocks, E, BN): each value block transposed, for dZ = do v^T (backward only)
   std::vector<T> v_blocks;  // (key_blocks, BN, Ep): each value block, for o = C v (forward only)
   int64_t batch_index = -1;
 
-  void pack_for(const Problem<T>& P, int64_t b, bool backward) {
+  void pack_for(const Problem<S>& P, int64_t b, bool backward) {
     constexpr int BN = Tile<T>::kBN;
     if (b == batch_index) return;
     const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
@@ -420,8 +428,8 @@ struct KeyValuePanels {
     if (backward) v_panels.resize(P.key_blocks * E * BN);
     for (int64_t kb = 0; kb < P.key_blocks; ++kb) {
       const int64_t j0 = kb * BN, n_keys = std::min<int64_t>(BN, P.keys - j0);
-      const T* k = P.k + b * P.sk[0] + j0 * P.sk[1];
-      const T* v = P.v + b * P.sv[0] + j0 * P.sv[1];
+      const S* k = P.k + b * P.sk[0] + j0 * P.sk[1];
+      const S* v = P.v + b * P.sv[0] + j0 * P.sv[1];
       pack(k_panels.data() + kb * D * BN, BN, D, k, P.sk[2], P.sk[1], D, n_keys);
       if (backward) {
         pack(k_blocks.data() + kb * BN * Dp, Dp, BN, k, P.sk[1], P.sk[2], n_keys, D);
@@ -438,8 +446,9 @@ struct KeyValuePanels {
 //
 // Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
 // Grid: P.tasks() independent tasks (disjoint output rows), split over threads by at::parallel_for.
-template <typename T, int VB>
-AVK_INLINE void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t begin, int64_t end) {
+template <typename S, int VB>
+AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
   using Vt = Vec<T, VB>;
   constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
   constexpr int W = Blocking<T, VB>::kW, G = Blocking<T, VB>::kGroup, RF = Blocking<T, VB>::kFwdRows;
@@ -449,7 +458,7 @@ AVK_INLINE void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t beg
   T* o_tile = q_tile + BM * Dp;   // (BM, Ep)  output accumulator
   T* c_tile = o_tile + BM * Ep;   // (BM, BN)  Drop(tanh(S)) of the current key block
   std::vector<float> keep(RF * BN, 1.0f);
-  KeyValuePanels<T> panels;
+  KeyValuePanels<S> panels;
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / P.chunks;
@@ -495,7 +504,7 @@ AVK_INLINE void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t beg
             store<T, VB>(row + x, t > T(0) ? t : Vt{});
           }
         }
-        std::copy(row, row + P.value, o + (b * P.rows + i0 + r) * P.value);
+        narrow_row(o + (b * P.rows + i0 + r) * P.value, row, P.value);
       }
     }
   }
@@ -505,14 +514,15 @@ AVK_INLINE void forward_tasks(const Problem<T>& P, T* o, bool* mask, int64_t beg
 // Backward
 // ---------------------------------------------------------------------------------------------------------------
 
-template <typename T>
+template <typename S>
 struct Gradients {
-  const T* dout;
+  using T = compute_t<S>;
+  const S* dout;
   int64_t sdo[3];
-  const T* out;  // forward output (tanh_relu only), strides so
+  const S* out;  // forward output (tanh_relu only), strides so
   int64_t so[3];
-  T* dq;       // contiguous (B, Mq, D)
-  T* dk_part;  // (tasks, Npad, Dp): each task's private dk accumulator
+  S* dq;       // contiguous (B, Mq, D)
+  T* dk_part;  // (tasks, Npad, Dp): each task's private dk accumulator, in the compute type
   T* dv_part;  // (tasks, Npad, Ep)
 };
 
@@ -522,8 +532,9 @@ struct Gradients {
 // Per tile: S = q k^T, t = tanh(scale S), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the tanh_relu
 // epilogue), dS = dZ f (1 - t^2) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
 // Grid: P.tasks() tasks with private outputs, split over threads by at::parallel_for.
-template <typename T, int VB>
-AVK_INLINE void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64_t begin, int64_t end) {
+template <typename S, int VB>
+AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
   using Vt = Vec<T, VB>;
   constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
   constexpr int W = Blocking<T, VB>::kW, NG = Blocking<T, VB>::kGroup, RB = Blocking<T, VB>::kBwdRows;
@@ -535,7 +546,7 @@ AVK_INLINE void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
   T* c_tile = dq_tile + BM * Dp;   // (BM, BN)
   T* ds_tile = c_tile + BM * BN;   // (BM, BN)
   std::vector<float> keep(RB * BN, 1.0f);
-  KeyValuePanels<T> panels;
+  KeyValuePanels<S> panels;
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / P.chunks;
@@ -548,9 +559,9 @@ AVK_INLINE void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
       pack(do_tile, Ep, BM, G.dout + b * G.sdo[0] + i0 * G.sdo[1], G.sdo[1], G.sdo[2], n_rows, E);
       if (P.tanh_relu) {  // d ReLU(tanh(x)) = [y > 0] (1 - y^2) with y the saved output
         for (int64_t r = 0; r < n_rows; ++r) {
-          const T* y = G.out + b * G.so[0] + (i0 + r) * G.so[1];
+          const S* y = G.out + b * G.so[0] + (i0 + r) * G.so[1];
           for (int64_t e = 0; e < E; ++e) {
-            const T ye = y[e * G.so[2]];
+            const T ye = widen<T>(y[e * G.so[2]]);
             do_tile[r * Ep + e] *= ye > T(0) ? T(1) - ye * ye : T(0);
           }
         }
@@ -590,21 +601,21 @@ AVK_INLINE void backward_tasks(const Problem<T>& P, const Gradients<T>& G, int64
         }
       }
       for (int64_t r = 0; r < n_rows; ++r)
-        std::copy(dq_tile + r * Dp, dq_tile + r * Dp + D, G.dq + (b * P.rows + i0 + r) * D);
+        narrow_row(G.dq + (b * P.rows + i0 + r) * D, dq_tile + r * Dp, D);
     }
   }
 }
 
 // One entry point per ISA around each kernel body (see simd.h), with that ISA's vector width.
 #define AVK_DEFINE_ISA_ENTRY(attributes, suffix, vector_bytes)                                         \
-  template <typename T>                                                                                \
-  attributes void forward_tasks_##suffix(const Problem<T>& P, T* o, bool* mask, int64_t b, int64_t e) { \
-    forward_tasks<T, vector_bytes>(P, o, mask, b, e);                                                  \
+  template <typename S>                                                                                \
+  attributes void forward_tasks_##suffix(const Problem<S>& P, S* o, bool* mask, int64_t b, int64_t e) { \
+    forward_tasks<S, vector_bytes>(P, o, mask, b, e);                                                  \
   }                                                                                                    \
-  template <typename T>                                                                                \
-  attributes void backward_tasks_##suffix(const Problem<T>& P, const Gradients<T>& G, int64_t b,       \
+  template <typename S>                                                                                \
+  attributes void backward_tasks_##suffix(const Problem<S>& P, const Gradients<S>& G, int64_t b,       \
                                           int64_t e) {                                                 \
-    backward_tasks<T, vector_bytes>(P, G, b, e);                                                       \
+    backward_tasks<S, vector_bytes>(P, G, b, e);                                                       \
   }
 AVK_DEFINE_ISA_ENTRY(, baseline, 16)
 #if AVK_X86_DISPATCH
@@ -614,18 +625,20 @@ AVK_DEFINE_ISA_ENTRY(AVK_TARGET_AVX512, avx512, 64)
 #undef AVK_DEFINE_ISA_ENTRY
 
 // out[g, j, :width] = sum over t < parts of part[g * parts + t, j, :width], added in the order t = 0, 1, ...
-// part is (groups * parts, keys_pad, ld): the tasks' private accumulators.
-template <typename T>
-void sum_partials(T* out, int64_t groups, int64_t keys, int64_t width, const T* part, int64_t parts,
+// part is (groups * parts, keys_pad, ld): the tasks' private accumulators. The sum stays in T (no rounding to a
+// 16-bit S between partials); only the total is rounded.
+template <typename S, typename T>
+void sum_partials(S* out, int64_t groups, int64_t keys, int64_t width, const T* part, int64_t parts,
                   int64_t keys_pad, int64_t ld) {
   parallel_for(0, groups * keys, 64, [&](int64_t begin, int64_t end) {
+    std::vector<T> total(width);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t g = row / keys, j = row % keys;
       const T* src = part + (g * parts * keys_pad + j) * ld;
-      T* dst = out + row * width;
-      std::copy(src, src + width, dst);
+      std::copy(src, src + width, total.begin());
       for (int64_t t = 1; t < parts; ++t)
-        for (int64_t x = 0; x < width; ++x) dst[x] += src[t * keys_pad * ld + x];
+        for (int64_t x = 0; x < width; ++x) total[x] += src[t * keys_pad * ld + x];
+      narrow_row(out + row * width, total.data(), width);
     }
   });
 }
@@ -657,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
   at::Tensor mask = at::empty(with_mask ? at::IntArrayRef{q.size(0), q.size(1), k.size(1)} : at::IntArrayRef{0},
                               q.options().dtype(at::kBool));
   if (o.numel() == 0) return {o, mask};
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tanh_attention_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tanh_attention_forward", [&] {
     const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, seed, scale, dropout_p, activation);
     scalar_t* o_ptr = o.data_ptr<scalar_t>();
     bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
@@ -687,30 +700,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
   at::Tensor dv = at::zeros(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0 || dout.numel() == 0) return {dq, dk, dv};
 
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), fn, [&] {
-    using T = scalar_t;
-    const Problem<T> P = make_problem<T>(q, k, v, seed, scale, dropout_p, activation);
-    Gradients<T> G;
-    G.dout = dout.data_ptr<T>();
-    G.out = activation == 1 ? out.data_ptr<T>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), fn, [&] {
+    using S = scalar_t;
+    const Problem<S> P = make_problem<S>(q, k, v, seed, scale, dropout_p, activation);
+    Gradients<S> G;
+    G.dout = dout.data_ptr<S>();
+    G.out = activation == 1 ? out.data_ptr<S>() : nullptr;
     for (int d = 0; d < 3; ++d) {
       G.sdo[d] = dout.stride(d);
       G.so[d] = activation == 1 ? out.stride(d) : 0;
     }
-    G.dq = dq.data_ptr<T>();
+    G.dq = dq.data_ptr<S>();
     const int64_t tasks = P.tasks();
-    at::Tensor dk_part = at::zeros({tasks, P.keys_pad, P.head_pad}, q.options());
-    at::Tensor dv_part = at::zeros({tasks, P.keys_pad, P.value_pad}, q.options());
+    const at::TensorOptions part_options = q.options().dtype(compute_dtype(q.scalar_type()));
+    at::Tensor dk_part = at::zeros({tasks, P.keys_pad, P.head_pad}, part_options);
+    at::Tensor dv_part = at::zeros({tasks, P.keys_pad, P.value_pad}, part_options);
+    using T = compute_t<S>;
     G.dk_part = dk_part.data_ptr<T>();
     G.dv_part = dv_part.data_ptr<T>();
     parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      AVK_DISPATCH_ISA(backward_tasks, T, P, G, begin, end);
+      AVK_DISPATCH_ISA(backward_tasks, S, P, G, begin, end);
     });
 
     // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch.
-    sum_partials(dk.data_ptr<T>(), P.batch, P.keys, P.head, G.dk_part, P.chunks, P.keys_pad, P.head_pad);
+    sum_partials(dk.data_ptr<S>(), P.batch, P.keys, P.head, G.dk_part, P.chunks, P.keys_pad, P.head_pad);
     const int64_t v_groups = v.size(0);
-    sum_partials(dv.data_ptr<T>(), v_groups, P.keys, P.value, G.dv_part, tasks / v_groups, P.keys_pad, P.value_pad);
+    sum_partials(dv.data_ptr<S>(), v_groups, P.keys, P.value, G.dv_part, tasks / v_groups, P.keys_pad, P.value_pad);
   });
   return {dq, dk, dv};
 }

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from avkernels.backends import BackendInfo, register_backend
+from avkernels.backends import BackendInfo, Inputs, dtype_reason, register_backend
 
 try:
     import triton  # noqa: F401
@@ -29,13 +29,22 @@ def _unavailable_reason():
     return None
 
 
-def _device_reason(device: torch.device):
-    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
-        return None
-    return f"Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got a {device.type} tensor"
+# float64 only in the interpreter (for gradcheck): the GPU kernels have no fp64 MMA path worth compiling.
+_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INTERPRETER_DTYPES = _GPU_DTYPES + (torch.float64,)
 
 
-register_backend(BackendInfo("triton", unavailable_reason=_unavailable_reason, device_reason=_device_reason))
+def _input_reason(inputs: Inputs):
+    if inputs.device.type == "cuda":
+        return dtype_reason(inputs.dtype, _GPU_DTYPES, "triton")
+    if inputs.device.type == "cpu" and INTERPRET:
+        return dtype_reason(inputs.dtype, _INTERPRETER_DTYPES, "triton")
+    return (f"Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got "
+            f"{inputs.device.type} tensors")
+
+
+# First choice on CUDA; no rank on CPU, where the interpreter is a correctness tool slower than the reference.
+register_backend(BackendInfo("triton", _unavailable_reason, _input_reason, preference={"cuda": 0}))
 
 if _IMPORT_ERROR is None:
     # Each op module registers its implementation on import.
