@@ -81,6 +81,7 @@ def prepare(entry: Entry, dev) -> None:
     """Build the call and warm it up (twice for torch.compile or a slow first call, as the harness does)."""
     import harness
 
+    harness.forget_dispatch()
     try:
         entry.setup, entry.fn = harness.build_mode(entry.case, entry.provider, entry.mode, dev)
         once = harness._timed_call(entry.setup, entry.fn, dev)
@@ -88,6 +89,7 @@ def prepare(entry: Entry, dev) -> None:
             harness._timed_call(entry.setup, entry.fn, dev)
     except Exception as exc:
         entry.error = harness.failure_reason(exc)
+        entry.record.update(harness._labels(entry.case, entry.provider, entry.mode, dev))
 
 
 def interleave(entries: List[Entry], dev, rounds: int, min_rounds: int, budget_s: float) -> int:
@@ -127,9 +129,11 @@ def measure(entry: Entry, dev, rates: Dict[str, float]) -> None:
     peak = retained = None
     if entry.error is None:
         try:
+            harness.forget_dispatch()
             peak, retained = harness._cpu_peak(entry.setup, entry.fn)
         except Exception as exc:
             entry.error = f"memory measurement: {harness.failure_reason(exc)}"
+    entry.record.update(harness._labels(entry.case, entry.provider, entry.mode, dev))  # right after its own call
     entry.record.update({
         "median_s": median, "min_s": min(entry.times), "iqr_s": _iqr(entry.times), "rounds": len(entry.times),
         "flops": costs[precision].flops, "bytes": costs[precision].bytes, "floor_s": floor,
@@ -208,6 +212,11 @@ def render(result: Dict[str, object]) -> str:
     failed = [e for e in result["entries"] if e.get("error") and "median_s" in e]
     for e in failed:
         lines.append(f"\n{e['provider']} B{e['batch']} {e['mode']} stopped: {e['error']}")
+    passed = sorted({f"{e['provider']}: {op}: {why}" for e in result["entries"]
+                     for op, why in (e.get("passed_over") or {}).items()})
+    if passed:
+        lines += ["", "Backends that `backend=None` passed over (last call of each op):", ""]
+        lines += [f"- {line}" for line in passed]
     lines += ["", "Ratios (above 1x: the denominator is faster):", "",
               "| B | mode | ratio | of medians | median of per-round ratios (pairs) |", "|---|---|---|---|---|"]
     for r in result["ratios"]:
@@ -289,8 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     records = []
     for e in entries:
-        labels = harness._labels(e.case, e.provider, e.mode, dev)
-        records.append(dict(labels, **e.record, times_s=e.times, **({"error": e.error} if e.error else {})))
+        records.append(dict(e.record, times_s=e.times, **({"error": e.error} if e.error else {})))
     result: Dict[str, object] = {
         "datetime": started, "commit": _commit(), "machine_info": machine, "cpu_flags": cpu_flags(),
         "rounds": rounds, "wall_s": wall, "note": args.note, "providers": providers, "entries": records,

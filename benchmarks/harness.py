@@ -41,6 +41,7 @@ import functools
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -49,7 +50,7 @@ import torch
 from torch import nn
 
 import avkernels
-from avkernels.backends import resolve
+from avkernels.backends import OPS, preference
 from avkernels.flops import Cost
 
 LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -422,19 +423,39 @@ def _labels(case: Case, provider: str, mode: str, dev: torch.device) -> Dict[str
     labels: Dict[str, object] = {"op": case.op, "shape": case.shape, "provider": provider, "impl": impl,
                                  "precision": precision, "mode": mode, "device": dev.type}
     if impl == "default":
-        labels["resolved_backend"] = resolved_backend(case, dev)
+        labels["resolved_backend"], labels["passed_over"] = resolved_backend(case, dev)
     labels.update(case.params)
     return labels
 
 
-def resolved_backend(case: Case, dev: torch.device) -> str:
-    """What ``backend=None`` picks on ``dev`` (the fusion models dispatch every fused op alike; their attention
-    op names them here)."""
-    op = case.op if case.op in ("tanh_attention", "gate", "stage_gate") else "tanh_attention"
-    try:
-        return resolve(op, None, dev)
-    except Exception as exc:  # recorded, not fatal: the run itself will say whether the provider works
-        return f"? ({exc})"
+def _dispatch_record() -> Dict[str, Dict[str, str]]:
+    """The dispatch's record of what the last ``backend=None`` call of each op passed over (``{}``: its first
+    choice ran). Private to avkernels.backends; read here because ``backend_status(op)`` cannot tell an op that was
+    not called from one whose first choice ran."""
+    return getattr(sys.modules["avkernels.backends"], "_PASSED_OVER", {})
+
+
+def forget_dispatch() -> None:
+    """Clear the record before a provider's call, so that :func:`resolved_backend` reports only its ops."""
+    _dispatch_record().clear()
+
+
+def resolved_backend(case: Case, dev: torch.device) -> Tuple[str, Dict[str, str]]:
+    """What ``backend=None`` picked for each fused op called since :func:`forget_dispatch`: the first backend of the
+    device's preference order that the dispatch did not pass over, and the reasons of those it passed over, by op."""
+    record = _dispatch_record()
+    picks, passed_over = {}, {}
+    for op in OPS:
+        if op not in record:
+            continue
+        picks[op] = next((name for name in preference(dev.type) if name not in record[op]), "?")
+        if record[op]:
+            passed_over[op] = "; ".join(f"{name}: {why}" for name, why in record[op].items())
+    if not picks:
+        return "no fused op called", passed_over
+    if len(set(picks.values())) == 1:
+        return next(iter(picks.values())), passed_over
+    return ", ".join(f"{op}: {pick}" for op, pick in picks.items()), passed_over
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -463,6 +484,7 @@ def costs_by_precision(case: Case, mode: str) -> Dict[str, Cost]:
 
 def _run(benchmark, case: Case, provider: str, mode: str, dev: torch.device, *, target_s: float,
          smoke: bool) -> None:
+    forget_dispatch()
     setup, fn = build_mode(case, provider, mode, dev)
     if smoke:
         rounds = 1
@@ -485,6 +507,7 @@ def _run(benchmark, case: Case, provider: str, mode: str, dev: torch.device, *, 
 
     benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1)
 
+    forget_dispatch()
     peak, retained = _cuda_peak(setup, fn, dev) if dev.type == "cuda" else _cpu_peak(setup, fn)
     precision = split_provider(provider)[1]
     costs = costs_by_precision(case, mode)

@@ -233,6 +233,10 @@ def memory_table(providers: List[str], rows) -> str:
 
 def render(report: dict, note: str = "", stat: str = "median") -> str:
     providers, rows = collect(report, stat)
+    resolved = sorted({f"`{info['provider']}` ran {info['resolved_backend']}"
+                       + (f" (passed over: {'; '.join(info['passed_over'].values())})" if info.get("passed_over") else "")
+                       for by_provider in rows.values() for info in by_provider.values()
+                       if info.get("resolved_backend")})
     parts = [
         header(report, note),
         f"### Time ({stat} of the rounds; speedup = eager fp32 time / provider time, same run; best floor = the "
@@ -240,6 +244,8 @@ def render(report: dict, note: str = "", stat: str = "median") -> str:
         "provider adds, in brackets, its fraction of its own precision's floor)",
         time_table(providers, rows),
     ]
+    if resolved:
+        parts.append("What `backend=None` picked: " + " / ".join(resolved))
     precision = precision_table(providers, rows)
     if precision:
         parts += ["### Precision: fp32 time / 16-bit time of the same implementation, same run (above 1x: the "
