@@ -176,6 +176,8 @@ def backend_status(op: Optional[str] = None) -> Dict[str, str]:
             passed a backend over (e.g. ``"available; passed over for the last tanh_attention call (... in
             float16 ...): the cpp backend computes in float32, float64, got float16 inputs"``).
     """
+    if op is not None and op not in OPS:
+        raise ValueError(f"op: expected None or one of {OPS}, got {op!r}")
     status = {}
     for name, info in _BACKENDS.items():
         reason = info.unavailable_reason()

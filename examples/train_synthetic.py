@@ -7,6 +7,7 @@ records, per frame, which modality was made uninformative or misleading).
 
     python examples/train_synthetic.py                     # about a few minutes on 2 CPU cores
     python examples/train_synthetic.py --epochs 20 --out-dir runs/demo
+    python examples/train_synthetic.py --precision bf16    # under CPU autocast (fast only with bf16 matrix units)
 
 Each model's run folder (``runs/demo/<model>``) holds ``log.jsonl``, ``curves.png``, ``last.pt`` and ``best.pt``.
 """
@@ -93,6 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default=os.path.join("runs", "demo"))
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--seed", type=int, default=0)
+    train_av.add_precision_argument(p)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; these models are so small that one thread is fastest (more threads "
                         "spend their time synchronising, and collapse when the cores are shared)")
@@ -104,7 +106,8 @@ def main(argv=None) -> None:
     results = {}
     for name in args.models:
         flags = DEMO_FLAGS + ["--fusion", name, "--epochs", str(args.epochs), "--seed", str(args.seed),
-                              "--out-dir", os.path.join(args.out_dir, name), "--device", "cpu"]
+                              "--out-dir", os.path.join(args.out_dir, name), "--device", "cpu",
+                              "--precision", args.precision]
         print(f"\n=== {name.upper()} ===", flush=True)
         result = train_av.run(train_av.build_parser().parse_args(flags))
         model = result["trainer"].model

@@ -141,6 +141,9 @@ TINY_SPECS = {
 # saturates, and with it bfloat16 gradients of the reference itself are 35-55% from float64 (measured), which says
 # nothing about the kernels. The default temperature is trained under autocast too (the training-mode step).
 GRAD_TOL = {torch.bfloat16: 0.25, torch.float16: 0.15}
+# The reference's own error is only checked for sanity: bfloat16 keeps 8 bits, and the regressor (normalisations,
+# two heads) reaches 0.3 with it.
+REFERENCE_GRAD_ERR = {torch.bfloat16: 0.5, torch.float16: 0.15}
 SOFT_GATES = dict(tau=1.0, stage_tau=1.0)
 
 
@@ -186,7 +189,7 @@ def _check_model(make_model, inputs, dtype, backends):
         return rel_err(torch.cat([g.flatten() for g in got]), flat_want)
 
     ref_err = grad_err("reference")
-    assert ref_err <= GRAD_TOL[dtype], f"reference: parameter gradients {ref_err:.3g} from float64 under {dtype}"
+    assert ref_err <= REFERENCE_GRAD_ERR[dtype], f"reference: parameter gradients {ref_err:.3g} from float64 under {dtype}"
     for backend in backends:
         err = grad_err(backend)
         assert err <= max(GRAD_TOL[dtype], 2 * ref_err), (

@@ -233,6 +233,11 @@ def test_reference_always_available():
         assert all(isinstance(reason, str) and reason for reason in status.values())
 
 
+def test_backend_status_of_an_unknown_op():
+    with pytest.raises(ValueError, match="op: expected None or one of .* got 'softmax'"):
+        avkernels.backend_status("softmax")
+
+
 def test_unknown_backend_name():
     msg = f"must be one of {registry.registered()} or None, got 'gpu'"
     with pytest.raises(ValueError, match=re.escape(msg)):

@@ -5,6 +5,7 @@ install is expected to have built it; they skip, saying why, only on a machine w
 """
 
 import math
+import os
 import shutil
 
 import pytest
@@ -675,3 +676,14 @@ def test_cuda_backend_request_without_cuda_is_a_clear_error():
     q = torch.randn(1, 2, 3)
     with pytest.raises(RuntimeError, match="backend 'cuda'.*(not built|no CUDA device|runs on CUDA tensors)"):
         avkernels.tanh_attention(q, q, q, backend="cuda")
+
+
+def test_cpu_features_report_the_16bit_path(ext):
+    features = ext.cpu_features()
+    assert features["isa"] == ext.cpu_isa()
+    assert set(features) == {"isa", "f16c", "avx512_bf16", "amx_bf16", "compute_16bit"}
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else None
+    if flags is not None:  # the extension's detection agrees with the kernel's view of this CPU
+        assert features["f16c"] == ("f16c" in flags)
+        assert features["avx512_bf16"] == ("avx512_bf16" in flags)
+        assert features["amx_bf16"] == ("amx_bf16" in flags)

@@ -59,7 +59,7 @@ def _cpp_unavailable() -> Optional[str]:
 
 
 # The dtypes the kernels compute in: csrc/cpu checks them again (checks.h), csrc/cuda in binding.cpp.
-_CPP_DTYPES = (torch.float32, torch.float64)
+_CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_MAX_STAGES = 8  # kMaxGateCandidates in csrc/cuda/gate.cuh
 

@@ -12,6 +12,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const cpu::Isa isa = cpu::cpu_isa();
     return isa == cpu::Isa::kAvx512 ? "avx512" : isa == cpu::Isa::kAvx2 ? "avx2" : "baseline";
   }, "the vector code the kernels run: avx512, avx2 or baseline (AVKERNELS_CPU_ISA can lower it)");
+  m.def("cpu_features", [] {
+    // What the 16-bit path can and does use, so that a user (or a benchmark) can tell a machine with bfloat16 matrix
+    // units from one without: the kernels widen 16-bit inputs to fp32 on load on every CPU today.
+    py::dict features;
+    const cpu::Isa isa = cpu::cpu_isa();
+    features["isa"] = isa == cpu::Isa::kAvx512 ? "avx512" : isa == cpu::Isa::kAvx2 ? "avx2" : "baseline";
+#if AVK_X86_DISPATCH
+    __builtin_cpu_init();
+    features["f16c"] = static_cast<bool>(__builtin_cpu_supports("f16c"));
+    features["avx512_bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+    features["amx_bf16"] = static_cast<bool>(__builtin_cpu_supports("amx-bf16"));
+#else
+    features["f16c"] = features["avx512_bf16"] = features["amx_bf16"] = false;
+#endif
+    features["compute_16bit"] = "fp32: bf16/fp16 inputs are widened on load, products run as fp32 FMA";
+    return features;
+  }, "the CPU features the kernels detect and how they compute 16-bit inputs");
   m.def("tanh_attention_forward", &cpu::tanh_attention_forward, "o = Drop(tanh(scale q k^T)) v (SPEC 1)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("seed"), py::arg("scale"), py::arg("dropout_p"),
         py::arg("activation"), py::arg("return_mask"));
