@@ -221,6 +221,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpp_features() -> Optional[Dict[str, object]]:
+    """The cpp extension's view of the CPU (ISA variant, 16-bit hardware, how it computes 16-bit inputs)."""
+    try:
+        from avkernels import _C_cpu
+
+        return dict(_C_cpu.cpu_features())
+    except (ImportError, AttributeError):
+        return None
+
+
 def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:
     """The machine, versions and roofs, for pytest-benchmark's ``machine_info`` (called at the end of the run)."""
     info: Dict[str, object] = {
@@ -231,6 +241,7 @@ def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:
         "avkernels_version": avkernels.__version__,
         "avkernels_backends": avkernels.backends(),
         "avkernels_backend_status": avkernels.backend_status(),  # why a backend is missing from the results
+        "cpp_cpu_features": _cpp_features(),
         "device": dev.type,
         "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         # other work on the machine while the suite ran (1-minute load average at the start and at the end)
