@@ -1,5 +1,9 @@
 """Build script: the Python package, plus the optional C++ (CPU) and CUDA extensions from ``csrc/``.
 
+A non-editable install (a wheel, ``pip install .``, ``pip install git+URL``) also carries ``csrc/`` inside the package
+(``avkernels/csrc/``): pip's default isolated build has no torch, so no extension is built there, and the library then
+compiles the CPU extension against the installed torch on first use (``avkernels/ops/native.py``).
+
 The extensions are built with ``torch.utils.cpp_extension`` when a compiler is there (and, for CUDA, when torch has
 CUDA and nvcc is found). A missing toolchain or a failed compile never fails the install: the library then runs on
 the backends it has (``avkernels.backends()`` lists them). ``AVKERNELS_NO_EXTENSIONS=1`` skips both builds.
@@ -11,12 +15,31 @@ import runpy
 import warnings
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # ninja needs absolute include paths
+# Compiler settings and source lists shared with avkernels.ops.native, read without importing the package.
+CONFIG = runpy.run_path(os.path.join(HERE, "avkernels", "_build_config.py"))
 
 
 def _sources(patterns):
-    return sorted(path for pattern in patterns for path in glob.glob(os.path.join(HERE, pattern)))
+    return sorted(
+        {path for pattern in patterns for path in glob.glob(os.path.join(HERE, pattern), recursive=True)}
+    )
+
+
+class BuildPyWithSources(build_py):
+    """Also copies the kernel sources into the package, so that an install whose build had no torch (or whose
+    prebuilt extension does not match the torch installed later) can compile them on first use."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install compiles from the checkout's csrc/
+        for source in _sources(CONFIG["SHIPPED_SOURCES"]):
+            target = os.path.join(self.build_lib, "avkernels", os.path.relpath(source, HERE))
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(source, target)
 
 
 def _extensions():
@@ -26,11 +49,9 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
-        warnings.warn(f"avkernels: torch is not importable at build time ({exc}); building without extensions")
+        warnings.warn(f"avkernels: torch is not importable at build time ({exc}); building without extensions "
+                      "(avkernels compiles the CPU one against the installed torch on first use)")
         return [], {}
-
-    # Compiler settings shared with avkernels.ops.native.build_jit, read without importing the package.
-    cfg = runpy.run_path(os.path.join(HERE, "avkernels", "_build_config.py"))
 
     class OptionalBuildExtension(BuildExtension):
         """Builds each extension if it can; a failure is reported and skipped, never fatal.
@@ -51,32 +72,33 @@ def _extensions():
             self.extensions = [ext for ext in self.extensions if ext.name not in getattr(self, "_failed", set())]
 
     ext_modules = []
-    cpu_sources = _sources(cfg["CPU_SOURCES"])
+    cpu_sources = _sources(CONFIG["CPU_SOURCES"])
     if cpu_sources:
         ext_modules.append(
             CppExtension(
-                cfg["CPU_MODULE"],
+                CONFIG["CPU_MODULE"],
                 cpu_sources,
-                include_dirs=[os.path.join(HERE, cfg["INCLUDE_DIR"])],
-                extra_compile_args={"cxx": list(cfg["CPU_CXX_FLAGS"])},
-                extra_link_args=list(cfg["CPU_LINK_FLAGS"]),
+                include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
+                extra_compile_args={"cxx": list(CONFIG["CPU_CXX_FLAGS"])},
+                extra_link_args=list(CONFIG["CPU_LINK_FLAGS"]),
             )
         )
-    cuda_sources = _sources(cfg["CUDA_SOURCES"])
+    cuda_sources = _sources(CONFIG["CUDA_SOURCES"])
     if cuda_sources and torch.version.cuda is not None and CUDA_HOME is not None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cfg["CUDA_DEFAULT_ARCHS"])
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CONFIG["CUDA_DEFAULT_ARCHS"])
         ext_modules.append(
             CUDAExtension(
-                cfg["CUDA_MODULE"],
+                CONFIG["CUDA_MODULE"],
                 cuda_sources,
-                include_dirs=[os.path.join(HERE, cfg["INCLUDE_DIR"])],
-                extra_compile_args={"cxx": list(cfg["CUDA_CXX_FLAGS"]), "nvcc": list(cfg["CUDA_NVCC_FLAGS"])},
+                include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
+                extra_compile_args={"cxx": list(CONFIG["CUDA_CXX_FLAGS"]), "nvcc": list(CONFIG["CUDA_NVCC_FLAGS"])},
             )
         )
     return ext_modules, {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = _extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
     name="avkernels",
@@ -88,10 +110,15 @@ setup(
     python_requires=">=3.9",
     # torch is not pinned: an installed torch is never upgraded (install torch first, see the README).
     install_requires=["torch>=2.4", "numpy", "tqdm"],
+    # triton: the range the Triton backend is tested with, 3.6 (pinned by torch 2.11) to 3.9 (torch 2.13); an older
+    # one makes the backend unavailable with the reason (avkernels/ops/triton/_compat.py). The test extra pins the
+    # newest for the main environment; `make test` also runs the Triton tests with 3.6 in a venv of their own
+    # (scripts/test_oldest_triton.sh).
     extras_require={
-        "triton": ["triton>=3.3"],
+        "triton": ["triton>=3.6,<3.10"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "triton==3.9.0"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "triton==3.9.0", "onnx", "onnxscript", "onnxruntime"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -2,10 +2,15 @@
 :func:`avkernels.ops.native.build_jit` (the development build). Plain constants and no imports, so that
 ``setup.py`` can read this file without importing the package.
 
-Paths are relative to the repository root.
+Paths are relative to the repository root. A non-editable install also carries ``csrc/`` inside the package
+(``avkernels/csrc/``, copied by ``setup.py``), so the same patterns resolve against the installed package directory:
+an install without a prebuilt extension (pip's isolated build has no torch) compiles it on first use.
 """
 
 INCLUDE_DIR = "csrc"  # holds common/philox.h, shared by both extensions
+
+# Everything a build needs, copied into the package by setup.py (build_py) and listed in MANIFEST.in for the sdist.
+SHIPPED_SOURCES = ("csrc/**/*.cpp", "csrc/**/*.h", "csrc/**/*.cu", "csrc/**/*.cuh")
 
 CPU_MODULE = "avkernels._C_cpu"
 CPU_SOURCES = ("csrc/cpu/*.cpp",)

@@ -13,7 +13,8 @@ What it does, once for every script:
 * **Checkpoints** (``last.pt`` every ``checkpoint_every`` steps and at each epoch end, ``best.pt`` on a new best
   validation score) are written to a temporary file and moved into place with ``os.replace``, so a crash never
   leaves a truncated checkpoint. They hold the model, optimizer, scheduler and scaler states, the epoch and the
-  step within it, the early-stopping state and the RNG states of every rank (torch, CUDA, numpy, python).
+  step within it, the early-stopping state and the RNG states of every rank (torch, CUDA, numpy, python), plus the
+  script's ``extra_state`` (the model and data configuration that ``python -m avkernels predict`` rebuilds from).
 * **Exact resume**: the data order is a function of ``(seed, epoch)`` (the sampler's own generator; the loader has
   its own generator too, so iterating never draws from the global RNG), and a resumed epoch skips the batches
   already done. Resuming from step ``n`` and taking one step gives bitwise the parameters of an uninterrupted run.
@@ -41,6 +42,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from avkernels.precision import PRECISIONS, autocast_dtype  # noqa: F401  (shared with `python -m avkernels predict`)
 
 logger = logging.getLogger("avkernels.examples")
 
@@ -274,16 +277,6 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of a ``--precision`` choice on ``device`` (``None``: float32, no autocast)."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {('auto', *PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
 
 
 def add_precision_argument(parser) -> None:
@@ -307,6 +300,8 @@ class Trainer:
         config: :class:`TrainConfig`.
         ctx: from :func:`setup_context`.
         resume: path of a checkpoint to resume from (``"auto"``: ``out_dir/last.pt`` when it exists).
+        extra_state: further entries of every checkpoint. The scripts store ``model_config`` and ``data_config``
+            there, so that ``python -m avkernels predict`` rebuilds the model and its data without any flag.
     """
 
     def __init__(
@@ -324,10 +319,12 @@ class Trainer:
         scheduler_metric: Optional[str] = None,
         resume: Optional[str] = None,
         run_info: Optional[Dict[str, Any]] = None,
+        extra_state: Optional[Dict[str, Any]] = None,
     ):
         if scheduler_per not in ("step", "epoch"):
             raise ValueError(f"scheduler_per: expected 'step' or 'epoch', got {scheduler_per!r}")
         self.task, self.cfg, self.ctx = task, config, ctx
+        self.extra_state = dict(extra_state or {})
         self.model = model.to(ctx.device)
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
@@ -406,6 +403,7 @@ class Trainer:
             "rng": states,
             "world_size": self.ctx.world_size,
             "config": asdict(self.cfg),
+            **self.extra_state,
         }
 
     def save(self, name: str) -> None:

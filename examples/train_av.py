@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -197,8 +198,8 @@ def build_datasets(args):
             RECOLA(args.data_root, "dev", windows="all", **common))
 
 
-def build_model(args, dims: Sequence[int]) -> AVRegressor:
-    """The regressor for features of sizes ``dims`` (video first)."""
+def model_config(args, dims: Sequence[int]) -> Dict[str, Any]:
+    """``{"class", "kwargs"}`` of the regressor for features of sizes ``dims`` (video first), as checkpoints hold it."""
     spatial = {}
     if args.spatial_attention:
         positions = 49
@@ -215,11 +216,28 @@ def build_model(args, dims: Sequence[int]) -> AVRegressor:
         fusion_kwargs["tau"] = args.tau
     if args.backend:
         fusion_kwargs["backend"] = args.backend
-    return AVRegressor(
-        tuple(dims), args.seq_len, fusion=args.fusion, fusion_kwargs=fusion_kwargs, encoders=not args.no_encoders,
-        encoder_layers=args.encoder_layers, joint_dim=args.joint_dim, joint_layers=args.joint_layers,
-        head_hidden=args.head_hidden, head_dropout=args.head_dropout, **spatial,
+    kwargs = dict(
+        dims=tuple(int(d) for d in dims), seq_len=args.seq_len, fusion=args.fusion, fusion_kwargs=fusion_kwargs,
+        encoders=not args.no_encoders, encoder_layers=args.encoder_layers, joint_dim=args.joint_dim,
+        joint_layers=args.joint_layers, head_hidden=args.head_hidden, head_dropout=args.head_dropout, **spatial,
     )
+    return {"class": "AVRegressor", "kwargs": kwargs}
+
+
+def build_model(args, dims: Sequence[int]) -> AVRegressor:
+    """The regressor for features of sizes ``dims`` (video first)."""
+    return AVRegressor(**model_config(args, dims)["kwargs"])
+
+
+def data_config(args, train_set) -> Dict[str, Any]:
+    """What ``python -m avkernels predict`` needs to window a split as training did."""
+    config: Dict[str, Any] = {
+        "dataset": args.dataset, "modalities": list(train_set.modalities), "seq_len": args.seq_len,
+        "clip_stride": args.clip_stride or DEFAULT_CLIP_STRIDE[args.dataset],
+    }
+    if args.dataset == "synthetic":
+        config["synthetic"] = asdict(train_set.config)
+    return config
 
 
 def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
@@ -248,6 +266,7 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
             train_set, val_set, config, ctx, resume=args.resume,
             run_info={"args": vars(args), "train_windows": vars(train_set.stats), "val_windows": vars(val_set.stats),
                       "parameters": sum(p.numel() for p in model.parameters())},
+            extra_state={"model_config": model_config(args, dims), "data_config": data_config(args, train_set)},
         )
         started = time.time()
         history = trainer.fit()

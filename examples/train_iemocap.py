@@ -12,7 +12,7 @@ The code trained in float64; this script trains in float32, or under autocast wi
 (default: fp16 on CUDA, fp32 on CPU).
 
 Metric names: "balanced accuracy" (mean per-class recall) is what the paper calls WA, "overall accuracy" what it
-calls UWA (research/selfcross-spec.md 1.6).
+calls UWA (SPEC 5, docs/spec.md).
 """
 
 from __future__ import annotations
@@ -123,6 +123,11 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
             train_set, val_set, config, ctx, scheduler_per="epoch", scheduler_metric="loss", resume=args.resume,
             run_info={"args": vars(args), "dropped_no_video": {
                 s.split: s.n_dropped_no_video for s in (train_set, val_set, test_set)}},
+            extra_state={
+                "model_config": {"class": MODELS[args.model].__name__, "kwargs": {"modalities": list(args.modalities)}},
+                "data_config": {"dataset": "iemocap", "modalities": list(args.modalities),
+                                "drop_no_video": not args.keep_no_video},
+            },
         )
         history = trainer.fit()
         result: Dict[str, Any] = {"history": history, "trainer": trainer, "stopped_early": trainer.stopped_early}

@@ -1,4 +1,4 @@
-"""An independent fp64 implementation of SPEC sections 1-3, written from the SPEC alone.
+"""An independent fp64 implementation of SPEC sections 1-3 (docs/spec.md), written from the specification alone.
 
 The library's reference (``avkernels/reference``) and modules are what the tests check; this file is what they are
 checked against. It follows the SPEC's equations literally, in the SPEC's orientation (rows are time steps, ``x @ W``

@@ -136,6 +136,11 @@ def inputs_of(op="tanh_attention", dtype=torch.float32, device=CPU, **sizes):
     return Inputs(op, device, dtype, sizes)
 
 
+OP_SIZES = {  # the sizes of the OP_CALLS below, as dispatch sees them
+    "tanh_attention": {"B": 2, "Mq": 3, "N": 7, "D": 5, "E": 4},
+    "gate": {"B": 2, "L": 3, "d": 5},
+    "stage_gate": {"T": 3, "B": 2, "L": 3, "d": 5},
+}
 OP_CALLS = {  # op -> a call of the public op on (B=2)-batched inputs of the given dtype
     "tanh_attention": lambda dtype, **kw: avkernels.tanh_attention(
         torch.randn(2, 3, 5, dtype=dtype), torch.randn(2, 7, 5, dtype=dtype), torch.randn(2, 7, 4, dtype=dtype), **kw
@@ -161,7 +166,7 @@ def test_default_is_first_backend_of_the_preference_that_can_run_the_inputs(op):
     order = registry.preference("cpu")
     assert order[-1] == "reference"
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        inputs = inputs_of(op, dtype)
+        inputs = inputs_of(op, dtype, **OP_SIZES[op])
         first = next(name for name in order if not registry.why_not(name, inputs))
         assert registry.resolve(None, inputs) == first
 
@@ -331,7 +336,7 @@ def test_device_dtype_matrix(op, dtype, device):
         assert got.dtype == dtype and got.device.type == device.type
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
     for name in registry.registered():
-        reasons = registry.why_not(name, Inputs(op, device, dtype))
+        reasons = registry.why_not(name, Inputs(op, device, dtype, OP_SIZES[op]))
         if reasons:
             with pytest.raises(RuntimeError, match=re.escape(f"backend {name!r}")):
                 _call_on(op, dtype, device, backend=name)
@@ -499,3 +504,17 @@ def test_modules_route_through_the_chosen_backend(standin, form):
     model.set_backend(None)(*X)  # None: the stand-in is the first choice on CPU
     assert {c[0] for c in standin} == {"tanh_attention", "gate", "stage_gate"}
 
+
+
+@pytest.mark.skipif("triton" not in avkernels.backends(), reason="the triton backend is not usable here")
+def test_triton_size_limits_are_dispatch_reasons():
+    # Sizes the kernels cannot index are passed over by backend=None and refused by name, before any launch.
+    big_map = Inputs("tanh_attention", CPU, torch.float32, {"B": 1, "Mq": 2**16, "N": 2**15, "D": 16, "E": 16})
+    assert registry.why_not("triton", big_map) == [
+        "the triton kernels index the map of one batch element in int32: Mq * N < 2**31, got Mq=65536, N=32768"
+    ]
+    many_rows = Inputs("gate", CPU, torch.float32, {"B": 2**16, "L": 2**15, "d": 8})
+    assert "B * L < 2**31" in registry.why_not("triton", many_rows)[0]
+    stages = Inputs("stage_gate", CPU, torch.float32, {"T": 3, "B": 2**16, "L": 2**15, "d": 8})
+    assert "B * L < 2**31" in registry.why_not("triton", stages)[0]
+    assert registry.why_not("triton", Inputs("gate", CPU, torch.float32, {"B": 4, "L": 16, "d": 8})) == []

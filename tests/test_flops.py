@@ -111,7 +111,7 @@ def test_fusion_flops_match_torch_flop_counter(name, kwargs, mode):
 
 
 def test_fusion_cost_official_shape_by_hand():
-    """RJCA at the official shape, forward: the numbers of notes/performance-model.md."""
+    """RJCA at the official shape, forward: the cost model of docs/architecture.md, counted by hand."""
     model = avkernels.RJCA((512, 512), 16, backend="reference")
     b, l, d = 8, 16, 1024
     per_modality = 2 * b * l * 512 * 512 + 2 * b * 512 * l * l + 2 * b * d * 512 * (2 * l) + 2 * b * l * d * 512

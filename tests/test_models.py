@@ -55,7 +55,7 @@ def assert_every_parameter_gets_gradient(model, loss):
 
 
 def test_regressor_shape_table_official_sizes(monkeypatch):
-    """research/av-fusion-spec.md section 12: B = 2, L = 16, d_a = d_v = 512, through the DCA fusion."""
+    """The shape table of SPEC 2.1 (docs/spec.md): B = 2, L = 16, d_a = d_v = 512, through the DCA fusion."""
     model = AVRegressor((512, 512), 16, fusion="dca").eval()
     block = model.fusion.blocks[0]
     seen = {}

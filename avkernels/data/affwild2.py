@@ -1,4 +1,4 @@
-"""Aff-Wild2, ABAW valence-arousal track, on precomputed features (SPEC 6; research/av-fusion-spec.md 3.2, 9.1).
+"""Aff-Wild2, ABAW valence-arousal track, on precomputed features (SPEC 6, docs/spec.md).
 
 Expected layout (docs/datasets.md tells how the official pipelines produce the feature files)::
 

@@ -1,4 +1,4 @@
-"""IEMOCAP in Yoon's preprocessed fold layout (SPEC 6; research/selfcross-spec.md 1.4).
+"""IEMOCAP in Yoon's preprocessed fold layout (SPEC 6, docs/spec.md).
 
 Expected layout (one folder per fold, ``fold01`` .. ``fold05``)::
 

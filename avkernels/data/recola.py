@@ -1,4 +1,4 @@
-"""RECOLA (AVEC 2016 subset) on precomputed features (SPEC 6; research/av-fusion-spec.md 9.2).
+"""RECOLA (AVEC 2016 subset) on precomputed features (SPEC 6, docs/spec.md).
 
 Expected layout::
 

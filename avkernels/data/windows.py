@@ -1,4 +1,4 @@
-"""Windowing of per-frame audio-visual sequences into ``L``-clip samples (SPEC 6, research/av-fusion-spec.md 3.2).
+"""Windowing of per-frame audio-visual sequences into ``L``-clip samples (SPEC 6, docs/spec.md).
 
 A video of ``n`` frames carries one feature row per frame and modality: row ``j`` is the feature of the clip that
 *ends* at frame ``j`` (the official pipeline computes it from the 32-frame window ending there), and one

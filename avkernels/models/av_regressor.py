@@ -321,5 +321,63 @@ class AVRegressor(nn.Module):
             gates["spatial"] = spatial
         return (valence, arousal), gates
 
+    @classmethod
+    def from_official(
+        cls,
+        checkpoint: object,
+        repo: str,
+        *,
+        iterations: Optional[int] = None,
+        backend: Optional[str] = None,
+        map_location: object = "cpu",
+    ) -> "AVRegressor":
+        """A trained official ``CAM`` (``models/orig_cam.py`` of the JCA, RJCA or DCA repository) as an AVRegressor.
+
+        The result is configured like that repository's ``CAM`` (see :mod:`avkernels.models.official`: 512-d audio,
+        25088-d visual maps read with the official scrambled ``view(-1, 49, 512)``, 16 clips), holds every tensor of
+        the checkpoint, and is returned in eval mode, where it gives the official model's outputs on the same inputs
+        (to round-off). It is float64 for a float64 checkpoint and float32 otherwise, on the CPU: call ``.train()``
+        to fine-tune it, ``.to(device)`` to move it.
+
+        The argument order follows the library, video first: the official ``vouts, aouts = cam(audio, video)`` is
+        ``valence, arousal = model(video, audio)``, with the same ``(B, 16, 512)`` audio and ``(B, 16, 25088)``
+        visual features.
+
+        Args:
+            checkpoint: a path or file object of what the official training code saves,
+                ``{"net": state_dict, "best_Val_accV": ..., ...}``, or a bare state dict; or that object already
+                loaded. Files are read with ``torch.load(weights_only=True)`` (the numpy scalars the official code
+                stores next to ``"net"`` are accepted, other Python objects are not).
+            repo: ``"jca"``, ``"rjca"`` or ``"dca"``: the repository whose ``CAM`` saved it.
+            iterations: joint cross-attention blocks, when the checkpoint comes from a ``CAM`` edited to another
+                ``DCNLayer`` ``num_seq`` than the released one (1 for jca and rjca, 2 for dca).
+            backend: backend of the fusion's fused ops (``None``: the fastest for the inputs' device).
+            map_location: as ``torch.load``'s, for files (CPU by default, so a checkpoint saved on a GPU loads
+                anywhere).
+        Raises:
+            ValueError: a checkpoint with missing or unexpected keys (all named, with the repository whose ``CAM``
+                they fit when one does) or tensors of the wrong shape (named with the expected shape), or a file
+                that is not a PyTorch checkpoint. FileNotFoundError, TypeError: no such file; not a checkpoint object.
+        """
+        from avkernels.models.official import from_official
+
+        return from_official(cls, checkpoint, repo, iterations=iterations, backend=backend, map_location=map_location)
+
+    def to_official(self, repo: str) -> "Dict[str, torch.Tensor]":
+        """This model's tensors as the official ``CAM`` of ``repo`` names them (an ordered state dict, in the
+        official ``CAM.state_dict()`` order), the inverse of :meth:`from_official`.
+
+        ``torch.save({"net": model.to_official("dca")}, path)`` writes a file the official code loads with
+        ``CAM().load_state_dict(torch.load(path)["net"])``. Like ``state_dict()``, the tensors share storage with
+        the model.
+
+        Raises:
+            ValueError: the model is not laid out like that ``CAM``, with every reason (sizes, encoders, gating,
+                the channel-major spatial reshape, which the official ``PositionAttn`` cannot reproduce, ...).
+        """
+        from avkernels.models.official import to_official
+
+        return to_official(self, repo)
+
     def extra_repr(self) -> str:
         return f"dims={self.dims}, seq_len={self.seq_len}, input_dims={self.input_dims}"

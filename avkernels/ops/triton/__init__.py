@@ -10,9 +10,10 @@ import os
 import torch
 
 from avkernels.backends import BackendInfo, Inputs, dtype_reason, register_backend
+from avkernels.ops.triton import _compat
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # the package works without triton; the backend then says why it is missing
@@ -21,9 +22,17 @@ except ImportError as exc:  # the package works without triton; the backend then
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _version_reason():
+    # Read at each call (not cached at import) so that tests can stand in an unsupported version.
+    return _compat.version_reason(triton.__version__)
+
+
 def _unavailable_reason():
     if _IMPORT_ERROR is not None:
-        return f"triton is not installed ({_IMPORT_ERROR}); pip install triton"
+        return f"triton is not installed ({_IMPORT_ERROR}); pip install 'triton>={_compat._fmt(_compat.MIN_VERSION)}'"
+    version_reason = _version_reason()
+    if version_reason is not None:
+        return version_reason
     if not INTERPRET and not torch.cuda.is_available():
         return "no CUDA GPU is visible and TRITON_INTERPRET=1 was not set before importing avkernels"
     return None
@@ -46,6 +55,8 @@ def _input_reason(inputs: Inputs):
 # First choice on CUDA; no rank on CPU, where the interpreter is a correctness tool slower than the reference.
 register_backend(BackendInfo("triton", _unavailable_reason, _input_reason, preference={"cuda": 0}))
 
-if _IMPORT_ERROR is None:
+# An unsupported triton is not imported further: its reason is reported, and nothing it cannot compile is defined.
+if _IMPORT_ERROR is None and _version_reason() is None:
+    _compat.install_interpreter_fixes(triton.__version__)
     # Each op module registers its implementation on import.
     from avkernels.ops.triton import gate, stage_gate, tanh_attention  # noqa: F401

@@ -10,7 +10,12 @@ gradient (per-program partials summed in a fixed order, no atomics) are document
 from typing import List, Tuple
 
 from avkernels.backends import OpImpl, register_impl
-from avkernels.ops.triton.stage_gate import softmax_mix_backward, softmax_mix_forward, softmax_mix_specializations
+from avkernels.ops.triton.stage_gate import (
+    softmax_mix_backward,
+    softmax_mix_forward,
+    softmax_mix_specializations,
+    supports,
+)
 
 ATTENDED_STAGE = 1  # stages are (unattended, attended): g[..., 0] weighs the unattended features, as in SPEC 3
 
@@ -32,4 +37,4 @@ def aot_specializations() -> List[Tuple[object, dict, dict, dict]]:
     return softmax_mix_specializations(2, ATTENDED_STAGE)
 
 
-register_impl("gate", "triton", OpImpl(forward=_forward, backward=_backward))
+register_impl("gate", "triton", OpImpl(forward=_forward, backward=_backward, supports=supports))

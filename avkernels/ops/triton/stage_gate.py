@@ -32,13 +32,13 @@ Design:
 
 import contextlib
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from avkernels.backends import OpImpl, register_impl
+from avkernels.backends import Inputs, OpImpl, register_impl
 
 MAX_BLOCK_D = 1024  # widest feature tile held in registers; wider rows are tiled
 REGISTER_BUDGET = 8192  # fp32 values a program keeps live when sizing BLOCK_R (64 per thread at 4 warps)
@@ -398,9 +398,22 @@ def _backward_programs(device: torch.device, n_blocks: int) -> int:
     return min(n_blocks, 4)
 
 
-def _check_rows(n_rows: int) -> None:
+def _rows_reason(n_rows: int) -> Optional[str]:
     if n_rows >= 2**31 - MAX_BLOCK_R:
-        raise ValueError(f"gate/stage_gate (triton): B * L = {n_rows} rows; the kernels index rows in int32 (< 2**31)")
+        return f"the triton gate kernels index rows in int32: B * L < 2**31, got {n_rows} rows"
+    return None
+
+
+def supports(inputs: Inputs) -> Optional[str]:
+    """Dispatch's question (``OpImpl.supports``) for ``gate`` and ``stage_gate``."""
+    return _rows_reason(inputs.sizes["B"] * inputs.sizes["L"])
+
+
+def _check_rows(n_rows: int) -> None:
+    # Dispatch never sends such a call; this guards direct callers of the launchers.
+    reason = _rows_reason(n_rows)
+    if reason is not None:
+        raise ValueError(f"gate/stage_gate: {reason}")
 
 
 def _launch_device(device: torch.device):
@@ -536,4 +549,4 @@ def _backward(dout, ds, stages, weight, s, out, tau):
     return softmax_mix_backward(dout, ds, stages, weight, s, out, tau, first=0, stacked=True)
 
 
-register_impl("stage_gate", "triton", OpImpl(forward=_forward, backward=_backward))
+register_impl("stage_gate", "triton", OpImpl(forward=_forward, backward=_backward, supports=supports))

@@ -37,22 +37,29 @@ by default, all with ``AVKERNELS_AOT_FULL=1``).
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Tuple
+import os
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from avkernels.backends import OpImpl, register_impl
+from avkernels.backends import Inputs, OpImpl, register_impl
 
 
 @triton.jit
-def _tanh(x):
-    # exp of -2|x| is in (0, 1]: it never overflows, and (1 - t) / (1 + t) never cancels catastrophically, unlike
-    # 2 * sigmoid(2x) - 1 for large |x|. Absolute error: a few ulps of 1.
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:
+        # The SFU's tanh (sm_75+): one MUFU.TANH instead of an exp, a division and selects; relative error about
+        # 2**-11, below the rounding of the fp16/bf16 outputs it is used for (see _fast_tanh).
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        # exp of -2|x| is in (0, 1]: it never overflows, and (1 - t) / (1 + t) never cancels catastrophically,
+        # unlike 2 * sigmoid(2x) - 1 for large |x|. Absolute error: a few ulps of 1.
+        t = tl.exp(-2.0 * tl.abs(x))
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(x < 0, -y, y)
 
 
 @triton.jit
@@ -74,10 +81,12 @@ def _load_grad_out(DO, O, rows, cols, stride_do_row, stride_do_col, stride_o_row
     """The gradient with respect to the pre-activation output: ``do``, or ``do * (1 - o^2) * (o > 0)`` when the
     ``ReLU(tanh(.))`` epilogue ran (``o`` is the saved output; ``o > 0`` exactly where its pre-activation was)."""
     do = _load_tile(DO, rows, cols, stride_do_row, stride_do_col, n_rows, n_cols, ACC)
-    if tanh_relu:
-        o = _load_tile(O, rows, cols, stride_o_row, stride_o_col, n_rows, n_cols, ACC)
-        do = tl.where(o > 0, do * (1.0 - o * o), 0.0)
-    return do
+    # Selects, not an `if tanh_relu:` branch: a tile defined by a runtime branch and then fed to a TF32x3 dot broke
+    # triton 3.6's layout pass on sm_80 ("operand does not dominate this use"). Without the epilogue the load of o is
+    # masked off entirely (no memory traffic) and o = 0 leaves do unchanged. The flag enters the mask through the row
+    # bound, not as `& (tanh_relu != 0)`: triton 3.9's interpreter rejects the mask that and-ing a scalar bool gives.
+    o = _load_tile(O, rows, cols, stride_o_row, stride_o_col, n_rows * tanh_relu, n_cols, ACC)
+    return tl.where(o > 0, do * (1.0 - o * o), tl.where(tanh_relu != 0, 0.0, do))
 
 
 @triton.jit
@@ -92,7 +101,9 @@ def _dot_nt_chunked(A, a_rows, stride_a_row, stride_a_k, n_a, B, b_rows, stride_
         a = _load_tile(A, a_rows, ks, stride_a_row, stride_a_k, n_a, K, ACC)
         # B is read already transposed (its strides swapped) rather than transposed in registers.
         b_t = _load_tile(B, ks, b_rows, stride_b_k, stride_b_row, K, n_b, ACC)
-        out = tl.dot(a, b_t, out, input_precision=PRECISION)
+        # out_dtype is spelled out on every accumulating dot: triton 3.6 does not take it from the accumulator and
+        # asserts that an fp64 one matches its fp32 default.
+        out = tl.dot(a, b_t, out, input_precision=PRECISION, out_dtype=ACC)
     return out
 
 
@@ -113,12 +124,12 @@ def _dot_grad_out_v_chunked(DO, O, do_rows, stride_do_row, stride_do_e, stride_o
             v = _load_tile(V, v_rows, es, stride_v_row, stride_v_e, n_v, E, ACC)
             do_t = _load_grad_out(DO, O, es, do_rows, stride_do_e, stride_do_row, stride_o_e, stride_o_row, E, n_do,
                                   tanh_relu, ACC)
-            out = tl.dot(v, do_t, out, input_precision=PRECISION)
+            out = tl.dot(v, do_t, out, input_precision=PRECISION, out_dtype=ACC)
         else:
             do = _load_grad_out(DO, O, do_rows, es, stride_do_row, stride_do_e, stride_o_row, stride_o_e, n_do, E,
                                 tanh_relu, ACC)
             v_t = _load_tile(V, es, v_rows, stride_v_e, stride_v_row, E, n_v, ACC)
-            out = tl.dot(do, v_t, out, input_precision=PRECISION)
+            out = tl.dot(do, v_t, out, input_precision=PRECISION, out_dtype=ACC)
     return out
 
 
@@ -156,7 +167,7 @@ def _split_program_id(n_fast, n_mid):
     return pid % n_fast, (pid // n_fast) % n_mid, (pid // (n_fast * n_mid)).to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tanh_relu"])
 def _tanh_attention_fwd_kernel(
     Q, K, V, O, MASK,
     stride_qb, stride_qm, stride_qd,
@@ -167,7 +178,7 @@ def _tanh_attention_fwd_kernel(
     scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr, RETURN_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Forward: ``o[b, rows, cols] = act(sum_n Drop(tanh(scale * q k^T))[rows, n] v[n, cols])``.
 
@@ -182,7 +193,8 @@ def _tanh_attention_fwd_kernel(
             scalar arguments are fp32 on GPU).
         keep_scale_hi, keep_scale_lo: ``1 / (1 - dropout_p)`` as an fp32 pair.
         dropout_p, seed: dropout probability and Philox seed (used when ``DROPOUT``).
-        tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (a runtime flag: one branch per program).
+        tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (an int, 0 or 1: a runtime flag, one branch per
+            program).
         ACC: compute dtype (fp32, or fp64 for fp64 inputs).
         PRECISION: ``tl.dot`` input precision ("ieee", "tf32" or "tf32x3").
         DROPOUT, RETURN_MASK: compile-time switches (the Philox code is large; leave it out when unused).
@@ -190,6 +202,8 @@ def _tanh_attention_fwd_kernel(
             BLOCK_E: output columns per program.
         HEAD_LOOPS: D or E exceeds one block: stream the contraction over D in chunks, and split E over programs.
             Otherwise the q tile stays in registers for the whole loop.
+        FAST_TANH: the hardware ``tanh.approx.f32`` for the map and the epilogue (see :func:`_fast_tanh`); the same
+            in the backward kernels, which must recompute the forward's map.
 
     Grid: ``(cdiv(Mq, BLOCK_M) * cdiv(E, BLOCK_E) * B,)``; Mq blocks vary fastest so that programs running together
     share the same ``k`` and ``v`` in L2.
@@ -216,7 +230,7 @@ def _tanh_attention_fwd_kernel(
         else:
             k_t = _load_tile(Kb, cols_d, cols_n, stride_kd, stride_kn, D, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _tanh(s * scale)
+        c = _tanh(s * scale, FAST_TANH)
         if DROPOUT:
             keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             c = tl.where(keep, c * keep_scale, 0.0)
@@ -225,15 +239,15 @@ def _tanh_attention_fwd_kernel(
                     in_map = (rows[:, None] < Mq) & (cols_n[None, :] < N)
                     tl.store(MASK + b * Mq * N + (rows[:, None] * N + cols_n[None, :]), keep, mask=in_map)
         v = _load_tile(Vb, cols_n, cols_e, stride_vn, stride_ve, N, E, ACC)
-        acc = tl.dot(c, v, acc, input_precision=PRECISION)
+        acc = tl.dot(c, v, acc, input_precision=PRECISION, out_dtype=ACC)
     if tanh_relu:
-        acc = tl.maximum(_tanh(acc), 0.0)
+        acc = tl.maximum(_tanh(acc, FAST_TANH), 0.0)
     out_mask = (rows[:, None] < Mq) & (cols_e[None, :] < E)
     out_offsets = rows[:, None] * stride_om + cols_e[None, :] * stride_oe
     tl.store(O + b * stride_ob + out_offsets, acc.to(O.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tanh_relu"])
 def _tanh_attention_bwd_dq_kernel(
     DO, O, Q, K, V, DQ,
     stride_dob, stride_dom, stride_doe,
@@ -246,7 +260,7 @@ def _tanh_attention_bwd_dq_kernel(
     scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Backward for q: ``dq[b, rows, cols] = sum_n dS[rows, n] k[n, cols]`` with
     ``dS = (do_pre @ v^T) * keep / (1 - p) * (1 - tanh(S)^2) * scale``, the map recomputed tile by tile.
@@ -292,7 +306,7 @@ def _tanh_attention_bwd_dq_kernel(
             v_t = _load_tile(Vb, cols_e, cols_n, stride_ve, stride_vn, E, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
             dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _tanh(s * scale)
+        c = _tanh(s * scale, FAST_TANH)
         ds = dp * (1.0 - c * c) * scale
         if DROPOUT:
             keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
@@ -301,13 +315,13 @@ def _tanh_attention_bwd_dq_kernel(
             k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
         else:
             k = tl.trans(k_t)
-        acc = tl.dot(ds, k, acc, input_precision=PRECISION)
+        acc = tl.dot(ds, k, acc, input_precision=PRECISION, out_dtype=ACC)
     out_mask = (rows[:, None] < Mq) & (cols_d[None, :] < D)
     out_offsets = rows[:, None] * stride_dqm + cols_d[None, :] * stride_dqd
     tl.store(DQ + b * stride_dqb + out_offsets, acc.to(DQ.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tanh_relu"])
 def _tanh_attention_bwd_dkdv_kernel(
     DO, O, Q, K, V, DK, DV,
     stride_dob, stride_dom, stride_doe,
@@ -321,7 +335,7 @@ def _tanh_attention_bwd_dkdv_kernel(
     scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Backward for k and v, on the transposed map (rows are N positions):
     ``dk[b, rows, :] = sum_m dS^T[rows, m] q[m, :]`` and ``dv[b, rows, :] = sum_m P^T[rows, m] do_pre[m, :]`` with
@@ -373,7 +387,7 @@ def _tanh_attention_bwd_dkdv_kernel(
             do_t = _load_grad_out(DOb, Ob, cols_e, cols_m, stride_doe, stride_dom, stride_oe, stride_om, E, Mq,
                                   tanh_relu, ACC)
             s_t = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=ACC)
-        c_t = _tanh(s_t * scale)
+        c_t = _tanh(s_t * scale, FAST_TANH)
         if DROPOUT:
             keep_t = _keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
         if has_dv:
@@ -385,7 +399,7 @@ def _tanh_attention_bwd_dkdv_kernel(
                                     tanh_relu, ACC)
             else:
                 do = tl.trans(do_t)
-            dv = tl.dot(p_t, do, dv, input_precision=PRECISION)
+            dv = tl.dot(p_t, do, dv, input_precision=PRECISION, out_dtype=ACC)
         if has_dk:
             if HEAD_LOOPS:
                 dp_t = _dot_grad_out_v_chunked(DOb, Ob, cols_m, stride_dom, stride_doe, stride_om, stride_oe, Mq,
@@ -398,7 +412,7 @@ def _tanh_attention_bwd_dkdv_kernel(
             ds_t = dp_t * (1.0 - c_t * c_t) * scale
             if DROPOUT:
                 ds_t = tl.where(keep_t, ds_t * keep_scale, 0.0)
-            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION, out_dtype=ACC)
     dk_mask = (rows[:, None] < N) & (cols_d[None, :] < D)
     dk_offsets = rows[:, None] * stride_dkn + cols_d[None, :] * stride_dkd
     tl.store(DK + b * stride_dkb + dk_offsets, dk.to(DK.dtype.element_ty), mask=dk_mask)
@@ -459,6 +473,22 @@ def _configs(precision: str) -> Dict[Tuple[int, bool], LaunchConfig]:
     return _CONFIGS_TF32X3 if precision == "tf32x3" else _CONFIGS
 
 
+FAST_TANH_ENV_VAR = "AVKERNELS_TRITON_FAST_TANH"
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fast_tanh(dtype: torch.dtype) -> bool:
+    """Whether the kernels use the GPU's ``tanh.approx.f32`` (relative error about 2**-11) instead of the exact
+    ``tanh`` built from ``exp``: only when ``AVKERNELS_TRITON_FAST_TANH=1`` (default off), only for fp16/bf16 inputs,
+    whose map the tensor cores read at 10 bits of mantissa (fp16) or less anyway and whose outputs round to 11 or
+    8 bits, and never under the interpreter, which cannot run inline PTX. Read at each launch."""
+    if os.environ.get(FAST_TANH_ENV_VAR, "0") != "1" or dtype not in _HALF_DTYPES:
+        return False
+    from avkernels.ops.triton import INTERPRET  # the package sets it before importing this module
+
+    return not INTERPRET
+
+
 def _meta(dtype: torch.dtype, d: int, e: int):
     """The launch config and the compile-time arguments shared by the three kernels."""
     precision = _precision(dtype)
@@ -469,7 +499,8 @@ def _meta(dtype: torch.dtype, d: int, e: int):
     else:
         head, loops = max(16, triton.next_power_of_2(max(d, e))), False
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops)
+    meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
+                FAST_TANH=_fast_tanh(dtype))
     return configs[(head, loops)], meta
 
 
@@ -479,11 +510,18 @@ def _split(x: float) -> Tuple[float, float]:
     return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
+def _activation_flag(activation) -> int:
+    """``tanh_relu`` as an int, not a bool: the interpreter of triton 3.6 cannot take bool arguments (it stores them
+    as int32 in an int1 tensor and raises). Not specialised (``do_not_specialize``), so 0 and 1 share one binary, as
+    the bool did."""
+    return int(activation == "tanh_relu")
+
+
 def _scalars(q, k, v, scale, dropout_p, seed, activation) -> List:
     scale_hi, scale_lo = _split(scale)
     keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else (1.0, 0.0)
     return [q.shape[1], k.shape[1], q.shape[2], v.shape[2], scale_hi, scale_lo, keep_hi, keep_lo,
-            float(dropout_p), int(seed), activation == "tanh_relu"]
+            float(dropout_p), int(seed), _activation_flag(activation)]
 
 
 def _batch_strides(x: torch.Tensor, name: str) -> Tuple[torch.Tensor, List[int]]:
@@ -505,15 +543,22 @@ def _batch_strides(x: torch.Tensor, name: str) -> Tuple[torch.Tensor, List[int]]
     return x, strides
 
 
+def _size_reason(mq: int, n: int) -> Optional[str]:
+    if mq * n >= _INT32_LIMIT:
+        return f"the triton kernels index the map of one batch element in int32: Mq * N < 2**31, got Mq={mq}, N={n}"
+    return None
+
+
+def supports(inputs: Inputs) -> Optional[str]:
+    """Dispatch's question (``OpImpl.supports``); the dtype and device are the backend's (``triton/__init__.py``)."""
+    return _size_reason(inputs.sizes["Mq"], inputs.sizes["N"])
+
+
 def _check_supported(q: torch.Tensor, n: int) -> None:
-    if q.shape[1] * n >= _INT32_LIMIT:
-        raise ValueError(f"tanh_attention: the triton backend supports Mq * N < 2**31 (the map of one batch element), "
-                         f"got Mq={q.shape[1]}, N={n}")
-    if q.dtype == torch.float64 and q.device.type == "cuda":
-        raise TypeError(
-            "tanh_attention: the triton backend computes float64 only in the interpreter (TRITON_INTERPRET=1, CPU "
-            "tensors, for gradcheck); on CUDA use float32/float16/bfloat16 or backend='reference'"
-        )
+    # Dispatch never sends such a call; this guards direct callers of the launchers.
+    reason = _size_reason(q.shape[1], n)
+    if reason is not None:
+        raise ValueError(f"tanh_attention: {reason}")
 
 
 def forward(q, k, v, seed, scale, dropout_p, activation, return_mask):
@@ -576,7 +621,7 @@ def backward(do, q, k, v, o, seed, scale, dropout_p, activation):
     return dq, dk, dv.to(v.dtype)
 
 
-register_impl("tanh_attention", "triton", OpImpl(forward, backward))
+register_impl("tanh_attention", "triton", OpImpl(forward, backward, supports=supports))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -588,7 +633,7 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[str, str]:
-    """Triton signature of ``kernel``: pointers as given, the float scalars fp32, ``tanh_relu`` i1, other ints i32
+    """Triton signature of ``kernel``: pointers as given, the float scalars fp32, the ints (``tanh_relu`` included) i32
     (what the launcher passes for tensors under 2**31 elements per batch element)."""
     signature = {}
     for name in kernel.arg_names:
@@ -598,8 +643,6 @@ def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[
             signature[name] = pointer_types[name]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
-        elif name == "tanh_relu":
-            signature[name] = "i1"
         else:
             signature[name] = "i32"
     return signature
@@ -608,18 +651,20 @@ def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[
 def aot_specializations() -> List[Tuple]:
     """Every kernel variant the launchers above can launch on a GPU, as ``(kernel, signature, constexprs, options)``.
 
-    One per kernel x dtype (fp32 with TF32x3 and with TF32 dots, fp16, bf16) x size class x dropout (x return_mask
-    for the forward). The activation is a runtime flag, so each variant covers both. fp64 is interpreter-only
-    (refused on CUDA by the launchers).
+    One per kernel x dtype (fp32 with TF32x3 and with TF32 dots, fp16, bf16, each of the two with exact and fast
+    tanh) x size class x dropout (x return_mask for the forward). The activation is a runtime flag, so each variant
+    covers both. fp64 is interpreter-only (refused on CUDA by the launchers).
     """
     specs = []
-    variants = [(dtype, precision) for dtype in _GPU_DTYPES
-                for precision in (("tf32x3", "tf32") if dtype == torch.float32 else ("tf32",))]
-    for dtype, precision in variants:
+    variants = [(dtype, precision, fast) for dtype in _GPU_DTYPES
+                for precision in (("tf32x3", "tf32") if dtype == torch.float32 else ("tf32",))
+                for fast in ((False, True) if dtype in _HALF_DTYPES else (False,))]
+    for dtype, precision, fast in variants:
         ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
         for (head, loops), cfg in _configs(precision).items():
             options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops)
+            shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
+                          FAST_TANH=fast)
             rows_on_mq = dict(BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop)
             for dropout in (False, True):
                 for return_mask in ((False, True) if dropout else (False,)):

@@ -1,0 +1,48 @@
+"""``python -m avkernels COMMAND``: the library's command line (``python -m avkernels --help`` lists the commands)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from avkernels import backend_status
+
+    for name, status in backend_status(args.op).items():
+        print(f"{name}: {status}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from avkernels import export, predict
+
+    parser = argparse.ArgumentParser(prog="python -m avkernels",
+                                     description="avkernels: fused kernels for audio-visual joint cross-attention")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = commands.add_parser(
+        "predict", help="write a checkpoint's predictions on a dataset split in the dataset's own format",
+        description=predict.__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    predict.add_arguments(p)
+    p.set_defaults(handler=predict.run_from_args)
+    p = commands.add_parser(
+        "export", help="export a checkpoint's model to an ONNX file of standard operators (dynamic batch)",
+        description="Export a checkpoint's model to ONNX (needs pip install 'avkernels[onnx]').",
+    )
+    export.add_arguments(p)
+    p.set_defaults(handler=export.run_from_args)
+    p = commands.add_parser("backends", help="the fused-op backends of this install and why any is unavailable")
+    p.add_argument("--op", choices=("tanh_attention", "gate", "stage_gate"), default=None)
+    p.set_defaults(handler=_backends)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
