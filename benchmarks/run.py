@@ -1,12 +1,16 @@
 """Run the whole benchmark suite and write its JSON, the markdown ratio table and the plots (``make bench``).
 
-    python benchmarks/run.py [--full] [--providers reference,torch_compile,cpp] [--name cpu] [--note "..."]
-                             [-- extra pytest arguments, e.g. -k RJCA]
+    python benchmarks/run.py [--full] [--providers reference,torch_compile,cpp] [--precisions fp32,bf16]
+                             [--name cpu] [--note "..."] [-- extra pytest arguments, e.g. -k RJCA]
+    python benchmarks/run.py --compare-bf16 [compare.py's options]   # issue 10's interleaved comparison
 
 Writes ``benchmarks/results/<name>.json`` (pytest-benchmark's ``--benchmark-json``, every result carrying its
 provider, backend, shape, mode, FLOP/byte counts, memory and fraction of the roofline floor in ``extra_info``, and
 the machine, versions and measured roofs in ``machine_info``), ``<name>.md`` (the ratio tables, also printed) and
-``plots/<name>-*.png``. ``<name>`` defaults to ``cpu`` or ``gpu``.
+``plots/<name>-*.png``. ``<name>`` defaults to ``cpu`` or ``gpu``. Every provider runs at each of ``--precisions``
+(default fp32 and bf16: the bf16 providers' forward runs under ``torch.autocast``, see ``harness.py``).
+``--compare-bf16`` runs ``compare.py`` instead (GRJCA, official shape, batch 8 and 64, bf16 autocast with the
+default backend vs ``cpp`` fp32 vs eager bf16, interleaved), passing it every other argument.
 """
 
 from __future__ import annotations
@@ -22,11 +26,19 @@ ROOT = os.path.dirname(HERE)
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--compare-bf16" in argv:
+        sys.path.insert(0, HERE)
+        import compare
+
+        return compare.main([a for a in argv if a != "--compare-bf16"])
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="add batch 64, RJCMA batch 12 and the wide sweeps")
-    parser.add_argument("--providers", default=None, help="comma-separated subset of providers")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated providers (names may end in -bf16/-fp16; 'default' = backend=None)")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="precisions of the default providers (fp32, bf16, fp16; default fp32,bf16)")
     parser.add_argument("--name", default=None, help="results file stem (default: cpu or gpu)")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--note", default="", help="a line for the table header (e.g. 'noisy, shared machine')")
@@ -48,6 +60,7 @@ def main(argv=None) -> int:
         cmd.append("--bench-full")
     if args.providers:
         cmd.append(f"--bench-providers={args.providers}")
+    cmd.append(f"--bench-precisions={args.precisions}")
     if args.threads:
         cmd.append(f"--bench-threads={args.threads}")
     if args.target_s:

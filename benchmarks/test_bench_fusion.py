@@ -24,7 +24,8 @@ def fusion_case(name, shape, dims, seq_len, batch):
     config = make_module("reference")  # only its configuration is read by the counts
     return harness.Case(
         name, shape, {"batch": batch, "seq_len": seq_len, "dims": list(dims)}, make_module,
-        harness.features(dims, batch, seq_len), cost=lambda mode: fusion_cost(config, batch, mode=mode),
+        harness.features(dims, batch, seq_len),
+        cost=lambda mode, itemsize=4: fusion_cost(config, batch, mode=mode, itemsize=itemsize),
         key=(dims, seq_len),
     )
 

@@ -62,7 +62,7 @@ def model_cost(batch: int, mode: str) -> Cost:
 def model_case(batch):
     return harness.Case(
         "AVRegressor-GRJCA", "official", {"batch": batch, "seq_len": SEQ_LEN, "dims": list(DIMS)}, make_model,
-        data_features(batch), cost=lambda mode: model_cost(batch, mode), key=(DIMS, SEQ_LEN),
+        data_features(batch), cost=lambda mode, itemsize=4: model_cost(batch, mode), key=(DIMS, SEQ_LEN),
     )
 
 

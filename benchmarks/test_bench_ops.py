@@ -70,8 +70,8 @@ def tanh_attention_case(shape, batch, mq, n, seq_len, *, hidden=None):
     params = {"batch": batch, "seq_len": seq_len, "mq": mq, "n": n, "d": seq_len, "e": e}
     return harness.Case(
         "tanh_attention", shape, params, make_module, make_inputs,
-        cost=lambda mode: tanh_attention_cost(batch, mq, n, seq_len, e, shared_v=hidden is not None,
-                                              activation=activation, mode=mode),
+        cost=lambda mode, itemsize=4: tanh_attention_cost(batch, mq, n, seq_len, e, shared_v=hidden is not None,
+                                                          activation=activation, mode=mode, itemsize=itemsize),
         key=(shape, mq, n, seq_len, hidden),
     )
 
@@ -82,7 +82,8 @@ def gate_case(shape, batch, seq_len, dim):
 
     return harness.Case(
         "gate", shape, {"batch": batch, "seq_len": seq_len, "dim": dim}, lambda backend: Gate(backend, dim),
-        make_inputs, cost=lambda mode: gate_cost(batch, seq_len, dim, mode=mode), graded_outputs=1,
+        make_inputs, cost=lambda mode, itemsize=4: gate_cost(batch, seq_len, dim, mode=mode, itemsize=itemsize),
+        graded_outputs=1,
         key=(dim,),
     )
 
@@ -94,7 +95,8 @@ def stage_gate_case(shape, batch, seq_len, dim, stages=2):
     return harness.Case(
         "stage_gate", shape, {"batch": batch, "seq_len": seq_len, "dim": dim, "stages": stages},
         lambda backend: StageGate(backend, dim, stages), make_inputs,
-        cost=lambda mode: stage_gate_cost(batch, seq_len, dim, stages, mode=mode), graded_outputs=1,
+        cost=lambda mode, itemsize=4: stage_gate_cost(batch, seq_len, dim, stages, mode=mode,
+                                                           itemsize=itemsize), graded_outputs=1,
         key=(dim, stages),
     )
 
