@@ -12,6 +12,7 @@ import torch
 
 import avkernels
 from avkernels import reference
+from avkernels.ops.triton import tanh_attention as triton_tanh_attention
 
 from conftest import DEVICE
 
@@ -263,8 +264,11 @@ def test_backward_is_deterministic():
 
 
 def test_map_too_large_is_refused():
-    """The kernels index one batch element's (Mq, N) map in int32; a larger map is an error, not a wraparound."""
+    """The kernels index one batch element's (Mq, N) map in int32; a larger map is an error, not a wraparound: dispatch
+    refuses it by name (and backend=None passes triton over), and a direct launch is refused too."""
     q = torch.zeros(1, 2**16, 1, device=DEVICE)
     k = torch.zeros(1, 2**15, 1, device=DEVICE)
-    with pytest.raises(ValueError, match="Mq \\* N < 2\\*\\*31"):
+    with pytest.raises(RuntimeError, match="backend 'triton' .* Mq \\* N < 2\\*\\*31"):
         avkernels.tanh_attention(q, k, k, backend="triton")
+    with pytest.raises(ValueError, match="Mq \\* N < 2\\*\\*31"):
+        triton_tanh_attention.forward(q, k, k, 0, 1.0, 0.0, "none", False)
