@@ -19,8 +19,8 @@ Choosing a backend:
 * ``backend=None`` takes the first backend, in the preference order of the inputs' device type, that can run the
   inputs; ``"reference"`` (plain PyTorch, every device and dtype) closes every list. Backends passed over are
   recorded with their reasons, which :func:`backend_status` ``(op)`` reports (a record, not a log call: a logging
-  call inside the op would break ``torch.compile``'s graph). The Triton interpreter (``TRITON_INTERPRET=1``) runs CPU tensors but is far slower than the
-  reference, so it has no rank on CPU: it runs there only when asked for by name.
+  call inside the op would break ``torch.compile``'s graph). The Triton interpreter (``TRITON_INTERPRET=1``) runs CPU
+  tensors but is far slower than the reference, so it has no rank on CPU: it runs there only when asked for by name.
 """
 
 from __future__ import annotations
@@ -135,6 +135,12 @@ def registered() -> Tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def _missing_impl(op: str, backend: str) -> Optional[str]:
+    if backend != "reference" and (op, backend) not in _IMPLS:  # the reference runs every op without an OpImpl
+        return f"it has no implementation of {op}"
+    return None
+
+
 def why_not(backend: str, inputs: Inputs) -> List[str]:
     """Every reason ``backend`` cannot run ``inputs``; empty when it can."""
     info = _BACKENDS.get(backend)
@@ -143,12 +149,7 @@ def why_not(backend: str, inputs: Inputs) -> List[str]:
     reason = info.unavailable_reason()
     if reason is not None:
         return [reason]  # nothing else can be asked of a backend that is not there
-    reasons = []
-    if backend != "reference" and (inputs.op, backend) not in _IMPLS:
-        reasons.append(f"it has no implementation of {inputs.op}")
-    reason = info.input_reason(inputs)
-    if reason is not None:
-        reasons.append(reason)
+    reasons = [r for r in (_missing_impl(inputs.op, backend), info.input_reason(inputs)) if r is not None]
     impl = _IMPLS.get((inputs.op, backend))
     if impl is not None and impl.supports is not None and not reasons:
         reason = impl.supports(inputs)
@@ -181,8 +182,8 @@ def backend_status(op: Optional[str] = None) -> Dict[str, str]:
     status = {}
     for name, info in _BACKENDS.items():
         reason = info.unavailable_reason()
-        if reason is None and op is not None and name != "reference" and (op, name) not in _IMPLS:
-            reason = f"it has no implementation of {op}"
+        if reason is None and op is not None:
+            reason = _missing_impl(op, name)
         status[name] = reason or "available"
         if reason is None and op is not None and name in _PASSED_OVER.get(op, {}):
             status[name] += f"; passed over for the last {op} call: {_PASSED_OVER[op][name]}"

@@ -86,7 +86,7 @@ def test_failed_compile_is_the_stated_reason(without_cpp, monkeypatch):
 
 
 def test_sources_are_found_in_a_checkout():
-    assert native._source_root("cpp") in native._SOURCE_ROOTS
+    assert native._source_root("cpp", native._config()) in native._SOURCE_ROOTS
 
 
 def _copy_project(target):

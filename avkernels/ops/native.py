@@ -112,7 +112,7 @@ def _jit_obstacle() -> Optional[str]:
     """Why the build on first use cannot be tried here, or None."""
     if os.environ.get(JIT_ENV_VAR, "1") == "0":
         return f"the build on first use is turned off (${JIT_ENV_VAR}=0)"
-    if _source_root("cpp") is None:
+    if _source_root("cpp", _config()) is None:
         return "its sources are not installed (no csrc/ in the package or beside it)"
     from torch.utils import cpp_extension
 
@@ -132,8 +132,8 @@ def _sources(root: str, patterns) -> List[str]:
     return sorted({p for pattern in patterns for p in glob.glob(os.path.join(root, pattern), recursive=True)})
 
 
-def _source_root(backend: str) -> Optional[str]:
-    patterns = _config()["CPU_SOURCES" if backend == "cpp" else "CUDA_SOURCES"]
+def _source_root(backend: str, cfg: dict) -> Optional[str]:
+    patterns = cfg["CPU_SOURCES" if backend == "cpp" else "CUDA_SOURCES"]
     return next((root for root in _SOURCE_ROOTS if _sources(root, patterns)), None)
 
 
@@ -158,15 +158,14 @@ def _build_directory(backend: str, root: str, cfg: dict) -> str:
 
 
 # The dtypes the kernels compute in: csrc/cpu checks them again (checks.h), csrc/cuda in binding.cpp.
-_CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_MAX_STAGES = 8  # kMaxGateCandidates in csrc/cuda/gate.cuh
 
 
 def _cpp_inputs(inputs: Inputs) -> Optional[str]:
     if inputs.device.type != "cpu":
         return f"the cpp backend runs on CPU tensors, got {inputs.device.type} tensors"
-    return dtype_reason(inputs.dtype, _CPP_DTYPES, "cpp")
+    return dtype_reason(inputs.dtype, _NATIVE_DTYPES, "cpp")
 
 
 def _cuda_unavailable() -> Optional[str]:
@@ -179,7 +178,7 @@ def _cuda_unavailable() -> Optional[str]:
 def _cuda_inputs(inputs: Inputs) -> Optional[str]:
     if inputs.device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors, got {inputs.device.type} tensors"
-    return dtype_reason(inputs.dtype, _CUDA_DTYPES, "cuda")
+    return dtype_reason(inputs.dtype, _NATIVE_DTYPES, "cuda")
 
 
 def _cuda_stage_gate(inputs: Inputs) -> Optional[str]:
@@ -250,7 +249,7 @@ def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False
 
     cfg = _config()
     prefix = "CPU" if backend == "cpp" else "CUDA"
-    root = _source_root(backend)
+    root = _source_root(backend, cfg)
     if root is None:
         raise RuntimeError(f"build_jit({backend!r}): no sources in {' or '.join(_SOURCE_ROOTS)} (csrc/ missing)")
     if backend == "cuda" and cpp_extension.CUDA_HOME is None:
