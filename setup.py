@@ -71,6 +71,9 @@ def _extensions():
             super().build_extensions()
             self.extensions = [ext for ext in self.extensions if ext.name not in getattr(self, "_failed", set())]
 
+    # Libraries of torch ops (TORCH_LIBRARY), with an empty Python module so that `import` loads them: they use no
+    # Python API beyond that stub, hence the limited API, no pybind11 and no libtorch_python, and a C++ program
+    # can dlopen them (examples/aoti).
     ext_modules = []
     cpu_sources = _sources(CONFIG["CPU_SOURCES"])
     if cpu_sources:
@@ -81,6 +84,7 @@ def _extensions():
                 include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
                 extra_compile_args={"cxx": list(CONFIG["CPU_CXX_FLAGS"])},
                 extra_link_args=list(CONFIG["CPU_LINK_FLAGS"]),
+                py_limited_api=True,
             )
         )
     cuda_sources = _sources(CONFIG["CUDA_SOURCES"])
@@ -92,6 +96,7 @@ def _extensions():
                 cuda_sources,
                 include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
                 extra_compile_args={"cxx": list(CONFIG["CUDA_CXX_FLAGS"]), "nvcc": list(CONFIG["CUDA_NVCC_FLAGS"])},
+                py_limited_api=True,
             )
         )
     return ext_modules, {"build_ext": OptionalBuildExtension}

@@ -59,7 +59,7 @@ def test_native_backends_report_their_status():
     status = avkernels.backend_status()
     for name, module in (("cpp", "avkernels._C_cpu"), ("cuda", "avkernels._C_cuda")):
         assert (name in avkernels.backends()) == (status[name] == "available"), (name, status[name])
-        if name not in native._MODULES:
+        if name not in native._LIBRARIES:
             assert f"{module} was not built" in status[name]
 
 
