@@ -214,7 +214,8 @@ def _register_impls(backend: str) -> None:
     """The kernels are the ops' own (TORCH_LIBRARY_IMPL), looked up by torch at call time, so that
     :func:`build_jit` can supply them later; only the size limits are the backend's."""
     for op in OPS:
-        register_impl(op, backend, OpImpl(supports=_cuda_stage_gate if (backend, op) == ("cuda", "stage_gate") else None))
+        supports = _cuda_stage_gate if (backend, op) == ("cuda", "stage_gate") else None
+        register_impl(op, backend, OpImpl(supports=supports))
 
 
 def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False) -> str:
@@ -269,7 +270,10 @@ def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False
         sources=_sources(root, cfg[f"{prefix}_SOURCES"]),
         extra_include_paths=[os.path.join(root, cfg["INCLUDE_DIR"])],
         extra_cflags=list(cfg[f"{prefix}_CXX_FLAGS"]),
-        extra_ldflags=list(cfg.get(f"{prefix}_LINK_FLAGS", ())),
+        # load() links libtorch_python into every build; the library uses none of it (only torch ops), and without
+        # the dependency a C++ program can load it too.
+        extra_ldflags=(["-Wl,--as-needed"] if sys.platform.startswith("linux") else [])
+        + list(cfg.get(f"{prefix}_LINK_FLAGS", ())),
         extra_cuda_cflags=list(cfg.get("CUDA_NVCC_FLAGS", ())) if backend == "cuda" else None,
         build_directory=build_directory,
         verbose=verbose,
