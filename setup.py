@@ -10,6 +10,7 @@ the backends it has (``avkernels.backends()`` lists them). ``AVKERNELS_NO_EXTENS
 """
 
 import glob
+import importlib.machinery
 import os
 import runpy
 import warnings
@@ -70,6 +71,19 @@ def _extensions():
         def build_extensions(self):
             super().build_extensions()
             self.extensions = [ext for ext in self.extensions if ext.name not in getattr(self, "_failed", set())]
+
+        def copy_extensions_to_source(self):
+            """``build_ext --inplace``: also removes older builds of the same modules under another file suffix.
+            Python imports ``_C_cpu.cpython-3xx-<platform>.so`` before ``_C_cpu.abi3.so``, so the pybind11 module
+            of earlier versions would shadow the library copied beside it now."""
+            super().copy_extensions_to_source()
+            for ext in self.extensions:
+                target = os.path.join(HERE, self.get_ext_filename(ext.name))
+                suffix = next(s for s in importlib.machinery.EXTENSION_SUFFIXES if target.endswith(s))
+                for other in importlib.machinery.EXTENSION_SUFFIXES:
+                    stale = target[: -len(suffix)] + other
+                    if other != suffix and os.path.exists(stale):
+                        os.remove(stale)
 
     # Libraries of torch ops (TORCH_LIBRARY), with an empty Python module so that `import` loads them: they use no
     # Python API beyond that stub, hence the limited API, no pybind11 and no libtorch_python, and a C++ program

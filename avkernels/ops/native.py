@@ -68,7 +68,8 @@ def _loaded(backend: str, path: str) -> None:
         mismatch = declaration.library_schema_mismatch()
         if mismatch is not None:
             _IMPORT_ERRORS[backend] = (
-                f"{path} was built from other sources than this avkernels (schemas: {mismatch}); rebuild it"
+                f"{path} does not define the ops this avkernels declares ({mismatch}): it was built from other "
+                "sources; rebuild it (`python setup.py build_ext --inplace` also removes older builds beside it)"
             )
             return
         declaration.define_library_ops()
