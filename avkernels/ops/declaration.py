@@ -43,7 +43,7 @@ class OpDeclaration:
     """Everything ``torch.library`` needs to know about one op, whichever backend runs it.
 
     Attributes:
-        name: the op's name, one of :data:`avkernels.OPS`.
+        name: the op's name, one of :data:`avkernels.backends.OPS`.
         schema: the forward's arguments and returns, e.g. ``"(Tensor x, float tau) -> (Tensor, Tensor)"``: the same
             text as the op's ``m.def`` in ``csrc/cpu/library.cpp`` (checked when the library loads).
         backward_schema: the same for the backward op ``<name>_backward``.
@@ -128,7 +128,7 @@ def on_define(listener: Callable[[OpDeclaration, torch._ops.OpOverload], None]) 
 def declare(declaration: OpDeclaration) -> OpDeclaration:
     """Registers ``declaration``; Python-kernel backends' implementations registered from now on get their ops."""
     if declaration.name not in OPS:
-        raise ValueError(f"op must be one of {OPS} (avkernels.OPS), got {declaration.name!r}")
+        raise ValueError(f"op must be one of {OPS} (avkernels.backends.OPS), got {declaration.name!r}")
     _DECLARATIONS[declaration.name] = declaration
     return declaration
 
