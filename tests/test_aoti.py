@@ -79,7 +79,7 @@ def _build_runner(build_dir) -> str:
     runner = str(build_dir / "run_aoti")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     lib = _torch_lib()
-    build = _run(["g++", "-std=c++17", "-O1", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
+    build = _run(["g++", "-std=c++20", "-O1", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in include_paths()],
                   os.path.join(EXAMPLE, "run_aoti.cpp"), "-o", runner, f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch",
                   "-ltorch_cpu", "-lc10", "-ldl"])
     assert build.returncode == 0, build.stdout + build.stderr
