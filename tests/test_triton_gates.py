@@ -164,11 +164,11 @@ def test_gate_opcheck():
     """The forward op (schema, fake tensors, autograd registration, AOT dispatch) and the backward op on its own,
     whose outputs must not alias one another."""
     a, u, w, b = _gate_args(2, 3, 5, torch.float32)
-    torch.library.opcheck(torch.ops.avkernels.gate, (*(x.requires_grad_(True) for x in (a, u, w, b)), 0.1, "triton"))
+    torch.library.opcheck(torch.ops.avkernels.triton_gate, (*(x.requires_grad_(True) for x in (a, u, w, b)), 0.1))
     out, g = avkernels.gate(a.detach(), u.detach(), w.detach(), b.detach(), backend="triton")
     dout, dg = _grad_outputs(out.shape, 2, torch.float32)
     torch.library.opcheck(
-        torch.ops.avkernels.gate_backward, (dout, dg, a.detach(), u.detach(), w.detach(), g, out, 0.1, "triton")
+        torch.ops.avkernels.triton_gate_backward, (dout, dg, a.detach(), u.detach(), w.detach(), g, out, 0.1)
     )
 
 
@@ -248,11 +248,11 @@ def test_stage_gate_gradcheck(n_stages, fast_mode):
 def test_stage_gate_opcheck():
     stages, w, b = _stage_args(2, 3, 5, 2, torch.float32)
     leaves = [x.requires_grad_(True) for x in stages]
-    torch.library.opcheck(torch.ops.avkernels.stage_gate, (leaves, w.requires_grad_(True), b, 0.1, "triton"))
+    torch.library.opcheck(torch.ops.avkernels.triton_stage_gate, (leaves, w.requires_grad_(True), b, 0.1))
     stages, w = [x.detach() for x in stages], w.detach()
     out, s = avkernels.stage_gate(stages, w, b, backend="triton")
     dout, ds = _grad_outputs(out.shape, 2, torch.float32)
-    torch.library.opcheck(torch.ops.avkernels.stage_gate_backward, (dout, ds, stages, w, s, out, 0.1, "triton"))
+    torch.library.opcheck(torch.ops.avkernels.triton_stage_gate_backward, (dout, ds, stages, w, s, out, 0.1))
 
 
 # ------------------------------------------------------------------------------------------ shared properties
