@@ -206,6 +206,37 @@ def _batch_axes(model: torch.nn.Module, n_inputs: int, batch) -> Tuple[Any, ...]
     return tuple(per_input)
 
 
+def _free_batch(model: torch.nn.Module, inputs, dynamic_batch: bool):
+    """The inputs to trace and the ``dynamic_shapes`` that leave their batch axis free (``None`` when not asked)."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not dynamic_batch:
+        return inputs, None
+    if any(x.shape[0] < 2 for x in inputs):
+        # torch.export specialises a size of 0 or 1 to a constant; a traced batch of 2 keeps the axis free.
+        inputs = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else
+                       x.new_zeros(2, *x.shape[1:]) for x in inputs)
+    return inputs, _batch_axes(model, len(inputs), torch.export.Dim("batch"))
+
+
+def export_program(
+    model: torch.nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *, dynamic_batch: bool = True
+) -> "torch.export.ExportedProgram":
+    """``torch.export`` of ``model`` in eval mode, with a free batch axis: what AOTInductor compiles.
+
+    Unlike :func:`export_onnx`, the fused ops stay in the program as ``avkernels::<op>`` calls, so that a package
+    built from it (``torch._inductor.aoti_compile_and_package``) runs the backend's kernels, from C++ too
+    (``examples/aoti/``). Export under ``torch.autocast`` to get a bf16 program. ``inputs`` as for :func:`export_onnx`.
+    """
+    inputs, dynamic_shapes = _free_batch(model, inputs, dynamic_batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes)
+    finally:
+        model.train(was_training)
+
+
 def _output_names(model: torch.nn.Module) -> Optional[Sequence[str]]:
     from avkernels.models import AVRegressor
 
@@ -242,19 +273,11 @@ def export_onnx(
         The ``torch.onnx.ONNXProgram``.
     """
     _require(ONNX_REQUIREMENTS)
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    if dynamic_batch and any(x.shape[0] < 2 for x in inputs):
-        # torch.export specialises a size of 0 or 1 to a constant; a traced batch of 2 keeps the axis free.
-        inputs = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else
-                       x.new_zeros(2, *x.shape[1:]) for x in inputs)
+    inputs, dynamic_shapes = _free_batch(model, inputs, dynamic_batch)
     if input_names is None:
         input_names = [f"input_{i}" for i in range(len(inputs))]
     if output_names is None:
         output_names = _output_names(model)
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = _batch_axes(model, len(inputs), batch)
     was_training = model.training
     model.eval()
     try:

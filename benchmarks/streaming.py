@@ -115,18 +115,15 @@ def build(provider: Provider, model: torch.nn.Module, example, workdir: str, thr
             return tuple(torch.from_numpy(o) for o in outs)
 
     elif kind == "aoti":
-        from avkernels.export import _batch_axes
+        from avkernels.export import export_program
 
         # torch.export reads the LSTMs' flat weight list, which nn.LSTM keeps as a plain attribute: harmless here.
         warnings.filterwarnings("ignore", message="The tensor attributes .*_flat_weights")
-        # torch.export specialises a traced size of 1: trace at batch 2 so that the axis stays free.
-        traced = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() for x in example)
-        dynamic_shapes = _batch_axes(model, len(traced), torch.export.Dim("batch", min=1))
-        with torch.no_grad(), autocast(precision):
-            program = torch.export.export(model, traced, dynamic_shapes=dynamic_shapes)
-            package = torch._inductor.aoti_compile_and_package(
-                program, package_path=os.path.join(workdir, f"model-{precision}.pt2")
-            )
+        with autocast(precision):
+            program = export_program(model, example)
+        package = torch._inductor.aoti_compile_and_package(
+            program, package_path=os.path.join(workdir, f"model-{precision}.pt2")
+        )
         loaded = torch._inductor.aoti_load_package(package)
 
         def run(*xs):

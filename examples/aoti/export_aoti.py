@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import avkernels  # noqa: E402
+from avkernels.export import export_program  # noqa: E402
 from avkernels.ops import native  # noqa: E402
 
 MODELS = {"jca": avkernels.JCA, "rjca": avkernels.RJCA, "dca": avkernels.DCA, "grjca": avkernels.GRJCA}
@@ -75,11 +76,8 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(batch, args.seq_len, d, generator=g) for d in args.dims)
 
-    # A traced batch of 2 keeps the batch free (torch.export specialises sizes 0 and 1); forward(*features) takes
-    # one tuple of dynamic shapes for all its features.
-    batch = torch.export.Dim("batch")
+    exported = export_program(model, features(2, 0))  # the batch axis stays free
     with torch.no_grad():
-        exported = torch.export.export(model, features(2, 0), dynamic_shapes=(tuple({0: batch} for _ in args.dims),))
         package = torch._inductor.aoti_compile_and_package(exported,
                                                            package_path=os.path.join(args.out_dir, "model.pt2"))
         inputs = features(args.batch, 1)
