@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-frames", type=int, default=SyntheticAVConfig.n_frames)
     g.add_argument("--synthetic-seed", type=int, default=SyntheticAVConfig.seed)
     g.add_argument("--synthetic-preset", choices=tuple(PRESETS), default="default",
-                   help="named synthetic regime (avkernels.data.synthetic.PRESETS; 'gating': docs/gating-experiment.md)")
+                   help="named synthetic regime (avkernels.data.synthetic.PRESETS; 'gating': "
+                        "docs/gating-experiment.md)")
     g.add_argument("--synthetic-set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override fields of the synthetic preset, e.g. corrupt_share=0.5 segment_len=4 "
                         "(SyntheticAVConfig; segment_len defaults to --seq-len unless the preset sets it)")

@@ -269,8 +269,8 @@ def main(argv=None) -> None:
         traces = {f"{name.upper()} {gate}": per_modality for name in gated
                   for gate, per_modality in gate_traces(runs[name][0]["model"], val_set, video).items()}
         extras = val_set.videos[video].extras
-        png = plot_gates(traces, extras["corrupted"], extras["corruption_kind"], os.path.join(args.out_dir, "gates.png"),
-                         title=f"{val_set.videos[video].name} (seed {args.seeds_used[0]}, preset {args.preset!r})")
+        png = plot_gates(traces, extras["corrupted"], extras["corruption_kind"],
+                         os.path.join(args.out_dir, "gates.png"), title=f"{val_set.videos[video].name} (seed {args.seeds_used[0]}, preset {args.preset!r})")
         print(f"\nGate weights over time: {png}")
     if args.results:
         with open(args.results, "w", encoding="utf-8") as f:

@@ -157,8 +157,8 @@ def test_corruption_offset_shifts_exactly_the_corrupted_frames_of_the_corrupted_
             if corrupted.any():
                 # One fixed sign vector per modality, the same on every corrupted frame.
                 np.testing.assert_allclose(np.abs(shift[corrupted]), 0.8, atol=1e-5)
-                np.testing.assert_allclose(shift[corrupted], np.broadcast_to(shift[corrupted][0], shift[corrupted].shape),
-                                           atol=1e-5)
+                first = np.broadcast_to(shift[corrupted][0], shift[corrupted].shape)
+                np.testing.assert_allclose(shift[corrupted], first, atol=1e-5)
 
 
 def test_presets_and_overrides():

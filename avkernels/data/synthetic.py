@@ -189,7 +189,8 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, object]:
         try:
             overrides[name] = kind(value)
         except ValueError as error:
-            raise ValueError(f"synthetic override {item!r}: {name} takes {'an int' if kind is int else 'a float'}") from error
+            article = "an int" if kind is int else "a float"
+            raise ValueError(f"synthetic override {item!r}: {name} takes {article}") from error
     return overrides
 
 
