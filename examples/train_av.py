@@ -203,11 +203,11 @@ def build_datasets(args):
             overrides = parse_overrides(args.synthetic_set)
         except ValueError as error:
             raise SystemExit(f"--synthetic-set: {error}") from None
-        config = preset_config(
-            args.synthetic_preset, **{"segment_len": args.seq_len, **PRESETS[args.synthetic_preset], **overrides,
-                                      "seed": args.synthetic_seed, "n_train_videos": args.synthetic_train_videos,
-                                      "n_val_videos": args.synthetic_val_videos, "n_frames": args.synthetic_frames,
-                                      "seq_len": args.seq_len})
+        if "segment_len" not in PRESETS[args.synthetic_preset]:
+            overrides.setdefault("segment_len", args.seq_len)  # corruption segments aligned with the windows
+        sizes = dict(seed=args.synthetic_seed, n_train_videos=args.synthetic_train_videos,
+                     n_val_videos=args.synthetic_val_videos, n_frames=args.synthetic_frames, seq_len=args.seq_len)
+        config = preset_config(args.synthetic_preset, **{**overrides, **sizes})
         return (SyntheticAV("train", config, windows=args.train_windows), SyntheticAV("val", config))
     if args.data_root is None:
         raise SystemExit(f"--data-root is required for --dataset {args.dataset}")

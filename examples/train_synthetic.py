@@ -162,11 +162,14 @@ def train_one(args, name: str, seed: int, run_dir: str) -> Dict[str, object]:
     }
 
 
-def _cell(values: Sequence[float], width: int) -> str:
+def _cell(values: Sequence[float], width: int, signed: bool = False) -> str:
+    """``mean±half-width`` of the 95 % interval over seeds, right-aligned in ``width``."""
     mean, half = mean_interval(values)
     if math.isnan(mean):
         return f"{'-':>{width}}"
-    text = f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f}±{half:.3f}"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    if not math.isnan(half):
+        text += f"±{half:.3f}"
     return f"{text:>{width}}"
 
 
@@ -205,19 +208,21 @@ def report(runs: Dict[str, List[Dict[str, object]]], args) -> Dict[str, object]:
               "difference shown):")
         print(f"{'model':<7}{'all frames':>{width}}" + "".join(f"{c:>{width}}" for c in conditions))
         for name, cells in differences.items():
-            print(f"{name.upper():<7}{_cell(cells['all frames'], width)}"
-                  + "".join(_cell(cells[c], width) for c in conditions))
+            print(f"{name.upper():<7}{_cell(cells['all frames'], width, True)}"
+                  + "".join(_cell(cells[c], width, True) for c in conditions))
 
     gate_rows = {}
     for name, per_seed in runs.items():
         for k, row in enumerate(per_seed[0]["gates"]):
             gate_rows[(name, row["gate"], row["modality"])] = [r["gates"][k] for r in per_seed]
     if gate_rows:
-        print("\nMean gate weight on the UNATTENDED features over validation frames (1 = unattended only):")
+        print("\nMean gate weight on the UNATTENDED features over validation frames (1 = unattended only) on clean "
+              "frames,\nand its change, paired by seed, where this modality or the other one is corrupted (the papers' "
+              "mechanism:\n> 0 where the other modality is corrupted):")
         print(f"{'model':<7}{'gate':<25}{'modality':<10}{'clean':>15}{'this corrupted':>16}{'other corrupted':>16}")
         for (name, gate, modality), rows in gate_rows.items():
-            print(f"{name.upper():<7}{gate:<25}{modality:<10}{_cell([r['clean'] for r in rows], 15)}"
-                  f"{_cell([r['self'] for r in rows], 16)}{_cell([r['other'] for r in rows], 16)}")
+            changes = [_cell([r[g] - r["clean"] for r in rows], 16, True) for g in ("self", "other")]
+            print(f"{name.upper():<7}{gate:<25}{modality:<10}{_cell([r['clean'] for r in rows], 15)}{''.join(changes)}")
         print("(stage gate rows: the weight of the first, least attended stage)")
     return {
         "preset": args.preset, "synthetic_set": args.synthetic_set, "epochs": args.epochs, "seeds": args.seeds_used,
