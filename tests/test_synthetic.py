@@ -161,6 +161,35 @@ def test_corruption_offset_shifts_exactly_the_corrupted_frames_of_the_corrupted_
                 np.testing.assert_allclose(shift[corrupted], first, atol=1e-5)
 
 
+def test_the_gating_preset_is_the_regime_it_claims():
+    config = preset_config("gating", seed=1, n_train_videos=12, n_val_videos=2)
+    assert config.segment_len < config.seq_len
+    ds = SyntheticAV("train", config)
+    corrupted = np.concatenate([v.extras["corrupted"] for v in ds.videos])
+    kind = np.concatenate([v.extras["corruption_kind"] for v in ds.videos])
+    assert (kind[corrupted != 0] == MISLEADING).all(), "every corruption is misleading, none is noise"
+    assert 0.4 < (corrupted != 0).mean() < 0.6
+    # Windows mix clean and corrupted time steps.
+    mixed = [len(set(ds[i]["corrupted"].tolist())) > 1 for i in range(len(ds))]
+    assert np.mean(mixed) > 0.5
+    # The telltale makes a corrupted frame detectable on its own: one direction (the sign of the mean shift) and a
+    # threshold separate the corrupted frames of each modality from its clean ones.
+    for modality, code in (("video", VIDEO_CORRUPTED), ("audio", AUDIO_CORRUPTED)):
+        x = np.concatenate([v.features[modality] for v in ds.videos])
+        bad = corrupted == code
+        direction = np.sign(x[bad].mean(axis=0) - x[~bad].mean(axis=0))
+        score = x @ direction
+        threshold = (score[bad].mean() + score[~bad].mean()) / 2
+        accuracy = ((score > threshold) == bad).mean()
+        assert accuracy > 0.95, (modality, accuracy)
+        # Without the telltale the same frames are not separable this way.
+        plain = preset_config("gating", seed=1, n_train_videos=12, n_val_videos=2, corruption_offset=0.0)
+        y = np.concatenate([v.features[modality] for v in make_synthetic_videos(plain, "train")])
+        score = y @ np.sign(y[bad].mean(axis=0) - y[~bad].mean(axis=0))
+        threshold = (score[bad].mean() + score[~bad].mean()) / 2
+        assert ((score > threshold) == bad).mean() < 0.7
+
+
 def test_presets_and_overrides():
     assert preset_config("default") == SyntheticAVConfig()
     assert preset_config("default", corrupt_share=0.7).corrupt_share == 0.7
