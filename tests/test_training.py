@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import avkernels
+from avkernels.data.synthetic import preset_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -340,3 +341,13 @@ def test_gate_traces_cover_every_frame_of_the_video(tmp_path):
     png = plot_training.plot_gates(traces, extras["corrupted"], extras["corruption_kind"], str(tmp_path / "g.png"))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_synthetic_preset_and_its_overrides_reach_the_datasets():
+    _, val_set = train_av.build_datasets(_args("--synthetic-preset", "gating"))
+    assert val_set.config == preset_config("gating", seed=0, n_train_videos=4, n_val_videos=2, n_frames=64, seq_len=8)
+    _, val_set = train_av.build_datasets(_args("--synthetic-preset", "gating", "--synthetic-set", "segment_len=2"))
+    assert val_set.config.segment_len == 2 and val_set.config.corruption_offset == 1.0
+    # The default regime keeps its segments aligned with the windows, whatever the window length.
+    _, val_set = train_av.build_datasets(_args())
+    assert val_set.config.segment_len == val_set.config.seq_len == 8
