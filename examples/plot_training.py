@@ -98,24 +98,26 @@ def plot_gates(traces: Dict[str, Dict[str, Sequence[float]]], corrupted, corrupt
     from avkernels.data.synthetic import AUDIO_CORRUPTED, MISLEADING, VIDEO_CORRUPTED
 
     codes = {"video": VIDEO_CORRUPTED, "audio": AUDIO_CORRUPTED}
+    legend = []
     fig, axes = plt.subplots(len(traces), 1, figsize=(12, 1.7 * len(traces) + 0.8), sharex=True, squeeze=False)
     for ax, (name, per_modality) in zip(axes[:, 0], traces.items()):
         for modality, code in codes.items():
             for kind_is_misleading in (False, True):
                 mask = [c == code and (k == MISLEADING) == kind_is_misleading
                         for c, k in zip(corrupted, corruption_kind)]
+                hatch = "///" if kind_is_misleading else None
                 for start, stop in _segments(mask):
                     ax.axvspan(start - 0.5, stop - 0.5, color=MODALITY_COLOURS[modality], alpha=0.18, lw=0,
-                               hatch="///" if kind_is_misleading else None)
+                               hatch=hatch)
+                label = f"{modality} corrupted ({'misleading' if kind_is_misleading else 'noise'})"
+                if any(mask) and label not in [p.get_label() for p in legend]:
+                    legend.append(Patch(facecolor=MODALITY_COLOURS[modality], alpha=0.3, hatch=hatch, label=label))
         for modality, weights in per_modality.items():
             ax.plot(range(len(weights)), weights, color=MODALITY_COLOURS.get(modality), lw=1.2, label=modality)
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("weight on\nunattended", fontsize=8)
         ax.set_title(name, fontsize=9, loc="left")
         ax.grid(alpha=0.3)
-    legend = [Patch(color=MODALITY_COLOURS[m], alpha=0.3, label=f"{m} corrupted (noise)") for m in codes]
-    legend += [Patch(facecolor=MODALITY_COLOURS[m], alpha=0.3, hatch="///", label=f"{m} corrupted (misleading)")
-               for m in codes]
     legend += [plt.Line2D([], [], color=MODALITY_COLOURS[m], label=f"{m} gate") for m in codes]
     axes[0, 0].legend(handles=legend, fontsize=7, ncol=3, loc="upper right", bbox_to_anchor=(1.0, 1.6))
     axes[-1, 0].set_xlabel("frame")

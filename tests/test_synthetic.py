@@ -172,8 +172,8 @@ def test_the_gating_preset_is_the_regime_it_claims():
     # Windows mix clean and corrupted time steps.
     mixed = [len(set(ds[i]["corrupted"].tolist())) > 1 for i in range(len(ds))]
     assert np.mean(mixed) > 0.5
-    # The telltale makes a corrupted frame detectable on its own: one direction (the sign of the mean shift) and a
-    # threshold separate the corrupted frames of each modality from its clean ones.
+    # The faint telltale makes a corrupted frame detectable on its own, most of the time: one direction (the sign of
+    # the mean shift) and a threshold separate most corrupted frames of each modality from its clean ones.
     for modality, code in (("video", VIDEO_CORRUPTED), ("audio", AUDIO_CORRUPTED)):
         x = np.concatenate([v.features[modality] for v in ds.videos])
         bad = corrupted == code
@@ -181,7 +181,7 @@ def test_the_gating_preset_is_the_regime_it_claims():
         score = x @ direction
         threshold = (score[bad].mean() + score[~bad].mean()) / 2
         accuracy = ((score > threshold) == bad).mean()
-        assert accuracy > 0.95, (modality, accuracy)
+        assert accuracy > 0.85, (modality, accuracy)
         # Without the telltale the same frames are not separable this way.
         plain = preset_config("gating", seed=1, n_train_videos=12, n_val_videos=2, corruption_offset=0.0)
         y = np.concatenate([v.features[modality] for v in make_synthetic_videos(plain, "train")])

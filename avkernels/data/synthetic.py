@@ -56,7 +56,7 @@ CONDITIONS = ("clean", "video noise", "video misleading", "audio noise", "audio 
 
 @dataclass(frozen=True)
 class SyntheticAVConfig:
-    """Parameters of the synthetic dataset (all defaults are what ``make demo`` uses).
+    """Parameters of the synthetic dataset (the defaults are the ``"default"`` preset; ``make demo`` uses ``"gating"``).
 
     Attributes:
         seed: master seed; same seed, same data.
@@ -165,11 +165,12 @@ class _Views:
 
 # Documented configurations: field overrides of SyntheticAVConfig. "gating" is the regime of
 # docs/gating-experiment.md where a gate beat plain recursive cross-attention: every corruption misleading (another
-# emotion, not noise), half the segments corrupted, a telltale that makes a corrupted frame detectable, and segments
-# of 4 frames, shorter than the 16-frame windows, so that a window mixes clean and corrupted time steps.
+# emotion, not noise), half the segments corrupted, a faint telltale that makes a corrupted frame detectable but not
+# trivially so, and segments of 4 frames, shorter than the 16-frame windows, so that a window mixes clean and
+# corrupted time steps.
 PRESETS: Dict[str, Dict[str, object]] = {
     "default": {},
-    "gating": {"misleading_share": 1.0, "corrupt_share": 0.5, "corruption_offset": 1.0, "segment_len": 4},
+    "gating": {"misleading_share": 1.0, "corrupt_share": 0.5, "corruption_offset": 0.3, "segment_len": 4},
 }
 
 
