@@ -34,7 +34,8 @@ from engine import (  # noqa: E402
 
 from avkernels.data import INVALID_LABEL, AffWild2VA, RECOLA, SyntheticAV, SyntheticAVConfig  # noqa: E402
 from avkernels.losses import CCCLoss  # noqa: E402
-from avkernels.metrics import SMOOTHING_WINDOWS, ccc, smooth_predictions  # noqa: E402
+from avkernels.data.synthetic import CONDITIONS, PRESETS, parse_overrides, preset_config  # noqa: E402
+from avkernels.metrics import SMOOTHING_WINDOWS, ccc, grouped_ccc, smooth_predictions  # noqa: E402
 from avkernels.models import AVRegressor  # noqa: E402
 
 DATASETS = ("synthetic", "affwild2", "recola")
@@ -98,7 +99,22 @@ def va_metrics(dataset, windows: np.ndarray, predictions: Dict[str, np.ndarray])
         metrics[f"ccc_{dim}_smoothed"] = ccc(smoothed[valid], target[valid])
     metrics["ccc_mean"] = (metrics["ccc_valence"] + metrics["ccc_arousal"]) / 2
     metrics["ccc_mean_smoothed"] = (metrics["ccc_valence_smoothed"] + metrics["ccc_arousal_smoothed"]) / 2
+    if hasattr(dataset, "frame_conditions"):
+        metrics.update(condition_metrics(dataset, windows, predictions))
     return metrics
+
+
+def condition_metrics(dataset, windows: np.ndarray, predictions: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """``{"ccc_mean/<condition>": mean of the valence and arousal CCCs over the frames of that condition}`` (raw
+    predictions), for a dataset that records a condition per frame (the synthetic one: clean, or which modality is
+    corrupted and how); conditions without any frame in ``dataset`` are left out."""
+    groups = np.concatenate(dataset.frame_conditions())
+    labels = np.concatenate(dataset.frame_labels())
+    per_dim = [grouped_ccc(np.concatenate(dataset.frame_values(windows, predictions[dim])), labels[:, k], groups,
+                           CONDITIONS) for k, dim in enumerate(DIMENSIONS)]
+    present = set(np.unique(groups).tolist())
+    return {f"ccc_mean/{name}": (per_dim[0][name] + per_dim[1][name]) / 2
+            for k, name in enumerate(CONDITIONS) if k in present}
 
 
 class WarmupCosine:
@@ -132,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-val-videos", type=int, default=SyntheticAVConfig.n_val_videos)
     g.add_argument("--synthetic-frames", type=int, default=SyntheticAVConfig.n_frames)
     g.add_argument("--synthetic-seed", type=int, default=SyntheticAVConfig.seed)
+    g.add_argument("--synthetic-preset", choices=tuple(PRESETS), default="default",
+                   help="named synthetic regime (avkernels.data.synthetic.PRESETS; 'gating': "
+                        "docs/gating-experiment.md)")
+    g.add_argument("--synthetic-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override fields of the synthetic preset, e.g. corrupt_share=0.5 segment_len=4 "
+                        "(SyntheticAVConfig; segment_len defaults to --seq-len unless the preset sets it)")
     g = p.add_argument_group("model")
     g.add_argument("--fusion", choices=FUSIONS, default="dca")
     g.add_argument("--form", choices=("dense", "additive"), default="dense")
@@ -177,9 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
 def build_datasets(args):
     stride = args.clip_stride or DEFAULT_CLIP_STRIDE[args.dataset]
     if args.dataset == "synthetic":
-        config = SyntheticAVConfig(seed=args.synthetic_seed, n_train_videos=args.synthetic_train_videos,
-                                   n_val_videos=args.synthetic_val_videos, n_frames=args.synthetic_frames,
-                                   seq_len=args.seq_len, segment_len=args.seq_len)
+        try:
+            overrides = parse_overrides(args.synthetic_set)
+        except ValueError as error:
+            raise SystemExit(f"--synthetic-set: {error}") from None
+        if "segment_len" not in PRESETS[args.synthetic_preset]:
+            overrides.setdefault("segment_len", args.seq_len)  # corruption segments aligned with the windows
+        sizes = dict(seed=args.synthetic_seed, n_train_videos=args.synthetic_train_videos,
+                     n_val_videos=args.synthetic_val_videos, n_frames=args.synthetic_frames, seq_len=args.seq_len)
+        config = preset_config(args.synthetic_preset, **{**overrides, **sizes})
         return (SyntheticAV("train", config, windows=args.train_windows), SyntheticAV("val", config))
     if args.data_root is None:
         raise SystemExit(f"--data-root is required for --dataset {args.dataset}")

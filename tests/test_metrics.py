@@ -11,6 +11,8 @@ from avkernels.metrics import (
     balanced_accuracy,
     ccc,
     concordance_correlation,
+    grouped_ccc,
+    mean_interval,
     overall_accuracy,
     smooth_predictions,
 )
@@ -215,3 +217,46 @@ def test_smoothing_per_video_clip_and_nan():
         smooth_predictions(x, 0)
     with pytest.raises(ValueError, match="pred"):
         smooth_predictions(np.zeros((2, 3)), 2)
+
+
+def test_grouped_ccc_on_a_hand_made_case():
+    # Group 0: predictions equal to the targets (CCC 1). Group 1: negated (CCC -1), plus an invalid frame whose
+    # prediction would spoil it if it counted. Group 2: constant 0 against targets of mean 0 and variance 1/2
+    # (CCC 0). Group 3: no frame at all (NaN).
+    target = np.array([0.1, 0.5, 0.9, 0.3, -0.3, -5.0, 1.0, -1.0, 0.0, 0.0])
+    pred = np.array([0.1, 0.5, 0.9, -0.3, 0.3, 3.0, 0.0, 0.0, 0.0, 0.0])
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    out = grouped_ccc(pred, target, groups, ["same", "negated", "constant", "empty"])
+    assert list(out) == ["same", "negated", "constant", "empty"]
+    assert out["same"] == pytest.approx(1.0) and out["negated"] == pytest.approx(-1.0)
+    assert out["constant"] == pytest.approx(0.0) and np.isnan(out["empty"])
+    # Each group on its own, not the pooled frames.
+    assert ccc(pred, target) != pytest.approx(out["same"])
+
+
+def test_grouped_ccc_checks_its_groups():
+    pred = target = np.zeros(4)
+    with pytest.raises(ValueError, match="groups: expected indices in \\[0, 2\\)"):
+        grouped_ccc(pred, target, np.array([0, 1, 2, 0]), ["a", "b"])
+    with pytest.raises(ValueError, match="groups: expected the shape"):
+        grouped_ccc(pred, target, np.array([0, 1]), ["a", "b"])
+    with pytest.raises(TypeError, match="groups: expected integer"):
+        grouped_ccc(pred, target, np.array([0.0, 1.0, 0.0, 1.0]), ["a", "b"])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12, 31, 40])
+def test_mean_interval_is_the_student_t_interval(n):
+    from scipy import stats
+
+    values = np.random.default_rng(n).normal(0.7, 0.05, size=n)
+    mean, half = mean_interval(values.tolist())
+    quantile = stats.t.ppf(0.975, n - 1) if n <= 31 else 1.96
+    assert mean == pytest.approx(values.mean())
+    assert half == pytest.approx(quantile * values.std(ddof=1) / np.sqrt(n), rel=2e-4)
+
+
+def test_mean_interval_leaves_out_missing_runs():
+    assert mean_interval([0.5, float("nan"), 0.7]) == pytest.approx((0.6, 12.706 * np.sqrt(0.02) / np.sqrt(2)))
+    mean, half = mean_interval([0.4])
+    assert mean == 0.4 and np.isnan(half)
+    assert all(np.isnan(mean_interval([float("nan")])))

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from avkernels.data import SyntheticAV, SyntheticAVConfig, make_synthetic_videos
-from avkernels.data.synthetic import AUDIO_CORRUPTED, MISLEADING, NOISE, VIDEO_CORRUPTED
+from avkernels.data.synthetic import (
+    AUDIO_CORRUPTED, CONDITIONS, MISLEADING, NOISE, PRESETS, VIDEO_CORRUPTED, condition_codes, parse_overrides,
+    preset_config,
+)
 
 SMALL = dict(n_train_videos=6, n_val_videos=3, n_frames=96)
 
@@ -107,7 +110,8 @@ def test_corrupted_segments_do_not_predict_the_labels(modality, code):
     "override, message",
     [({"n_frames": 0}, "n_frames"), ({"corrupt_share": 1.5}, "corrupt_share"),
      ({"invalid_share": 0.6}, "invalid_share"),
-     ({"min_period": 300.0}, "min_period"), ({"video_noise": -1.0}, "video_noise")],
+     ({"min_period": 300.0}, "min_period"), ({"video_noise": -1.0}, "video_noise"),
+     ({"corruption_offset": -0.5}, "corruption_offset")],
 )
 def test_config_validation(override, message):
     with pytest.raises(ValueError, match=message):
@@ -117,3 +121,84 @@ def test_config_validation(override, message):
 def test_bad_split_name():
     with pytest.raises(ValueError, match="split"):
         make_synthetic_videos(SyntheticAVConfig(), "test")
+
+
+def test_condition_codes_name_the_corrupted_modality_and_the_kind():
+    corrupted = np.array([0, VIDEO_CORRUPTED, VIDEO_CORRUPTED, AUDIO_CORRUPTED, AUDIO_CORRUPTED])
+    kind = np.array([0, NOISE, MISLEADING, NOISE, MISLEADING])
+    assert [CONDITIONS[c] for c in condition_codes(corrupted, kind)] == [
+        "clean", "video noise", "video misleading", "audio noise", "audio misleading"]
+
+
+def test_frame_conditions_match_what_was_corrupted():
+    ds = SyntheticAV("val", seed=3, corrupt_share=0.6, **SMALL)
+    for video, conditions in zip(ds.videos, ds.frame_conditions()):
+        assert conditions.shape == (video.n_frames,)
+        for code, name in enumerate(CONDITIONS):
+            rows = conditions == code
+            expected_modality = {"clean": 0, "video": VIDEO_CORRUPTED, "audio": AUDIO_CORRUPTED}[name.split()[0]]
+            assert (video.extras["corrupted"][rows] == expected_modality).all()
+            if name != "clean":
+                expected_kind = NOISE if name.endswith("noise") else MISLEADING
+                assert (video.extras["corruption_kind"][rows] == expected_kind).all()
+    assert set(np.concatenate(ds.frame_conditions()).tolist()) == set(range(len(CONDITIONS)))
+
+
+def test_corruption_offset_shifts_exactly_the_corrupted_frames_of_the_corrupted_modality():
+    plain = make_synthetic_videos(SyntheticAVConfig(seed=4, corrupt_share=0.5, **SMALL), "train")
+    marked = make_synthetic_videos(SyntheticAVConfig(seed=4, corrupt_share=0.5, corruption_offset=0.8, **SMALL),
+                                   "train")
+    for a, b in zip(plain, marked):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        for modality, code in (("video", VIDEO_CORRUPTED), ("audio", AUDIO_CORRUPTED)):
+            shift = b.features[modality] - a.features[modality]
+            corrupted = a.extras["corrupted"] == code
+            assert (shift[~corrupted] == 0).all(), "clean frames (and the other modality's) are unchanged"
+            if corrupted.any():
+                # One fixed sign vector per modality, the same on every corrupted frame.
+                np.testing.assert_allclose(np.abs(shift[corrupted]), 0.8, atol=1e-5)
+                first = np.broadcast_to(shift[corrupted][0], shift[corrupted].shape)
+                np.testing.assert_allclose(shift[corrupted], first, atol=1e-5)
+
+
+def test_the_gating_preset_is_the_regime_it_claims():
+    config = preset_config("gating", seed=1, n_train_videos=12, n_val_videos=2)
+    assert config.segment_len < config.seq_len
+    ds = SyntheticAV("train", config)
+    corrupted = np.concatenate([v.extras["corrupted"] for v in ds.videos])
+    kind = np.concatenate([v.extras["corruption_kind"] for v in ds.videos])
+    assert (kind[corrupted != 0] == MISLEADING).all(), "every corruption is misleading, none is noise"
+    assert 0.4 < (corrupted != 0).mean() < 0.6
+    # Windows mix clean and corrupted time steps.
+    mixed = [len(set(ds[i]["corrupted"].tolist())) > 1 for i in range(len(ds))]
+    assert np.mean(mixed) > 0.5
+    # The faint telltale makes a corrupted frame detectable on its own, most of the time: one direction (the sign of
+    # the mean shift) and a threshold separate most corrupted frames of each modality from its clean ones.
+    for modality, code in (("video", VIDEO_CORRUPTED), ("audio", AUDIO_CORRUPTED)):
+        x = np.concatenate([v.features[modality] for v in ds.videos])
+        bad = corrupted == code
+        direction = np.sign(x[bad].mean(axis=0) - x[~bad].mean(axis=0))
+        score = x @ direction
+        threshold = (score[bad].mean() + score[~bad].mean()) / 2
+        accuracy = ((score > threshold) == bad).mean()
+        assert accuracy > 0.85, (modality, accuracy)
+        # Without the telltale the same frames are not separable this way.
+        plain = preset_config("gating", seed=1, n_train_videos=12, n_val_videos=2, corruption_offset=0.0)
+        y = np.concatenate([v.features[modality] for v in make_synthetic_videos(plain, "train")])
+        score = y @ np.sign(y[bad].mean(axis=0) - y[~bad].mean(axis=0))
+        threshold = (score[bad].mean() + score[~bad].mean()) / 2
+        assert ((score > threshold) == bad).mean() < 0.7
+
+
+def test_presets_and_overrides():
+    assert preset_config("default") == SyntheticAVConfig()
+    assert preset_config("default", corrupt_share=0.7).corrupt_share == 0.7
+    assert set(PRESETS) == {"default", "gating"}
+    with pytest.raises(ValueError, match="preset: expected one of"):
+        preset_config("nope")
+    assert parse_overrides(["corrupt_share=0.5", "segment_len=4"]) == {"corrupt_share": 0.5, "segment_len": 4}
+    assert isinstance(parse_overrides(["segment_len=4"])["segment_len"], int)
+    with pytest.raises(ValueError, match="FIELD=VALUE with FIELD one of"):
+        parse_overrides(["corrupt_shares=0.5"])
+    with pytest.raises(ValueError, match="segment_len takes an int"):
+        parse_overrides(["segment_len=0.5"])

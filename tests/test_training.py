@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import avkernels
+from avkernels.data.synthetic import preset_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -284,3 +285,71 @@ def test_precision_choices():
         engine.autocast_dtype("fp8", torch.device("cpu"))
     with pytest.raises(SystemExit):
         _args("--precision", "half")
+
+
+def test_synthetic_runs_report_the_ccc_by_condition_of_the_frames(tmp_path):
+    out = str(tmp_path / "run")
+    args = _args("--fusion", "rjca", "--epochs", "1", "--out-dir", out, "--synthetic-set", "misleading_share=1",
+                 "corrupt_share=0.6", "segment_len=4")
+    result = train_av.run(args)
+    assert result["val_set"].config.segment_len == 4 and result["val_set"].config.misleading_share == 1.0
+    (val,) = _records(out, "val")
+    # Only misleading corruptions in this regime: the noise conditions have no frame and no entry.
+    assert sorted(k for k in val if k.startswith("ccc_mean/")) == [
+        "ccc_mean/audio misleading", "ccc_mean/clean", "ccc_mean/video misleading"]
+    assert all(-1 <= val[k] <= 1 for k in val if k.startswith("ccc_mean/"))
+    with pytest.raises(SystemExit, match="--synthetic-set: synthetic override 'segment=4'"):
+        train_av.run(_args("--synthetic-set", "segment=4"))
+
+
+def test_the_demo_reports_over_seeds_and_draws_the_gates(tmp_path, monkeypatch, capsys):
+    # The demo's own sizes, one epoch: a short demo run.
+    out, results = str(tmp_path / "demo"), str(tmp_path / "results.json")
+    train_synthetic.main(["--epochs", "1", "--seeds", "2", "--models", "rjca", "dca", "grjca", "--out-dir", out,
+                          "--results", results])
+    printed = capsys.readouterr().out
+    assert "mean ± 95 % CI over 2 seed(s): [0, 1]" in printed and "Gated minus RJCA, paired by seed" in printed
+    with open(results) as f:
+        numbers = json.load(f)
+    assert numbers["seeds"] == [0, 1] and set(numbers["differences"]) == {"dca", "grjca"}
+    by_condition = numbers["by_condition"]
+    # The demo's gating preset corrupts with misleading features only: no noise condition.
+    assert list(by_condition["dca"]) == ["clean", "video misleading", "audio misleading"]
+    for c in by_condition["dca"]:
+        assert len(by_condition["dca"][c]) == 2
+        assert numbers["differences"]["dca"][c] == pytest.approx(
+            [a - b for a, b in zip(by_condition["dca"][c], by_condition["rjca"][c])])
+    # Seed k of every model trained on the synthetic data of seed k.
+    for k in (0, 1):
+        state = torch.load(os.path.join(out, f"seed{k}", "dca", "best.pt"), map_location="cpu", weights_only=False)
+        assert state["data_config"]["synthetic"]["seed"] == k
+    with open(os.path.join(out, "gates.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_traces_cover_every_frame_of_the_video(tmp_path):
+    args = _args("--fusion", "grjca")
+    _, val_set = train_av.build_datasets(args)
+    model = train_av.build_model(args, [val_set.feature_dims[m] for m in val_set.modalities])
+    video = train_synthetic.plot_video(val_set)
+    traces = train_synthetic.gate_traces(model, val_set, video)
+    assert list(traces) == ["iteration 1 gate", "iteration 2 gate", "stage gate, first stage"]
+    for per_modality in traces.values():
+        assert list(per_modality) == ["video", "audio"]
+        for weights in per_modality.values():
+            assert weights.shape == (val_set.videos[video].n_frames,)
+            assert not np.isnan(weights).any() and (0 <= weights).all() and (weights <= 1).all()
+    extras = val_set.videos[video].extras
+    png = plot_training.plot_gates(traces, extras["corrupted"], extras["corruption_kind"], str(tmp_path / "g.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_synthetic_preset_and_its_overrides_reach_the_datasets():
+    _, val_set = train_av.build_datasets(_args("--synthetic-preset", "gating"))
+    assert val_set.config == preset_config("gating", seed=0, n_train_videos=4, n_val_videos=2, n_frames=64, seq_len=8)
+    _, val_set = train_av.build_datasets(_args("--synthetic-preset", "gating", "--synthetic-set", "segment_len=2"))
+    assert val_set.config.segment_len == 2 and val_set.config.corruption_offset == 0.3
+    # The default regime keeps its segments aligned with the windows, whatever the window length.
+    _, val_set = train_av.build_datasets(_args())
+    assert val_set.config.segment_len == val_set.config.seq_len == 8

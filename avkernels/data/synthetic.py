@@ -15,10 +15,19 @@ corrupted (the other stays clean):
 * ``"misleading"``: the modality is driven by a different latent trajectory (another emotion), so it looks like
   informative features but points to wrong labels.
 
+With ``corruption_offset > 0`` every corrupted frame of a modality is also shifted by ``corruption_offset`` times a
+fixed random sign vector of that modality (a telltale, as an occluded face or a clipped microphone changes the
+features' distribution), so that a per-frame gate can see that the frame is corrupted; at 0 (the default) a
+corrupted frame has the marginal range of a clean one.
+
 This is the weak-complementarity setting DCA and GRJCA target: on corrupted segments, cross-attending to the
 corrupted modality hurts, and a good gate should fall back to the unattended features. Each frame records which
 modality was corrupted (``corrupted``: 0 none, 1 video, 2 audio) and how (``corruption_kind``: 0 none, 1 noise,
-2 misleading), so that gate values can be compared between corrupted and clean segments.
+2 misleading), so that gate values and CCCs can be compared between corrupted and clean segments
+(:data:`CONDITIONS`, :meth:`SyntheticAV.frame_conditions`).
+
+:data:`PRESETS` names documented configurations: ``"default"`` (the class defaults) and ``"gating"``, the regime
+of ``docs/gating-experiment.md`` where a gate beat plain recursive cross-attention.
 
 A share of frames (in short runs) has label ``-5`` (unannotated), to exercise masking. Everything is drawn from
 ``numpy.random.SeedSequence(seed)``: the same seed gives identical tensors; the projections, the train split and the
@@ -28,7 +37,8 @@ validation split come from separate child streams, so changing the size of one s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import List, Optional
+from dataclasses import fields as dataclass_fields
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -40,11 +50,13 @@ CLEAN, VIDEO_CORRUPTED, AUDIO_CORRUPTED = 0, 1, 2
 NO_CORRUPTION, NOISE, MISLEADING = 0, 1, 2
 MODALITY_WEIGHTS = {"video": (1.0, 0.4), "audio": (0.4, 1.0)}  # (valence, arousal) emphasis per modality
 NUISANCE_DIMS = 2
+# The evaluation conditions of a frame, by index (see condition_codes): clean, or which modality is corrupted and how.
+CONDITIONS = ("clean", "video noise", "video misleading", "audio noise", "audio misleading")
 
 
 @dataclass(frozen=True)
 class SyntheticAVConfig:
-    """Parameters of the synthetic dataset (all defaults are what ``make demo`` uses).
+    """Parameters of the synthetic dataset (the defaults are the ``"default"`` preset; ``make demo`` uses ``"gating"``).
 
     Attributes:
         seed: master seed; same seed, same data.
@@ -57,6 +69,8 @@ class SyntheticAVConfig:
         segment_len: frames per corruption segment (equal to ``seq_len`` aligns segments with samples).
         corrupt_share: probability that a segment has one corrupted modality.
         misleading_share: among corrupted segments, probability of ``"misleading"`` rather than ``"noise"``.
+        corruption_offset: shift of every corrupted frame along a fixed random sign vector per modality (module
+            doc); 0 leaves corrupted frames undetectable from their marginal range.
         invalid_share: approximate share of frames labelled -5, in runs of 1 to ``max_invalid_run`` frames.
         max_invalid_run: longest run of unannotated frames.
         seq_len: ``L``, clips per sample.
@@ -76,6 +90,7 @@ class SyntheticAVConfig:
     segment_len: int = 16
     corrupt_share: float = 0.3
     misleading_share: float = 0.5
+    corruption_offset: float = 0.0
     invalid_share: float = 0.05
     max_invalid_run: int = 8
     seq_len: int = 16
@@ -100,6 +115,8 @@ class SyntheticAVConfig:
             )
         if self.video_noise < 0 or self.audio_noise < 0:
             raise ValueError("video_noise, audio_noise: expected non-negative standard deviations")
+        if self.corruption_offset < 0:
+            raise ValueError(f"corruption_offset: expected >= 0, got {self.corruption_offset!r}")
 
 
 def _trajectories(rng: np.random.Generator, n: int, count: int, cfg: SyntheticAVConfig) -> np.ndarray:
@@ -123,6 +140,8 @@ class _Views:
         self.noise = {"video": cfg.video_noise, "audio": cfg.audio_noise}
         self.weights = {m: rng.normal(0.0, 1.5 / np.sqrt(n_in), size=(n_in, d)) for m, d in self.dims.items()}
         self.biases = {m: rng.normal(0.0, 0.2, size=d) for m, d in self.dims.items()}
+        # Drawn after the projections, so that the projections of a seed do not depend on this option.
+        self.telltales = {m: rng.choice((-1.0, 1.0), size=d) for m, d in self.dims.items()}
 
     def project(self, modality: str, va: np.ndarray, nuisance: np.ndarray) -> np.ndarray:
         w_v, w_a = MODALITY_WEIGHTS[modality]
@@ -139,8 +158,50 @@ class _Views:
         misleading_rows = segments == MISLEADING
         if misleading_rows.any():
             x[misleading_rows] = self.project(modality, other_va, nuisance)[misleading_rows]
+        x[segments != NO_CORRUPTION] += self.cfg.corruption_offset * self.telltales[modality]
         x += self.noise[modality] * rng.normal(size=x.shape)
         return x.astype(np.float32)
+
+
+# Documented configurations: field overrides of SyntheticAVConfig. "gating" is the regime of
+# docs/gating-experiment.md where a gate beat plain recursive cross-attention: every corruption misleading (another
+# emotion, not noise), half the segments corrupted, a faint telltale that makes a corrupted frame detectable but not
+# trivially so, and segments of 4 frames, shorter than the 16-frame windows, so that a window mixes clean and
+# corrupted time steps.
+PRESETS: Dict[str, Dict[str, object]] = {
+    "default": {},
+    "gating": {"misleading_share": 1.0, "corrupt_share": 0.5, "corruption_offset": 0.3, "segment_len": 4},
+}
+
+
+def preset_config(preset: str = "default", **overrides) -> SyntheticAVConfig:
+    """The configuration of a named preset (:data:`PRESETS`), with keyword ``overrides`` of its fields on top."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+    return SyntheticAVConfig(**{**PRESETS[preset], **overrides})
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, object]:
+    """``["corrupt_share=0.5", ...]`` (command-line ``FIELD=VALUE`` pairs) -> typed field overrides."""
+    fields = {f.name: f.type for f in dataclass_fields(SyntheticAVConfig)}
+    overrides: Dict[str, object] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"synthetic override {item!r}: expected FIELD=VALUE with FIELD one of {tuple(fields)}")
+        kind = int if fields[name] in (int, "int") else float
+        try:
+            overrides[name] = kind(value)
+        except ValueError as error:
+            article = "an int" if kind is int else "a float"
+            raise ValueError(f"synthetic override {item!r}: {name} takes {article}") from error
+    return overrides
+
+
+def condition_codes(corrupted: np.ndarray, corruption_kind: np.ndarray) -> np.ndarray:
+    """Per frame, the index into :data:`CONDITIONS` of its ``corrupted`` and ``corruption_kind`` codes."""
+    corrupted, kind = np.asarray(corrupted), np.asarray(corruption_kind)
+    return np.where(corrupted == CLEAN, 0, 2 * (corrupted - 1) + kind).astype(np.int64)
 
 
 def make_synthetic_videos(config: SyntheticAVConfig, split: str) -> List[AVVideo]:
@@ -208,6 +269,11 @@ class SyntheticAV(AVWindowDataset):
         if windows is None:
             windows = "masked" if split == "train" else "all"
         super().__init__(make_synthetic_videos(config, split), config.seq_len, 1, windows, f"synthetic {split}")
+
+    def frame_conditions(self) -> List[np.ndarray]:
+        """Every video's ``(n_frames,)`` condition codes, indices into :data:`CONDITIONS` (frame order of
+        :meth:`frame_labels`)."""
+        return [condition_codes(v.extras["corrupted"], v.extras["corruption_kind"]) for v in self.videos]
 
     def describe(self) -> dict:
         """The configuration plus the corruption and label statistics of this split, for logs."""
