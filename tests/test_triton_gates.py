@@ -10,7 +10,7 @@ import torch
 
 import avkernels
 from avkernels import reference
-from avkernels.ops.triton.stage_gate import MAX_BLOCK_D, launch_config
+from avkernels.ops.triton.softmax_mix import MAX_BLOCK_D, launch_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
