@@ -1,0 +1,261 @@
+"""One conformance suite: each op's test body runs on every registered backend x dtype x shape.
+
+Backends come from the registry (``avkernels.backends.registered()``), so a new backend is tested by registering
+it; a backend that cannot run a case is skipped with the reason dispatch gives (``why_not``). Every case goes
+through the public functions (``avkernels.tanh_attention(..., backend=name)`` and so on), checks the outputs and
+every gradient (including the gradient through the gate values) against the reference backend run in float64, with
+the one rule of ``tests/comparison.py``. fp64 gradcheck runs wherever a backend accepts float64, and
+``tests/test_conformance_planted.py`` shows that these checks reject a wrong backend.
+
+Without a GPU, ``triton`` runs in its interpreter (tests/conftest.py), so the shapes stay small; each shape still
+crosses the tile edges of some backend (named in SHAPES).
+"""
+
+from typing import Callable, List, Sequence
+
+import pytest
+import torch
+
+import avkernels
+from avkernels.backends import registered, why_not
+from avkernels import reference
+from avkernels.backends import Inputs
+from comparison import assert_all_close
+
+BACKENDS = registered()
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+F64 = torch.float64
+
+
+SMALL = {"tanh_attention": {"B": 1, "Mq": 1, "N": 1, "D": 1, "E": 1}, "gate": {"B": 1, "L": 1, "d": 1},
+         "stage_gate": {"T": 1, "B": 1, "L": 1, "d": 1}}
+
+
+def device_for(backend: str, op: str) -> torch.device:
+    """The first device the backend runs this op on here (``cpu`` for cpp and the Triton interpreter, else cuda)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        if not why_not(backend, Inputs(op, torch.device(device), torch.float32, SMALL[op])):
+            return torch.device(device)
+    return torch.device(devices[0])
+
+
+def skip_unless_runs(backend: str, inputs: Inputs) -> None:
+    reasons = why_not(backend, inputs)
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(reasons))
+
+
+def run(fn: Callable, leaves: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]):
+    """The outputs of ``fn(*leaves)`` and the gradients of ``sum_i <outputs[i], grad_outputs[i]>`` w.r.t. every leaf
+    (fresh leaves, so the inputs' own layouts reach the kernels)."""
+    leaves = [x.detach().requires_grad_(True) for x in leaves]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    if sum(o.numel() for o in outputs) == 0:  # an empty batch: nothing to differentiate, only shapes to check
+        return [o.detach() for o in outputs] + [torch.zeros_like(x) for x in leaves]
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs[: len(outputs)], allow_unused=True)
+    return [o.detach() for o in outputs] + [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def conforms(backend: str, call: Callable, leaves: List[torch.Tensor], grad_outputs: List[torch.Tensor],
+             names: Sequence[str]) -> None:
+    """The suite's one check: ``call(backend)(*leaves)`` in the leaves' dtype, outputs and gradients, against the
+    reference in the same dtype and in float64."""
+    ours = run(call(backend), leaves, grad_outputs)
+    same = run(call("reference"), leaves, grad_outputs)
+    exact = run(call("reference"), [x.to(F64) for x in leaves], [g.to(F64) for g in grad_outputs])
+    assert_all_close(names, ours, same, exact)
+
+
+def randn(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, dtype=F64) * scale).to(device=device, dtype=dtype)
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values through a non-contiguous view (every other element of a buffer twice as wide)."""
+    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+# ------------------------------------------------------------------------------------------------- tanh_attention
+
+# id -> (B, Mq, N, D, E, activation, layout). Layouts: "contiguous"; "strided" (q, k, v and the output gradient
+# non-contiguous); "v_shared" (v is (N, E)); "v_expanded" (a batch-expanded view of one (1, N, E) v).
+ATTENTION_SHAPES = {
+    "ones": (1, 1, 1, 1, 1, None, "contiguous"),
+    "odd": (2, 7, 13, 5, 3, None, "contiguous"),
+    "prime_tanh_relu": (3, 13, 7, 17, 11, "tanh_relu", "contiguous"),
+    "tile_edges": (2, 33, 65, 17, 31, None, "contiguous"),  # cpp: 32-row and 64-key tiles
+    "mq_blocks_tanh_relu": (1, 130, 17, 16, 16, "tanh_relu", "contiguous"),  # triton: two Mq blocks and a tail
+    "wide_head": (1, 17, 29, 70, 13, None, "contiguous"),  # triton: D over one head block
+    "wide_value_tanh_relu": (1, 11, 9, 8, 130, "tanh_relu", "contiguous"),  # triton: E over one head block
+    "strided": (2, 9, 11, 6, 5, "tanh_relu", "strided"),
+    "v_shared": (3, 5, 7, 4, 6, None, "v_shared"),
+    "v_expanded": (3, 5, 7, 4, 6, "tanh_relu", "v_expanded"),
+    "empty_batch": (0, 3, 5, 4, 2, None, "contiguous"),
+}
+ATTENTION_GRADS = ("o", "dq", "dk", "dv")
+
+
+def attention_case(shape, dtype, device):
+    b, mq, n, d, e, _, layout = shape
+    q, k = randn(b, mq, d, dtype=dtype, device=device), randn(b, n, d, dtype=dtype, device=device)
+    do = randn(b, mq, e, dtype=dtype, device=device)
+    if layout == "v_shared":
+        v = randn(n, e, dtype=dtype, device=device)
+    elif layout == "v_expanded":
+        v = randn(1, n, e, dtype=dtype, device=device)
+    else:
+        v = randn(b, n, e, dtype=dtype, device=device)
+    if layout == "strided":
+        q, k, v, do = (strided(x) for x in (q, k, v, do))
+    return [q, k, v], [do]
+
+
+def attention_inputs(q, k, v, dtype, device, **options) -> Inputs:
+    b, mq, d = q.shape
+    n, e = k.shape[1], v.shape[-1]
+    return Inputs("tanh_attention", device, dtype, {"B": b, "Mq": mq, "N": n, "D": d, "E": e}, options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(ATTENTION_SHAPES.values()), ids=list(ATTENTION_SHAPES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tanh_attention(backend, shape, dtype):
+    device = device_for(backend, "tanh_attention")
+    activation, layout = shape[5], shape[6]
+    (q, k, v), grad_outputs = attention_case(shape, dtype, device)
+    skip_unless_runs(backend, attention_inputs(q, k, v, dtype, device, activation=activation,
+                                               shared_v=layout.startswith("v_")))
+
+    def call(name):
+        def fn(q, k, v):
+            v = v.expand(q.shape[0], -1, -1) if layout == "v_expanded" else v
+            return avkernels.tanh_attention(q, k, v, activation=activation, backend=name)
+        return fn
+
+    conforms(backend, call, [q, k, v], grad_outputs, ATTENTION_GRADS)
+
+
+@pytest.mark.parametrize("activation", [None, "tanh_relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tanh_attention_dropout(backend, dtype, activation):
+    """Training-mode dropout: the backend returns the keep-mask it drew (return_mask), the reference replays that
+    mask, and outputs and gradients must agree. The mask itself: boolean, of the map's shape, about 1 - p kept."""
+    device, p = device_for(backend, "tanh_attention"), 0.3
+    (q, k, v), (do,) = attention_case((2, 24, 40, 8, 6, activation, "contiguous"), dtype, device)
+    skip_unless_runs(backend, attention_inputs(q, k, v, dtype, device, dropout=True, return_mask=True,
+                                               activation=activation))
+    scale = 8**-0.5
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    o, mask = avkernels.tanh_attention(*leaves, dropout_p=p, training=True, activation=activation, return_mask=True,
+                                       backend=backend)
+    ours = [o.detach(), *torch.autograd.grad(o, leaves, do)]
+    assert mask.dtype == torch.bool and mask.shape == (2, 24, 40)
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.06
+
+    def replay(cast):
+        leaves = [cast(x).detach().requires_grad_(True) for x in (q, k, v)]
+        o, _ = reference.tanh_attention(*leaves, scale, p, activation, dropout_mask=mask)
+        return [o.detach(), *torch.autograd.grad(o, leaves, cast(do))]
+
+    assert_all_close(ATTENTION_GRADS, ours, replay(lambda x: x), replay(lambda x: x.to(F64)))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("activation", [None, "tanh_relu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tanh_attention_gradcheck(backend, activation, dropout_p):
+    """fp64 gradcheck of the backend's own backward. With dropout, through the custom op with a fixed seed (the
+    public function draws a new seed per call); the reference has no custom op, so only without dropout."""
+    device = device_for(backend, "tanh_attention")
+    q, k, v = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((2, 3, 4), (2, 5, 4), (2, 5, 3)))
+    skip_unless_runs(backend, attention_inputs(q, k, v, F64, device, dropout=dropout_p > 0, activation=activation))
+    if dropout_p == 0:
+        fn = lambda q, k, v: avkernels.tanh_attention(q, k, v, scale=0.7, activation=activation, backend=backend)
+    elif backend == "reference":
+        pytest.skip("reference: the fixed-seed dropout gradcheck goes through the fused backends' custom op")
+    else:
+        seed = torch.tensor([1234])
+        fn = lambda q, k, v: torch.ops.avkernels.tanh_attention(
+            q, k, v, seed, 0.7, dropout_p, activation or "none", False, backend)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+# ------------------------------------------------------------------------------------------------------- the gates
+
+# id -> (B, L, d, layout); layout "strided": attended / stage 0 and the output gradients non-contiguous.
+GATE_SHAPES = {
+    "ones": (1, 1, 1, "contiguous"),
+    "odd": (3, 7, 13, "strided"),
+    "prime_rows": (1, 113, 13, "contiguous"),
+    "long_rows": (17, 1, 300, "contiguous"),
+    "row_chunks": (3, 37, 71, "strided"),  # cpp: several 32-row chunks of weight-gradient partials
+    "wide": (2, 3, 1100, "contiguous"),  # triton: rows wider than one feature tile (read twice)
+    "empty_batch": (0, 3, 8, "contiguous"),
+}
+GATE_GRADS = ("out", "g", "d_attended", "d_unattended", "d_weight", "d_bias")
+
+
+def gate_leaves(shape, dtype, device):
+    """Attended, unattended, weight and bias like DCA's, scaled so that tau = 0.1 gives gates away from 0 and 1."""
+    b, length, d, layout = shape
+    attended = randn(b, length, d, dtype=dtype, device=device)
+    if layout == "strided":
+        attended = strided(attended)
+    return [attended, randn(b, length, d, dtype=dtype, device=device),
+            randn(2, d, dtype=dtype, device=device, scale=0.3 / d**0.5),
+            randn(2, dtype=dtype, device=device, scale=0.1)]
+
+
+def gate_grad_outputs(shape, n_gates, dtype, device):
+    b, length, d, layout = shape
+    dout = randn(b, length, d, dtype=dtype, device=device)
+    return [strided(dout) if layout == "strided" else dout, randn(b, length, n_gates, dtype=dtype, device=device)]
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate(backend, shape, dtype, tau):
+    device = device_for(backend, "gate")
+    b, length, d, _ = shape
+    skip_unless_runs(backend, Inputs("gate", device, dtype, {"B": b, "L": length, "d": d}))
+    call = lambda name: lambda a, u, w, bias: avkernels.gate(a, u, w, bias, tau=tau, backend=name)
+    conforms(backend, call, gate_leaves(shape, dtype, device), gate_grad_outputs(shape, 2, dtype, device), GATE_GRADS)
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stage_gate(backend, shape, dtype, n_stages):
+    device = device_for(backend, "stage_gate")
+    b, length, d, layout = shape
+    skip_unless_runs(backend, Inputs("stage_gate", device, dtype, {"T": n_stages, "B": b, "L": length, "d": d}))
+    stages = [randn(b, length, d, dtype=dtype, device=device) for _ in range(n_stages)]
+    if layout == "strided":
+        stages[0] = strided(stages[0])
+    weight = randn(n_stages, n_stages * d, dtype=dtype, device=device, scale=0.3 / (n_stages * d) ** 0.5)
+    bias = randn(n_stages, dtype=dtype, device=device, scale=0.1)
+    call = lambda name: lambda w, bias, *x: avkernels.stage_gate(list(x), w, bias, tau=0.2, backend=name)
+    names = ["out", "s", "d_weight", "d_bias"] + [f"d_stages[{t}]" for t in range(n_stages)]
+    conforms(backend, call, [weight, bias, *stages], gate_grad_outputs(shape, n_stages, dtype, device), names)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gates_gradcheck(backend):
+    device = device_for(backend, "gate")
+    skip_unless_runs(backend, Inputs("gate", device, F64, {"B": 2, "L": 3, "d": 4}))
+    a, u = (torch.randn(2, 3, 4, dtype=F64, device=device, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((2, 4), (2,)))
+    assert torch.autograd.gradcheck(lambda *x: avkernels.gate(*x, tau=0.5, backend=backend), (a, u, w, b))
+    skip_unless_runs(backend, Inputs("stage_gate", device, F64, {"T": 3, "B": 2, "L": 3, "d": 4}))
+    stages = [torch.randn(2, 3, 4, dtype=F64, device=device, requires_grad=True) for _ in range(3)]
+    w, b = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((3, 12), (3,)))
+    assert torch.autograd.gradcheck(
+        lambda w, b, *x: avkernels.stage_gate(list(x), w, b, tau=0.5, backend=backend), (w, b, *stages))
