@@ -82,7 +82,9 @@ def strided(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- tanh_attention
 
 # id -> (B, Mq, N, D, E, activation, layout). Layouts: "contiguous"; "strided" (q, k, v and the output gradient
-# non-contiguous); "v_shared" (v is (N, E)); "v_expanded" (a batch-expanded view of one (1, N, E) v).
+# every other element of a wider buffer); "transposed" (q, v and the output gradient transposed or permuted views, k
+# sliced in both of its last axes); "v_shared" (v is (N, E)); "v_batch1" (v is (1, N, E)); "v_expanded" (a
+# batch-expanded view of one (1, N, E) v).
 ATTENTION_SHAPES = {
     "ones": (1, 1, 1, 1, 1, None, "contiguous"),
     "odd": (2, 7, 13, 5, 3, None, "contiguous"),
@@ -91,8 +93,11 @@ ATTENTION_SHAPES = {
     "mq_blocks_tanh_relu": (1, 130, 17, 16, 16, "tanh_relu", "contiguous"),  # triton: two Mq blocks and a tail
     "wide_head": (1, 17, 29, 70, 13, None, "contiguous"),  # triton: D over one head block
     "wide_value_tanh_relu": (1, 11, 9, 8, 130, "tanh_relu", "contiguous"),  # triton: E over one head block
+    "long_rows_tanh_relu": (1, 300, 130, 7, 1, "tanh_relu", "contiguous"),  # cpp: many row tiles, E = 1
     "strided": (2, 9, 11, 6, 5, "tanh_relu", "strided"),
+    "transposed": (2, 11, 13, 7, 6, "tanh_relu", "transposed"),
     "v_shared": (3, 5, 7, 4, 6, None, "v_shared"),
+    "v_batch1_tanh_relu": (3, 9, 14, 6, 5, "tanh_relu", "v_batch1"),
     "v_expanded": (3, 5, 7, 4, 6, "tanh_relu", "v_expanded"),
     "empty_batch": (0, 3, 5, 4, 2, None, "contiguous"),
 }
@@ -105,12 +110,17 @@ def attention_case(shape, dtype, device):
     do = randn(b, mq, e, dtype=dtype, device=device)
     if layout == "v_shared":
         v = randn(n, e, dtype=dtype, device=device)
-    elif layout == "v_expanded":
+    elif layout in ("v_batch1", "v_expanded"):
         v = randn(1, n, e, dtype=dtype, device=device)
     else:
         v = randn(b, n, e, dtype=dtype, device=device)
     if layout == "strided":
         q, k, v, do = (strided(x) for x in (q, k, v, do))
+    if layout == "transposed":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k = torch.cat([randn(b, n, 1, dtype=dtype, device=device), k], 2)[..., 1:]
+        v = v.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        do = do.transpose(1, 2).contiguous().transpose(1, 2)
     return [q, k, v], [do]
 
 
@@ -143,12 +153,13 @@ def test_tanh_attention(backend, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tanh_attention_dropout(backend, dtype, activation):
-    """Training-mode dropout: the backend returns the keep-mask it drew (return_mask), the reference replays that
-    mask, and outputs and gradients must agree. The mask itself: boolean, of the map's shape, about 1 - p kept."""
+    """Training-mode dropout, v shared over the batch: the backend returns the keep-mask it drew (return_mask), the
+    reference replays that mask, and outputs and gradients must agree. The mask itself: boolean, of the map's shape,
+    about 1 - p kept."""
     device, p = device_for(backend, "tanh_attention"), 0.3
-    (q, k, v), (do,) = attention_case((2, 24, 40, 8, 6, activation, "contiguous"), dtype, device)
+    (q, k, v), (do,) = attention_case((2, 24, 40, 8, 6, activation, "v_batch1"), dtype, device)
     skip_unless_runs(backend, attention_inputs(q, k, v, dtype, device, dropout=True, return_mask=True,
-                                               activation=activation))
+                                               activation=activation, shared_v=True))
     scale = 8**-0.5
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
     o, mask = avkernels.tanh_attention(*leaves, dropout_p=p, training=True, activation=activation, return_mask=True,
@@ -169,19 +180,19 @@ def test_tanh_attention_dropout(backend, dtype, activation):
 @pytest.mark.parametrize("activation", [None, "tanh_relu"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tanh_attention_gradcheck(backend, activation, dropout_p):
-    """fp64 gradcheck of the backend's own backward. With dropout, through the custom op with a fixed seed (the
-    public function draws a new seed per call); the reference has no custom op, so only without dropout."""
+    """fp64 gradcheck of the backend's own backward, v shared over the batch (dv sums over it). Dropout is a fixed
+    function of the seed, which comes from torch's generator: reseeding before every evaluation draws the same mask,
+    and backward must redraw it from the seed."""
     device = device_for(backend, "tanh_attention")
-    q, k, v = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((2, 3, 4), (2, 5, 4), (2, 5, 3)))
-    skip_unless_runs(backend, attention_inputs(q, k, v, F64, device, dropout=dropout_p > 0, activation=activation))
-    if dropout_p == 0:
-        fn = lambda q, k, v: avkernels.tanh_attention(q, k, v, scale=0.7, activation=activation, backend=backend)
-    elif backend == "reference":
-        pytest.skip("reference: the fixed-seed dropout gradcheck goes through the fused backends' custom op")
-    else:
-        seed = torch.tensor([1234])
-        fn = lambda q, k, v: torch.ops.avkernels.tanh_attention(
-            q, k, v, seed, 0.7, dropout_p, activation or "none", False, backend)[0]
+    q, k, v = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((2, 3, 2), (2, 4, 2), (4, 3)))
+    skip_unless_runs(backend, attention_inputs(q, k, v, F64, device, dropout=dropout_p > 0, activation=activation,
+                                               shared_v=True))
+
+    def fn(q, k, v):
+        torch.manual_seed(123)
+        return avkernels.tanh_attention(q, k, v, scale=0.7, dropout_p=dropout_p, training=True, activation=activation,
+                                        backend=backend)
+
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
@@ -249,13 +260,150 @@ def test_stage_gate(backend, shape, dtype, n_stages):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gates_gradcheck(backend):
+    """fp64 gradcheck (small: the Triton interpreter evaluates the op twice per input element)."""
     device = device_for(backend, "gate")
-    skip_unless_runs(backend, Inputs("gate", device, F64, {"B": 2, "L": 3, "d": 4}))
-    a, u = (torch.randn(2, 3, 4, dtype=F64, device=device, requires_grad=True) for _ in range(2))
-    w, b = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((2, 4), (2,)))
-    assert torch.autograd.gradcheck(lambda *x: avkernels.gate(*x, tau=0.5, backend=backend), (a, u, w, b))
-    skip_unless_runs(backend, Inputs("stage_gate", device, F64, {"T": 3, "B": 2, "L": 3, "d": 4}))
-    stages = [torch.randn(2, 3, 4, dtype=F64, device=device, requires_grad=True) for _ in range(3)]
-    w, b = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((3, 12), (3,)))
-    assert torch.autograd.gradcheck(
-        lambda w, b, *x: avkernels.stage_gate(list(x), w, b, tau=0.5, backend=backend), (w, b, *stages))
+    skip_unless_runs(backend, Inputs("gate", device, F64, {"B": 2, "L": 2, "d": 3}))
+    leaves = [x.requires_grad_(True) for x in gate_leaves((2, 2, 3, "contiguous"), F64, device)]
+    assert torch.autograd.gradcheck(lambda *x: avkernels.gate(*x, tau=0.5, backend=backend), leaves)
+    for n, fast_mode in ((2, False), (3, True)):
+        skip_unless_runs(backend, Inputs("stage_gate", device, F64, {"T": n, "B": 1, "L": 2, "d": 3}))
+        stages, w, b = (torch.randn(*s, dtype=F64, device=device) for s in ((n, 1, 2, 3), (n, 3 * n), (n,)))
+        leaves = [x.requires_grad_(True) for x in (w, b, *stages.unbind(0))]
+        assert torch.autograd.gradcheck(
+            lambda w, b, *x: avkernels.stage_gate(list(x), w, b, tau=0.5, backend=backend), leaves, fast_mode=fast_mode)
+
+
+# Properties of the gates on every backend: temperatures, strides of every argument, one output used, the tau -> 0
+# limit, NaN, stages that are views of one buffer.
+
+
+def gate_call(tau):
+    return lambda name: lambda a, u, w, bias: avkernels.gate(a, u, w, bias, tau=tau, backend=name)
+
+
+def stage_call(tau):
+    return lambda name: lambda w, bias, *x: avkernels.stage_gate(list(x), w, bias, tau=tau, backend=name)
+
+
+def stage_names(n):
+    return ["out", "s", "d_weight", "d_bias"] + [f"d_stages[{t}]" for t in range(n)]
+
+
+def stage_leaves(b, length, d, n, dtype, device):
+    stages = [randn(b, length, d, dtype=dtype, device=device) for _ in range(n)]
+    return stages, randn(n, n * d, dtype=dtype, device=device, scale=0.3 / (n * d) ** 0.5), randn(
+        n, dtype=dtype, device=device, scale=0.1)
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_temperatures(backend, tau):
+    device, shape = device_for(backend, "gate"), (3, 7, 13, "contiguous")
+    skip_unless_runs(backend, Inputs("gate", device, F64, {"B": 3, "L": 7, "d": 13}))
+    conforms(backend, gate_call(tau), gate_leaves(shape, F64, device), gate_grad_outputs(shape, 2, F64, device),
+             GATE_GRADS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_every_argument_strided(backend):
+    """Transposed and sliced views for every input, the weight and bias included, and both incoming gradients."""
+    device = device_for(backend, "gate")
+    batch, length, d = 3, 5, 13
+    skip_unless_runs(backend, Inputs("gate", device, F64, {"B": batch, "L": length, "d": d}))
+    r = lambda *s, scale=1.0: randn(*s, dtype=F64, device=device, scale=scale)
+    leaves = [r(batch, d, length).transpose(1, 2), r(batch, length, 2 * d + 1)[..., 1::2],
+              r(d, 2, scale=0.3 / d**0.5).t(), r(4, scale=0.1)[::2]]
+    grad_outputs = [r(length, batch, d).transpose(0, 1), r(batch, 2, length).transpose(1, 2)]
+    assert not any(x.is_contiguous() for x in leaves + grad_outputs)
+    conforms(backend, gate_call(0.1), leaves, grad_outputs, GATE_GRADS)
+
+
+@pytest.mark.parametrize("tau", [0.1, 10.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stage_gate_every_argument_strided(backend, tau):
+    device, n = device_for(backend, "stage_gate"), 3
+    batch, length, d = 3, 5, 13
+    skip_unless_runs(backend, Inputs("stage_gate", device, F64, {"T": n, "B": batch, "L": length, "d": d}))
+    r = lambda *s, scale=1.0: randn(*s, dtype=F64, device=device, scale=scale)
+    stages = [r(batch, d, length).transpose(1, 2), r(length, batch, d).transpose(0, 1), r(batch, length, 2 * d)[..., ::2]]
+    leaves = [r(n * d, n, scale=0.3 / (n * d) ** 0.5).t(), r(2 * n, scale=0.1)[::2], *stages]
+    grad_outputs = [r(batch, d, length).transpose(1, 2), r(batch, n, length).transpose(1, 2)]
+    assert not any(x.is_contiguous() for x in leaves + grad_outputs)
+    conforms(backend, stage_call(tau), leaves, grad_outputs, stage_names(n))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stage_gate_views_of_one_buffer(backend):
+    """Stages that are slices of one stacked tensor (as a caller holding a (T, B, L, d) buffer would pass them)."""
+    device = device_for(backend, "stage_gate")
+    skip_unless_runs(backend, Inputs("stage_gate", device, F64, {"T": 3, "B": 2, "L": 5, "d": 7}))
+    stacked = randn(3, 2, 5, 7, dtype=F64, device=device)
+    _, w, b = stage_leaves(2, 5, 7, 3, F64, device)
+    conforms(backend, stage_call(0.1), [w, b, *stacked.unbind(0)], gate_grad_outputs((2, 5, 7, ""), 3, F64, device),
+             stage_names(3))
+
+
+@pytest.mark.parametrize("used", ["out", "g"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_one_output_used(backend, used):
+    """Only one output reaches the loss: autograd hands the backward zeros for the other."""
+    device = device_for(backend, "gate")
+    skip_unless_runs(backend, Inputs("gate", device, F64, {"B": 2, "L": 5, "d": 7}))
+    leaves = gate_leaves((2, 5, 7, "contiguous"), F64, device)
+
+    def grads(name):
+        a, u, w, b = (x.detach().requires_grad_(True) for x in leaves)
+        out, g = avkernels.gate(a, u, w, b, backend=name)
+        loss = (out.square() if used == "out" else g[..., 1].exp()).sum()
+        # The reference's g does not depend on u at all: None there, zeros from a fused backward.
+        return [torch.zeros_like(x) if gr is None else gr
+                for x, gr in zip((a, u, w, b), torch.autograd.grad(loss, (a, u, w, b), allow_unused=True))]
+
+    for ours, ref in zip(grads(backend), grads("reference")):
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gates_pick_the_largest_logit_as_tau_goes_to_zero(backend):
+    device = device_for(backend, "gate")
+    skip_unless_runs(backend, Inputs("stage_gate", device, F64, {"T": 3, "B": 4, "L": 9, "d": 11}))
+    a, u, w, b = gate_leaves((4, 9, 11, "contiguous"), F64, device)
+    logits = a @ w.t() + b
+    out, g = avkernels.gate(a, u, w, b, tau=1e-6, backend=backend)
+    pick_attended = (logits[..., 1] > logits[..., 0]).unsqueeze(-1)
+    assert (logits[..., 1] - logits[..., 0]).abs().min() > 1e-4  # the draw has no near-ties
+    torch.testing.assert_close(g, torch.cat([~pick_attended, pick_attended], dim=-1).to(F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out, torch.relu(torch.where(pick_attended, a, u)), atol=1e-12, rtol=0)
+
+    stages, w, b = stage_leaves(3, 4, 9, 3, F64, device)
+    logits = torch.cat(stages, dim=-1) @ w.t() + b
+    out, s = avkernels.stage_gate(stages, w, b, tau=1e-6, backend=backend)
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-4
+    choice = logits.argmax(-1)
+    torch.testing.assert_close(s, torch.nn.functional.one_hot(choice, 3).to(F64), atol=1e-12, rtol=0)
+    picked = torch.stack(stages).gather(0, choice[None, ..., None].expand(1, *stages[0].shape))[0]
+    torch.testing.assert_close(out, torch.relu(picked), atol=1e-12, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # numpy, inside the Triton interpreter's max of a NaN row
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gates_propagate_nan(backend):
+    """A NaN feature poisons its row's logits, so the whole row of gate values and outputs, and nothing else."""
+    device, f32 = device_for(backend, "gate"), torch.float32
+    skip_unless_runs(backend, Inputs("gate", device, f32, {"B": 2, "L": 5, "d": 7}))
+    a, u, w, b = gate_leaves((2, 5, 7, "contiguous"), f32, device)
+    a[1, 2, 3] = float("nan")
+    out, g = avkernels.gate(a, u, w, b, backend=backend)
+    ref_out, ref_g = reference.gate(a, u, w, b, 0.1)
+    assert torch.isnan(g[1, 2]).all() and torch.isnan(out[1, 2]).all()
+    torch.testing.assert_close(out, ref_out, equal_nan=True, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(g, ref_g, equal_nan=True, atol=2e-5, rtol=2e-5)
+
+    stages, w, b = stage_leaves(2, 5, 7, 2, f32, device)
+    stages[0][0, 4, 6] = float("nan")
+    out, s = avkernels.stage_gate(stages, w, b, backend=backend)
+    ref_out, ref_s = reference.stage_gate(stages, w, b, 0.1)
+    assert torch.isnan(s[0, 4]).all() and torch.isnan(out[0, 4]).all()
+    torch.testing.assert_close(out, ref_out, equal_nan=True, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s, ref_s, equal_nan=True, atol=2e-5, rtol=2e-5)
