@@ -81,21 +81,29 @@ def strided(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- tanh_attention
 
-# id -> (B, Mq, N, D, E, activation, layout). Layouts: "contiguous"; "strided" (q, k, v and the output gradient
+# id -> (B, Mq, N, D, E, activation, layout[, scale]): scale None (1 / sqrt(D)) unless given. Layouts: "contiguous"; "strided" (q, k, v and the output gradient
 # every other element of a wider buffer); "transposed" (q, v and the output gradient transposed or permuted views, k
 # sliced in both of its last axes); "v_shared" (v is (N, E)); "v_batch1" (v is (1, N, E)); "v_expanded" (a
 # batch-expanded view of one (1, N, E) v).
 ATTENTION_SHAPES = {
     "ones": (1, 1, 1, 1, 1, None, "contiguous"),
+    "ones_tanh_relu": (1, 1, 1, 1, 1, "tanh_relu", "contiguous"),
     "odd": (2, 7, 13, 5, 3, None, "contiguous"),
+    "odd_tanh_relu_scaled": (2, 7, 13, 5, 3, "tanh_relu", "contiguous", 0.7),
     "prime_tanh_relu": (3, 13, 7, 17, 11, "tanh_relu", "contiguous"),
+    "heads_16": (3, 13, 7, 16, 16, None, "contiguous", 0.7),
+    "heads_16_tanh_relu": (3, 13, 7, 16, 16, "tanh_relu", "contiguous"),
     "tile_edges": (2, 33, 65, 17, 31, None, "contiguous"),  # cpp: 32-row and 64-key tiles
-    "mq_blocks_tanh_relu": (1, 130, 17, 16, 16, "tanh_relu", "contiguous"),  # triton: two Mq blocks and a tail
-    "wide_head": (1, 17, 29, 70, 13, None, "contiguous"),  # triton: D over one head block
+    "tile_edges_tanh_relu": (2, 33, 65, 17, 31, "tanh_relu", "contiguous", 0.7),
+    "keys_70_scaled": (2, 33, 70, 9, 20, None, "contiguous", 0.37),
+    "mq_blocks_tanh_relu": (1, 130, 17, 16, 16, "tanh_relu", "contiguous", 0.05),  # triton: two Mq blocks, a tail
+    "head_45_tanh_relu": (2, 5, 40, 45, 33, "tanh_relu", "contiguous"),  # triton: the 64-wide head class
+    "wide_head": (1, 17, 29, 70, 13, None, "contiguous", 0.02),  # triton: D over one head block
     "wide_value_tanh_relu": (1, 11, 9, 8, 130, "tanh_relu", "contiguous"),  # triton: E over one head block
-    "long_rows_tanh_relu": (1, 300, 130, 7, 1, "tanh_relu", "contiguous"),  # cpp: many row tiles, E = 1
+    "long_rows": (1, 300, 130, 7, 1, None, "contiguous", 0.7),  # cpp: many row tiles, E = 1
+    "long_rows_tanh_relu": (1, 300, 130, 7, 1, "tanh_relu", "contiguous"),
     "strided": (2, 9, 11, 6, 5, "tanh_relu", "strided"),
-    "transposed": (2, 11, 13, 7, 6, "tanh_relu", "transposed"),
+    "transposed": (2, 11, 13, 7, 6, "tanh_relu", "transposed", 0.3),
     "v_shared": (3, 5, 7, 4, 6, None, "v_shared"),
     "v_batch1_tanh_relu": (3, 9, 14, 6, 5, "tanh_relu", "v_batch1"),
     "v_expanded": (3, 5, 7, 4, 6, "tanh_relu", "v_expanded"),
@@ -105,7 +113,7 @@ ATTENTION_GRADS = ("o", "dq", "dk", "dv")
 
 
 def attention_case(shape, dtype, device):
-    b, mq, n, d, e, _, layout = shape
+    b, mq, n, d, e, _, layout = shape[:7]
     q, k = randn(b, mq, d, dtype=dtype, device=device), randn(b, n, d, dtype=dtype, device=device)
     do = randn(b, mq, e, dtype=dtype, device=device)
     if layout == "v_shared":
@@ -135,7 +143,7 @@ def attention_inputs(q, k, v, dtype, device, **options) -> Inputs:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tanh_attention(backend, shape, dtype):
     device = device_for(backend, "tanh_attention")
-    activation, layout = shape[5], shape[6]
+    activation, layout, scale = shape[5], shape[6], (shape[7] if len(shape) > 7 else None)
     (q, k, v), grad_outputs = attention_case(shape, dtype, device)
     skip_unless_runs(backend, attention_inputs(q, k, v, dtype, device, activation=activation,
                                                shared_v=layout.startswith("v_")))
@@ -143,7 +151,7 @@ def test_tanh_attention(backend, shape, dtype):
     def call(name):
         def fn(q, k, v):
             v = v.expand(q.shape[0], -1, -1) if layout == "v_expanded" else v
-            return avkernels.tanh_attention(q, k, v, activation=activation, backend=name)
+            return avkernels.tanh_attention(q, k, v, scale=scale, activation=activation, backend=name)
         return fn
 
     conforms(backend, call, [q, k, v], grad_outputs, ATTENTION_GRADS)
