@@ -10,6 +10,7 @@ the backends it has (``avkernels.backends()`` lists them). ``AVKERNELS_NO_EXTENS
 """
 
 import glob
+import importlib.machinery
 import os
 import runpy
 import warnings
@@ -71,6 +72,22 @@ def _extensions():
             super().build_extensions()
             self.extensions = [ext for ext in self.extensions if ext.name not in getattr(self, "_failed", set())]
 
+        def copy_extensions_to_source(self):
+            """``build_ext --inplace``: also removes older builds of the same modules under another file suffix.
+            Python imports ``_C_cpu.cpython-3xx-<platform>.so`` before ``_C_cpu.abi3.so``, so the pybind11 module
+            of earlier versions would shadow the library copied beside it now."""
+            super().copy_extensions_to_source()
+            for ext in self.extensions:
+                target = os.path.join(HERE, self.get_ext_filename(ext.name))
+                suffix = next(s for s in importlib.machinery.EXTENSION_SUFFIXES if target.endswith(s))
+                for other in importlib.machinery.EXTENSION_SUFFIXES:
+                    stale = target[: -len(suffix)] + other
+                    if other != suffix and os.path.exists(stale):
+                        os.remove(stale)
+
+    # Libraries of torch ops (TORCH_LIBRARY), with an empty Python module so that `import` loads them: they use no
+    # Python API beyond that stub, hence the limited API, no pybind11 and no libtorch_python, and a C++ program
+    # can dlopen them (examples/aoti).
     ext_modules = []
     cpu_sources = _sources(CONFIG["CPU_SOURCES"])
     if cpu_sources:
@@ -81,6 +98,7 @@ def _extensions():
                 include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
                 extra_compile_args={"cxx": list(CONFIG["CPU_CXX_FLAGS"])},
                 extra_link_args=list(CONFIG["CPU_LINK_FLAGS"]),
+                py_limited_api=True,
             )
         )
     cuda_sources = _sources(CONFIG["CUDA_SOURCES"])
@@ -92,6 +110,7 @@ def _extensions():
                 cuda_sources,
                 include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
                 extra_compile_args={"cxx": list(CONFIG["CUDA_CXX_FLAGS"]), "nvcc": list(CONFIG["CUDA_NVCC_FLAGS"])},
+                py_limited_api=True,
             )
         )
     return ext_modules, {"build_ext": OptionalBuildExtension}

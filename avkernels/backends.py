@@ -84,18 +84,29 @@ class OpImpl:
     """One backend's implementation of one op.
 
     Attributes:
-        forward, backward: the callables whose signatures each op documents (e.g. :mod:`avkernels.ops.tanh_attention`).
+        forward, backward: the Python callables whose signatures each op documents (e.g.
+            :mod:`avkernels.ops.tanh_attention`); the backend then gets ops of its own, ``avkernels::<backend>_<op>``
+            (:mod:`avkernels.ops.declaration`). Both ``None`` when the backend's kernels are registered with torch
+            as kernels of the op ``torch.ops.avkernels.<op>`` itself, for the backend's device (the C++ libraries of
+            ``cpp`` and ``cuda``: ``TORCH_LIBRARY_IMPL``).
         supports: ``None`` when this implementation handles the sizes and options of ``inputs``, else why not;
             omitted when it handles every call its backend's :attr:`BackendInfo.input_reason` admits.
     """
 
-    forward: Callable
-    backward: Callable
+    forward: Optional[Callable] = None
+    backward: Optional[Callable] = None
     supports: Optional[Callable[[Inputs], Optional[str]]] = None
+
+    @property
+    def kernels_in_torch(self) -> bool:
+        return self.forward is None
 
 
 _BACKENDS: Dict[str, BackendInfo] = {}
 _IMPLS: Dict[Tuple[str, str], OpImpl] = {}
+# Called as listener(op, backend, impl) by register_impl: avkernels.ops.declaration defines a Python-kernel backend's
+# own ops there (this module stays below the ops in the layering and does not import them).
+_IMPL_LISTENERS: List[Callable[[str, str, OpImpl], None]] = []
 # op -> {backend: reason} for the backends passed over by the last default choice of that op.
 _PASSED_OVER: Dict[str, Dict[str, str]] = {}
 
@@ -120,7 +131,16 @@ def register_impl(op: str, backend: str, impl: OpImpl) -> None:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"register_backend({backend!r}) must come before register_impl")
+    if (impl.forward is None) != (impl.backward is None):
+        raise ValueError(f"register_impl({op!r}, {backend!r}): forward and backward are both callables or both None")
+    for listener in _IMPL_LISTENERS:
+        listener(op, backend, impl)
     _IMPLS[(op, backend)] = impl
+
+
+def on_register_impl(listener: Callable[[str, str, OpImpl], None]) -> None:
+    """Calls ``listener(op, backend, impl)`` at each later :func:`register_impl`, before the registration."""
+    _IMPL_LISTENERS.append(listener)
 
 
 def get_impl(op: str, backend: str) -> OpImpl:

@@ -1,9 +1,12 @@
 """ONNX export of the fusion modules and full models, whatever backend their fused ops were dispatched to.
 
-The fused ops are custom ops (``torch.ops.avkernels.tanh_attention``, ``.gate``, ``.stage_gate``) whose kernels
-live in the C++/CUDA/Triton backends; ONNX Runtime has none of those. Importing this module (``import avkernels``
-does) teaches both of torch's ONNX exporters to write each op as standard ONNX operators (MatMul, Tanh, Softmax,
-...), with the same arithmetic as :mod:`avkernels.reference`:
+The fused ops are torch ops whose kernels live in the C++/CUDA/Triton backends: ``torch.ops.avkernels.tanh_attention``,
+``.gate``, ``.stage_gate`` (defined in C++, kernels of ``cpp`` and ``cuda``) and each Python-kernel backend's own
+ops (``.triton_tanh_attention``, ...; see :mod:`avkernels.ops.declaration`). ONNX Runtime has none of those.
+Importing this module (``import avkernels`` does) teaches both of torch's ONNX exporters to write every op of every
+backend as standard ONNX operators (MatMul, Tanh, Softmax, ...), with the same arithmetic as
+:mod:`avkernels.reference`, one translation per op declaration, registered for each op defined from it (including
+ops defined later, after a build on first use):
 
 * ``torch.onnx.export(..., dynamo=True)`` (the default): a decomposition of each op into ATen ops, registered in
   ``torch._decomp.decomposition_table``. Of torch's graph passes only the ONNX exporter decomposes with that table:
@@ -34,9 +37,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from avkernels import ops as _ops  # noqa: F401  (defines the custom ops before they are looked up below)
 from avkernels import reference
 from avkernels.backends import outside_autocast
+from avkernels.ops import declaration
 
 ONNX_REQUIREMENTS = ("onnx", "onnxscript")
 _TORCHSCRIPT_OPSET = 15  # the symbolics hold for this opset and later ones (CastLike appeared in 15)
@@ -62,7 +65,7 @@ def _eval_only(dropout_p: float, op: str) -> None:
 # the inputs' dtype under autocast (as the ops' reference path does), never raise.
 
 
-def _tanh_attention_decomposition(q, k, v, seed, scale, dropout_p, activation, return_mask, backend):
+def _tanh_attention_decomposition(q, k, v, seed, scale, dropout_p, activation, return_mask):
     with outside_autocast(q.device):
         o, mask = reference.tanh_attention(q, k, v, scale, dropout_p, None if activation == "none" else activation,
                                            return_mask=return_mask)
@@ -71,29 +74,31 @@ def _tanh_attention_decomposition(q, k, v, seed, scale, dropout_p, activation, r
     return o, mask
 
 
-def _gate_decomposition(attended, unattended, weight, bias, tau, backend):
+def _gate_decomposition(attended, unattended, weight, bias, tau):
     with outside_autocast(attended.device):
         return reference.gate(attended, unattended, weight, bias, tau)
 
 
-def _stage_gate_decomposition(stages, weight, bias, tau, backend):
+def _stage_gate_decomposition(stages, weight, bias, tau):
     with outside_autocast(stages[0].device):
         return reference.stage_gate(stages, weight, bias, tau)
 
 
-DECOMPOSITIONS = {
-    torch.ops.avkernels.tanh_attention.default: _tanh_attention_decomposition,
-    torch.ops.avkernels.gate.default: _gate_decomposition,
-    torch.ops.avkernels.stage_gate.default: _stage_gate_decomposition,
+_DECOMPOSITION_OF = {
+    "tanh_attention": _tanh_attention_decomposition,
+    "gate": _gate_decomposition,
+    "stage_gate": _stage_gate_decomposition,
 }
+# Every op defined so far (each backend's) -> its decomposition; the same entries as torch's table.
+DECOMPOSITIONS: Dict[torch._ops.OpOverload, Any] = {}
 
 
-def _register_decompositions() -> None:
+def _register_decomposition(decl: declaration.OpDeclaration, op: torch._ops.OpOverload) -> None:
     from torch._decomp import decomposition_table
 
-    for op, fn in DECOMPOSITIONS.items():
-        # Idempotent: a module reload must not stack a second registration (torch asserts on duplicates).
-        decomposition_table.setdefault(op, fn)
+    DECOMPOSITIONS[op] = _DECOMPOSITION_OF[decl.name]
+    # Idempotent: a module reload must not stack a second registration (torch asserts on duplicates).
+    decomposition_table.setdefault(op, DECOMPOSITIONS[op])
 
 
 # -- torch.onnx.export(dynamo=False): TorchScript symbolics -------------------------------------------------------
@@ -120,11 +125,11 @@ def _column(g, x, index: int):
     return g.op("Slice", x, const([index]), const([index + 1]), const([-1]))
 
 
-def _register_symbolics() -> None:
-    from torch.onnx import register_custom_op_symbolic, symbolic_helper
+def _symbolics() -> Dict[str, Any]:
+    from torch.onnx import symbolic_helper
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "f", "f", "s", "b", "s")
-    def tanh_attention_symbolic(g, q, k, v, seed, scale, dropout_p, activation, return_mask, backend):
+    @symbolic_helper.parse_args("v", "v", "v", "v", "f", "f", "s", "b")
+    def tanh_attention_symbolic(g, q, k, v, seed, scale, dropout_p, activation, return_mask):
         _eval_only(dropout_p, "tanh_attention")
         scores = g.op("MatMul", q, g.op("Transpose", k, perm_i=[0, 2, 1]))
         c = g.op("Tanh", g.op("Mul", scores, _constant_like(g, scale, q)))
@@ -133,15 +138,15 @@ def _register_symbolics() -> None:
             o = g.op("Relu", g.op("Tanh", o))
         return o, _empty_bool(g)
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "f", "s")
-    def gate_symbolic(g, attended, unattended, weight, bias, tau, backend):
+    @symbolic_helper.parse_args("v", "v", "v", "v", "f")
+    def gate_symbolic(g, attended, unattended, weight, bias, tau):
         logits = g.op("Add", g.op("MatMul", attended, g.op("Transpose", weight, perm_i=[1, 0])), bias)
         gates = _softmax_last(g, g.op("Div", logits, _constant_like(g, tau, attended)))
         mixed = g.op("Add", g.op("Mul", _column(g, gates, 0), unattended), g.op("Mul", _column(g, gates, 1), attended))
         return g.op("Relu", mixed), gates
 
-    @symbolic_helper.parse_args("v", "v", "v", "f", "s")
-    def stage_gate_symbolic(g, stages, weight, bias, tau, backend):
+    @symbolic_helper.parse_args("v", "v", "v", "f")
+    def stage_gate_symbolic(g, stages, weight, bias, tau):
         stages = symbolic_helper._unpack_list(stages)
         joined = g.op("Concat", *stages, axis_i=-1)
         logits = g.op("Add", g.op("MatMul", joined, g.op("Transpose", weight, perm_i=[1, 0])), bias)
@@ -151,16 +156,24 @@ def _register_symbolics() -> None:
             out = g.op("Add", out, g.op("Mul", _column(g, s, t), stages[t]))
         return g.op("Relu", out), s
 
-    for name, fn in (("tanh_attention", tanh_attention_symbolic), ("gate", gate_symbolic),
-                     ("stage_gate", stage_gate_symbolic)):
-        register_custom_op_symbolic(f"avkernels::{name}", fn, _TORCHSCRIPT_OPSET)
+    return {"tanh_attention": tanh_attention_symbolic, "gate": gate_symbolic, "stage_gate": stage_gate_symbolic}
 
 
-_register_decompositions()
 try:
-    _register_symbolics()
+    _SYMBOLICS = _symbolics()
 except Exception:  # noqa: BLE001 - the TorchScript exporter is deprecated; its absence must not break the import
-    pass
+    _SYMBOLICS = {}
+
+
+def _register(decl: declaration.OpDeclaration, op: torch._ops.OpOverload) -> None:
+    _register_decomposition(decl, op)
+    if decl.name in _SYMBOLICS:
+        from torch.onnx import register_custom_op_symbolic
+
+        register_custom_op_symbolic(op.name(), _SYMBOLICS[decl.name], _TORCHSCRIPT_OPSET)
+
+
+declaration.on_define(_register)
 
 
 # -- the helper ---------------------------------------------------------------------------------------------------
@@ -191,6 +204,37 @@ def _batch_axes(model: torch.nn.Module, n_inputs: int, batch) -> Tuple[Any, ...]
             return tuple(per_input[:named]) + (tuple(per_input[named:]),)
         named += 1
     return tuple(per_input)
+
+
+def _free_batch(model: torch.nn.Module, inputs, dynamic_batch: bool):
+    """The inputs to trace and the ``dynamic_shapes`` that leave their batch axis free (``None`` when not asked)."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not dynamic_batch:
+        return inputs, None
+    if any(x.shape[0] < 2 for x in inputs):
+        # torch.export specialises a size of 0 or 1 to a constant; a traced batch of 2 keeps the axis free.
+        inputs = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else
+                       x.new_zeros(2, *x.shape[1:]) for x in inputs)
+    return inputs, _batch_axes(model, len(inputs), torch.export.Dim("batch"))
+
+
+def export_program(
+    model: torch.nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *, dynamic_batch: bool = True
+) -> "torch.export.ExportedProgram":
+    """``torch.export`` of ``model`` in eval mode, with a free batch axis: what AOTInductor compiles.
+
+    Unlike :func:`export_onnx`, the fused ops stay in the program as ``avkernels::<op>`` calls, so that a package
+    built from it (``torch._inductor.aoti_compile_and_package``) runs the backend's kernels, from C++ too
+    (``examples/aoti/``). Export under ``torch.autocast`` to get a bf16 program. ``inputs`` as for :func:`export_onnx`.
+    """
+    inputs, dynamic_shapes = _free_batch(model, inputs, dynamic_batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes)
+    finally:
+        model.train(was_training)
 
 
 def _output_names(model: torch.nn.Module) -> Optional[Sequence[str]]:
@@ -229,19 +273,11 @@ def export_onnx(
         The ``torch.onnx.ONNXProgram``.
     """
     _require(ONNX_REQUIREMENTS)
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    if dynamic_batch and any(x.shape[0] < 2 for x in inputs):
-        # torch.export specialises a size of 0 or 1 to a constant; a traced batch of 2 keeps the axis free.
-        inputs = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else
-                       x.new_zeros(2, *x.shape[1:]) for x in inputs)
+    inputs, dynamic_shapes = _free_batch(model, inputs, dynamic_batch)
     if input_names is None:
         input_names = [f"input_{i}" for i in range(len(inputs))]
     if output_names is None:
         output_names = _output_names(model)
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = _batch_axes(model, len(inputs), batch)
     was_training = model.training
     model.eval()
     try:

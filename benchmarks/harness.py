@@ -223,12 +223,9 @@ def cpu_model() -> str:
 
 def _cpp_features() -> Optional[Dict[str, object]]:
     """The cpp extension's view of the CPU (ISA variant, 16-bit hardware, how it computes 16-bit inputs)."""
-    try:
-        from avkernels import _C_cpu
-
-        return dict(_C_cpu.cpu_features())
-    except (ImportError, AttributeError):
+    if "cpp" not in avkernels.backends():
         return None
+    return dict(torch.ops.avkernels.cpu_features())
 
 
 def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:

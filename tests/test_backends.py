@@ -458,16 +458,17 @@ def test_stage_gate_custom_op_matches_reference(standin):
 
 
 def test_custom_ops_opcheck(standin):
-    # torch.library's own checks of the registrations: schema, fake (meta) kernels, autograd registration.
+    # torch.library's own checks of the registrations: schema, fake (meta) kernels, autograd registration. The
+    # stand-in has Python kernels, so it runs through ops of its own, named after the backend.
     ops = torch.ops.avkernels
     q, k, v = rand(2, 3, 4, requires_grad=True), rand(2, 5, 4, requires_grad=True), rand(1, 5, 6, requires_grad=True)
     seed = torch.tensor([7])
     for p, act, ret in ((0.0, "none", False), (0.3, "tanh_relu", True)):
-        torch.library.opcheck(ops.tanh_attention, (q, k, v, seed, 0.5, p, act, ret, "cpp"))
+        torch.library.opcheck(ops.cpp_tanh_attention, (q, k, v, seed, 0.5, p, act, ret))
     a, u = rand(2, 3, 4, requires_grad=True), rand(2, 3, 4, requires_grad=True)
     w, b = rand(2, 4, requires_grad=True), rand(2, requires_grad=True)
-    torch.library.opcheck(ops.gate, (a, u, w, b, 0.2, "cpp"))
-    torch.library.opcheck(ops.stage_gate, ([a, u], rand(2, 8, requires_grad=True), b, 0.2, "cpp"))
+    torch.library.opcheck(ops.cpp_gate, (a, u, w, b, 0.2))
+    torch.library.opcheck(ops.cpp_stage_gate, ([a, u], rand(2, 8, requires_grad=True), b, 0.2))
 
 
 def test_custom_ops_compile_without_graph_breaks(standin):

@@ -20,7 +20,7 @@ from avkernels.ops import native
 from dropout_oracle import triton_dropout_uniform
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
-BUILT = "cpp" in native._MODULES
+BUILT = "cpp" in native._LIBRARIES
 
 if not BUILT and not HAS_COMPILER:
     pytest.skip("no C++ compiler on this machine, so avkernels._C_cpu cannot have been built", allow_module_level=True)
@@ -28,8 +28,27 @@ if not BUILT and not HAS_COMPILER:
 
 @pytest.fixture(scope="module")
 def ext():
+    """The library's ops (csrc/cpu/library.cpp): the kernels without autograd or dispatch."""
     assert BUILT, f"a C++ compiler is present but the cpp backend is unavailable: {avkernels.backend_status()['cpp']}"
-    return native._MODULES["cpp"]
+    return torch.ops.avkernels
+
+
+ACTIVATION = ("none", "tanh_relu")  # the ops' names of the kernels' activation codes 0 and 1
+
+
+def seed_tensor(seed):
+    """The ops' dropout seed argument (a tensor, so that torch.compile does not specialise on it)."""
+    return torch.tensor([seed])
+
+
+def deterministic(op, *args):
+    """``op(*args)`` with torch.use_deterministic_algorithms(True), the flag the backward kernels read."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return op(*args)
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # stored in 16 bits, computed in fp32 by the kernels
@@ -63,14 +82,14 @@ def test_dropout_keep_rate_and_mask_definition(ext):
     b * Mq + i, column j is >= p (csrc/common/philox.h)."""
     batch, rows, keys, p, seed = 3, 70, 150, 0.6, 987654
     q, k, v = torch.randn(batch, rows, 4), torch.randn(batch, keys, 4), torch.randn(batch, keys, 2)
-    _, mask = ext.tanh_attention_forward(q, k, v, seed, 0.5, p, 0, True)
+    _, mask = ext.tanh_attention(q, k, v, seed_tensor(seed), 0.5, p, "none", True)
     n = mask.numel()
     assert abs(mask.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
     uniform = ext.dropout_uniform(seed, 0, batch * rows, keys).view(batch, rows, keys)
     assert torch.equal(mask, uniform >= p)
     # Different rows, batch elements and seeds draw different masks.
     assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[0, 0], mask[0, 1])
-    _, other = ext.tanh_attention_forward(q, k, v, seed + 1, 0.5, p, 0, True)
+    _, other = ext.tanh_attention(q, k, v, seed_tensor(seed + 1), 0.5, p, "none", True)
     assert (other != mask).double().mean().item() > 0.3
 
 
@@ -130,7 +149,7 @@ def test_fast_tanh_accuracy(ext):
     x = torch.cat([x, torch.tensor([0.0, -0.0, 0.625, -0.625, 9.0, 30.0, float("inf"), -float("inf"), float("nan")])])
     ones = torch.ones(x.numel(), 1, 1)
     # N = D = E = 1, k = v = 1, scale = 1: o = tanh(q).
-    o, _ = ext.tanh_attention_forward(x.view(-1, 1, 1), ones, ones, 0, 1.0, 0.0, 0, False)
+    o, _ = ext.tanh_attention(x.view(-1, 1, 1), ones, ones, seed_tensor(0), 1.0, 0.0, "none", False)
     got, exact = o.flatten().double(), torch.tanh(x.double())
     finite = ~torch.isnan(exact)
     nonzero = finite & (exact != 0)
@@ -154,8 +173,9 @@ def test_deterministic_bits(ext, dtype):
     try:
         for n_threads in (1, 2, 1):
             torch.set_num_threads(n_threads)
-            o, mask = ext.tanh_attention_forward(q, k, v, 42, 0.2, 0.5, 1, True)
-            results.append((o, mask, *ext.tanh_attention_backward(do, q, k, v, o, 42, 0.2, 0.5, 1, True)))
+            o, mask = ext.tanh_attention(q, k, v, seed_tensor(42), 0.2, 0.5, "tanh_relu", True)
+            grads = deterministic(ext.tanh_attention_backward, do, q, k, v, o, seed_tensor(42), 0.2, 0.5, "tanh_relu")
+            results.append((o, mask, *grads))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -208,14 +228,14 @@ def test_every_isa_variant(ext, isa, tmp_path):
 def test_opcheck_custom_ops(ext):
     q, k, v = torch.randn(2, 5, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 4)
     seed = torch.tensor([7])
-    for args in ((q, k, v, seed, 0.5, 0.3, "tanh_relu", True, "cpp"), (q, k, v[:1], seed, 0.5, 0.0, "none", False, "cpp")):
+    for args in ((q, k, v, seed, 0.5, 0.3, "tanh_relu", True), (q, k, v[:1], seed, 0.5, 0.0, "none", False)):
         leaves = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         torch.library.opcheck(torch.ops.avkernels.tanh_attention.default, leaves)
     a, u, w, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 5), torch.randn(2)
-    torch.library.opcheck(torch.ops.avkernels.gate.default, tuple(t.requires_grad_() for t in (a, u, w, b)) + (0.1, "cpp"))
+    torch.library.opcheck(torch.ops.avkernels.gate.default, tuple(t.requires_grad_() for t in (a, u, w, b)) + (0.1,))
     stages = [torch.randn(2, 3, 4, requires_grad=True) for _ in range(3)]
     w, b = torch.randn(3, 12, requires_grad=True), torch.randn(3, requires_grad=True)
-    torch.library.opcheck(torch.ops.avkernels.stage_gate.default, (stages, w, b, 0.2, "cpp"))
+    torch.library.opcheck(torch.ops.avkernels.stage_gate.default, (stages, w, b, 0.2))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,9 +246,9 @@ def test_opcheck_custom_ops(ext):
 
 def _ext_attention(ext, q, k, v, do, scale, activation=None, dropout_p=0.0, seed=0):
     """((o, dq, dk, dv), keep-mask or None) from the extension's forward and backward, without autograd."""
-    act = int(activation == "tanh_relu")
-    o, mask = ext.tanh_attention_forward(q, k, v, seed, scale, dropout_p, act, dropout_p > 0)
-    grads = ext.tanh_attention_backward(do, q, k, v, o, seed, scale, dropout_p, act, True)
+    act = activation or "none"
+    o, mask = ext.tanh_attention(q, k, v, seed_tensor(seed), scale, dropout_p, act, dropout_p > 0)
+    grads = deterministic(ext.tanh_attention_backward, do, q, k, v, o, seed_tensor(seed), scale, dropout_p, act)
     return (o, *grads), (mask if dropout_p > 0 else None)
 
 
@@ -290,7 +310,8 @@ def test_half_precision_dropout_masks_do_not_depend_on_the_dtype(ext, activation
     batch, rows, keys, p, seed = 2, 45, 130, 0.4, 2024
     q, k, v, _ = _attention_inputs((batch, rows, keys, 8, 5), "contiguous", torch.float32)
     act = int(activation == "tanh_relu")
-    masks = [ext.tanh_attention_forward(q.to(dtype), k.to(dtype), v.to(dtype), seed, 0.3, p, act, True)[1]
+    masks = [ext.tanh_attention(q.to(dtype), k.to(dtype), v.to(dtype), seed_tensor(seed), 0.3, p, ACTIVATION[act],
+                                True)[1]
              for dtype in (torch.float32, *HALF_DTYPES)]
     uniform = ext.dropout_uniform(seed, 0, batch * rows, keys).view(batch, rows, keys)
     for mask in masks:
@@ -307,9 +328,10 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
     for activation, p in ((None, 0.0), ("tanh_relu", 0.3)):
         (o, *grads), _ = _ext_attention(ext, q, k, v, do, 0.4, activation, p, seed=5)
         act = int(activation == "tanh_relu")
-        o32, _ = ext.tanh_attention_forward(*wide[:3], 5, 0.4, p, act, False)
+        o32, _ = ext.tanh_attention(*wide[:3], seed_tensor(5), 0.4, p, ACTIVATION[act], False)
         # the fp32 backward reads the 16-bit forward output (tanh_relu), as the 16-bit backward does
-        grads32 = ext.tanh_attention_backward(wide[3], *wide[:3], o.float(), 5, 0.4, p, act, True)
+        grads32 = deterministic(ext.tanh_attention_backward, wide[3], *wide[:3], o.float(), seed_tensor(5), 0.4, p,
+                                ACTIVATION[act])
         for name, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (o32, *grads32)):
             assert torch.equal(a, b.to(dtype)), (activation, name)
 
@@ -318,8 +340,8 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
     dout, dg = torch.randn(2, 37, 19, dtype=dtype), torch.randn(2, 37, 2, dtype=dtype)
     out, g, *gate_grads = _ext_gate(ext, attended, unattended, weight, bias, dout, dg, 0.3)
     wide = [t.float() for t in (attended, unattended, weight, bias)]
-    out32, g32 = ext.gate_forward(*wide, 0.3)
-    gate_grads32 = ext.gate_backward(dout.float(), dg.float(), *wide[:3], g.float(), out.float(), 0.3, True)
+    out32, g32 = ext.gate(*wide, 0.3)
+    gate_grads32 = deterministic(ext.gate_backward, dout.float(), dg.float(), *wide[:3], g.float(), out.float(), 0.3)
     for name, a, b in zip(("out", "g", "d_att", "d_unatt", "d_w", "d_b"), (out, g, *gate_grads),
                           (out32, g32, *gate_grads32)):
         assert torch.equal(a, b.to(dtype)), name
@@ -327,12 +349,12 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
     stages = [torch.randn(2, 37, 11, dtype=dtype) for _ in range(3)]
     weight, bias = torch.randn(3, 33, dtype=dtype) * 0.3, torch.randn(3, dtype=dtype)
     dout, ds = torch.randn(2, 37, 11, dtype=dtype), torch.randn(2, 37, 3, dtype=dtype)
-    out, s = ext.stage_gate_forward(stages, weight, bias, 0.5)
-    stage_grads = ext.stage_gate_backward(dout, ds, stages, weight, s, out, 0.5, True)
+    out, s = ext.stage_gate(stages, weight, bias, 0.5)
+    stage_grads = deterministic(ext.stage_gate_backward, dout, ds, stages, weight, s, out, 0.5)
     wide = [t.float() for t in stages]
-    out32, s32 = ext.stage_gate_forward(wide, weight.float(), bias.float(), 0.5)
-    stage_grads32 = ext.stage_gate_backward(dout.float(), ds.float(), wide, weight.float(), s.float(), out.float(),
-                                            0.5, True)
+    out32, s32 = ext.stage_gate(wide, weight.float(), bias.float(), 0.5)
+    stage_grads32 = deterministic(ext.stage_gate_backward, dout.float(), ds.float(), wide, weight.float(), s.float(),
+                                  out.float(), 0.5)
     for name, a, b in zip(("out", "s", "d_stages", "d_w", "d_b"), (out, s, *stage_grads), (out32, s32, *stage_grads32)):
         assert torch.equal(a, b.to(dtype)), name
 
@@ -345,7 +367,7 @@ def test_half_precision_stores_keep_nan_inf_extremes_and_subnormals(ext, dtype):
     top, tiny = torch.finfo(dtype).max, 2.0**-20
     q = torch.tensor([float("nan"), 30.0, 30.0, -30.0, tiny, 30.0], dtype=dtype).view(6, 1, 1)
     v = torch.tensor([1.0, float("inf"), top, top, 1.0, tiny], dtype=dtype).view(6, 1, 1)
-    o, _ = ext.tanh_attention_forward(q, torch.ones_like(q), v, 0, 1.0, 0.0, 0, False)
+    o, _ = ext.tanh_attention(q, torch.ones_like(q), v, seed_tensor(0), 1.0, 0.0, "none", False)
     assert o.dtype == dtype and torch.isnan(o[0]).all()
     assert o.flatten()[1:].tolist() == [float("inf"), top, -top, tiny, tiny]
 
@@ -353,23 +375,23 @@ def test_half_precision_stores_keep_nan_inf_extremes_and_subnormals(ext, dtype):
 def test_half_precision_mixed_dtypes_are_refused(ext):
     q = torch.randn(2, 5, 3, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"tanh_attention_forward: k must have the dtype of q \(BFloat16\), got Half"):
-        ext.tanh_attention_forward(q, q.half(), q, 0, 1.0, 0.0, 0, False)
+        ext.tanh_attention(q, q.half(), q, seed_tensor(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match=r"tanh_attention_forward: v must have the dtype of q \(BFloat16\), got Float"):
-        ext.tanh_attention_forward(q, q, q.float(), 0, 1.0, 0.0, 0, False)
+        ext.tanh_attention(q, q, q.float(), seed_tensor(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match=r"tanh_attention_backward: dout must have the dtype of q \(BFloat16\)"):
-        ext.tanh_attention_backward(q.half(), q, q, q, q, 0, 1.0, 0.0, 1, False)
+        ext.tanh_attention_backward(q.half(), q, q, q, q, seed_tensor(0), 1.0, 0.0, "tanh_relu")
     with pytest.raises(RuntimeError, match=r"tanh_attention_backward: out must have the dtype of q \(BFloat16\)"):
-        ext.tanh_attention_backward(q, q, q, q, q.half(), 0, 1.0, 0.0, 1, False)
+        ext.tanh_attention_backward(q, q, q, q, q.half(), seed_tensor(0), 1.0, 0.0, "tanh_relu")
     a = torch.randn(2, 3, 5, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"gate_forward: unattended must have the dtype of attended \(Half\)"):
-        ext.gate_forward(a, a.bfloat16(), torch.randn(2, 5, dtype=torch.float16), a[0, 0, :2], 0.1)
+        ext.gate(a, a.bfloat16(), torch.randn(2, 5, dtype=torch.float16), a[0, 0, :2], 0.1)
     with pytest.raises(RuntimeError, match=r"gate_forward: bias must have the dtype of attended \(Half\)"):
-        ext.gate_forward(a, a, torch.randn(2, 5, dtype=torch.float16), torch.randn(2), 0.1)
+        ext.gate(a, a, torch.randn(2, 5, dtype=torch.float16), torch.randn(2), 0.1)
     with pytest.raises(RuntimeError, match=r"stage_gate_forward: stages\[1\] must have the dtype of stages\[0\]"):
-        ext.stage_gate_forward([a, a.float()], torch.randn(2, 10, dtype=torch.float16), torch.randn(2), 0.1)
+        ext.stage_gate([a, a.float()], torch.randn(2, 10, dtype=torch.float16), torch.randn(2), 0.1)
     with pytest.raises(RuntimeError, match=r"stage_gate_backward: ds must have the dtype of stages\[0\]"):
         ext.stage_gate_backward(a, torch.randn(2, 3, 2), [a, a], torch.randn(2, 10, dtype=torch.float16),
-                                torch.randn(2, 3, 2, dtype=torch.float16), a, 0.1, False)
+                                torch.randn(2, 3, 2, dtype=torch.float16), a, 0.1)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
@@ -397,8 +419,8 @@ def test_half_precision_on_every_isa_variant(ext, isa):
 
 def _ext_gate(ext, attended, unattended, weight, bias, dout, dg, tau):
     """(out, g, d_attended, d_unattended, d_weight, d_bias) from the extension's functions, without autograd."""
-    out, g = ext.gate_forward(attended, unattended, weight, bias, tau)
-    return (out, g, *ext.gate_backward(dout, dg, attended, unattended, weight, g, out, tau, True))
+    out, g = ext.gate(attended, unattended, weight, bias, tau)
+    return (out, g, *deterministic(ext.gate_backward, dout, dg, attended, unattended, weight, g, out, tau))
 
 
 def _subnormals(t):
@@ -467,28 +489,28 @@ def test_bad_inputs_reach_cpp_checks(ext):
     q, k, v = torch.randn(2, 5, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 4)
     with pytest.raises(RuntimeError,
                        match="tanh_attention_forward: q must be a float32, float64, bfloat16 or float16 CPU tensor"):
-        ext.tanh_attention_forward(q.int(), k, v, 0, 1.0, 0.0, 0, False)
+        ext.tanh_attention(q.int(), k, v, seed_tensor(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match=r"tanh_attention_forward: k must have shape \(B, N, D\)"):
-        ext.tanh_attention_forward(q, k[..., :2], v, 0, 1.0, 0.0, 0, False)
+        ext.tanh_attention(q, k[..., :2], v, seed_tensor(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match="v must have batch size 2"):
-        ext.tanh_attention_forward(q, k, torch.randn(3, 6, 4), 0, 1.0, 0.0, 0, False)
+        ext.tanh_attention(q, k, torch.randn(3, 6, 4), seed_tensor(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match="k must have the dtype of q"):
-        ext.tanh_attention_forward(q, k.double(), v, 0, 1.0, 0.0, 0, False)
+        ext.tanh_attention(q, k.double(), v, seed_tensor(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match=r"seed must be in \[0, 2\*\*31\)"):
-        ext.tanh_attention_forward(q, k, v, -1, 1.0, 0.5, 0, False)
+        ext.tanh_attention(q, k, v, seed_tensor(-1), 1.0, 0.5, "none", False)
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
-        ext.tanh_attention_forward(q, k, v, 0, 1.0, 1.0, 0, False)
+        ext.tanh_attention(q, k, v, seed_tensor(0), 1.0, 1.0, "none", False)
     with pytest.raises(RuntimeError, match=r"dout must have shape \(B, Mq, E\)"):
-        ext.tanh_attention_backward(torch.randn(2, 5, 3), q, k, v, torch.empty(0), 0, 1.0, 0.0, 0, False)
+        ext.tanh_attention_backward(torch.randn(2, 5, 3), q, k, v, torch.empty(0), seed_tensor(0), 1.0, 0.0, "none")
     a = torch.randn(2, 3, 5)
     with pytest.raises(RuntimeError, match=r"gate_forward: weight must have shape \(2, d\)"):
-        ext.gate_forward(a, a, torch.randn(3, 5), torch.randn(2), 0.1)
+        ext.gate(a, a, torch.randn(3, 5), torch.randn(2), 0.1)
     with pytest.raises(RuntimeError, match="gate_forward: tau must be positive"):
-        ext.gate_forward(a, a, torch.randn(2, 5), torch.randn(2), 0.0)
+        ext.gate(a, a, torch.randn(2, 5), torch.randn(2), 0.0)
     with pytest.raises(RuntimeError, match=r"stage_gate_forward: weight must have shape \(T, T \* d\)"):
-        ext.stage_gate_forward([a, a], torch.randn(2, 5), torch.randn(2), 0.1)
+        ext.stage_gate([a, a], torch.randn(2, 5), torch.randn(2), 0.1)
     with pytest.raises(RuntimeError, match=r"stages\[1\] must have shape"):
-        ext.stage_gate_forward([a, a[:, :2]], torch.randn(2, 10), torch.randn(2), 0.1)
+        ext.stage_gate([a, a[:, :2]], torch.randn(2, 10), torch.randn(2), 0.1)
 
 
 def test_cuda_backend_request_without_cuda_is_a_clear_error():
@@ -505,6 +527,5 @@ def test_cpu_features_report_the_16bit_path(ext):
     assert set(features) == {"isa", "f16c", "avx512_bf16", "amx_bf16", "compute_16bit"}
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else None
     if flags is not None:  # the extension's detection agrees with the kernel's view of this CPU
-        assert features["f16c"] == ("f16c" in flags)
-        assert features["avx512_bf16"] == ("avx512_bf16" in flags)
-        assert features["amx_bf16"] == ("amx_bf16" in flags)
+        for name in ("f16c", "avx512_bf16", "amx_bf16"):
+            assert features[name] == ("true" if name in flags else "false"), name

@@ -1,8 +1,7 @@
-"""GPU tests of the "cuda" backend's compiled module avkernels._C_cuda (csrc/cuda; its functions: csrc/cpu/ops.h).
+"""GPU tests of the "cuda" backend: the CUDA kernels that avkernels._C_cuda registers for the ops (csrc/cuda).
 
-The module's functions are called directly (and through a small autograd wrapper for gradcheck), so these tests do
-not depend on how avkernels/ops/native.py registers the backend; one test goes through the public API when the
-backend is registered. Every result is compared with the plain-PyTorch reference run in float64; in lower
+The ops ``torch.ops.avkernels.*`` are called directly on CUDA tensors (and through a small autograd wrapper for
+gradcheck), so these tests do not depend on the Python registrations; one test goes through the public API. Every result is compared with the plain-PyTorch reference run in float64; in lower
 precisions FlashAttention's rule applies: our error against the fp64 reference is at most twice the error of the
 reference itself run in that dtype, plus a small floor.
 
@@ -16,22 +15,37 @@ import math
 import pytest
 import torch
 
+import avkernels
 from avkernels import reference
+from avkernels.ops import native
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU: the cuda backend's kernels run only on a GPU", allow_module_level=True)
-try:
-    import avkernels._C_cuda as C
-except ImportError as exc:
-    pytest.skip(f"avkernels._C_cuda was not built ({exc}); build with a CUDA torch and nvcc", allow_module_level=True)
+if "cuda" not in native._LIBRARIES:
+    pytest.skip(f"the cuda op library is not loaded: {avkernels.backend_status()['cuda']}", allow_module_level=True)
+C = torch.ops.avkernels  # the ops (csrc/cpu/library.cpp), whose CUDA kernels avkernels._C_cuda registers
 
 DEVICE = "cuda"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Floors of the flash rule, relative to the reference's magnitude. fp32: the CPU emulation of these kernels
 # (tests/test_cuda_compile.py) measured at most 5.5e-6 (the gates' 1/tau = 10 amplifies rounding).
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-ACTIVATIONS = {"none": 0, "tanh_relu": 1}
 SEED = 1234567
+
+
+def _seed(seed):
+    """The ops' dropout seed argument."""
+    return torch.tensor([seed])
+
+
+def deterministic_call(op, *args, enabled=True):
+    """``op(*args)`` under torch.use_deterministic_algorithms(enabled), the flag the backward kernels read."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        return op(*args)
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _rand(*shape, dtype=torch.float32):
@@ -63,9 +77,10 @@ def _reference_attention(q, k, v, do, scale, p, activation, mask):
 
 
 def _run_attention(q, k, v, do, scale, p, activation, deterministic=True, seed=SEED):
-    o, mask = C.tanh_attention_forward(q, k, v, seed, scale, p, ACTIVATIONS[activation], True)
+    o, mask = C.tanh_attention(q, k, v, _seed(seed), scale, p, activation, True)
     saved_o = o if activation != "none" else o.new_empty(0)
-    dq, dk, dv = C.tanh_attention_backward(do, q, k, v, saved_o, seed, scale, p, ACTIVATIONS[activation], deterministic)
+    dq, dk, dv = deterministic_call(C.tanh_attention_backward, do, q, k, v, saved_o, _seed(seed), scale, p,
+                                    activation, enabled=deterministic)
     return o, (mask if p > 0 else None), dq, dk, dv
 
 
@@ -132,35 +147,33 @@ def test_tanh_attention_shared_v_and_strided_inputs(deterministic):
 
 def test_tanh_attention_dropout_mask_statistics_and_seeds():
     q, k, v = _rand(2, 200, 16), _rand(2, 300, 16), _rand(2, 300, 8)
-    o1, m1 = C.tanh_attention_forward(q, k, v, 7, 0.25, 0.4, 0, True)
-    o2, m2 = C.tanh_attention_forward(q, k, v, 7, 0.25, 0.4, 0, True)
-    _, m3 = C.tanh_attention_forward(q, k, v, 8, 0.25, 0.4, 0, True)
+    o1, m1 = C.tanh_attention(q, k, v, _seed(7), 0.25, 0.4, "none", True)
+    o2, m2 = C.tanh_attention(q, k, v, _seed(7), 0.25, 0.4, "none", True)
+    _, m3 = C.tanh_attention(q, k, v, _seed(8), 0.25, 0.4, "none", True)
     assert torch.equal(m1, m2) and torch.equal(o1, o2), "same seed must redraw the same mask and output"
     assert not torch.equal(m1, m3), "different seeds must draw different masks"
     keep = m1.float().mean().item()
     # 120000 Bernoulli(0.6) draws: the standard deviation of the mean is 0.0014.
     assert abs(keep - 0.6) < 0.01, keep
-    _, empty = C.tanh_attention_forward(q, k, v, 7, 0.25, 0.4, 0, False)
+    _, empty = C.tanh_attention(q, k, v, _seed(7), 0.25, 0.4, "none", False)
     assert empty.numel() == 0
 
 
 def test_tanh_attention_backward_is_deterministic_with_shared_v():
     q, k, v = _rand(8, 70, 16), _rand(8, 90, 16), _rand(1, 90, 40)
     do = _rand(8, 70, 40)
-    runs = [C.tanh_attention_backward(do, q, k, v, q.new_empty(0), 3, 0.25, 0.1, 0, True) for _ in range(3)]
+    runs = [deterministic_call(C.tanh_attention_backward, do, q, k, v, q.new_empty(0), _seed(3), 0.25, 0.1, "none")
+            for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b), "deterministic backward must give identical bits run to run"
 
 
 def test_tanh_attention_mask_matches_cpp_backend():
-    try:
-        import avkernels._C_cpu as C_cpu
-    except ImportError as exc:
-        pytest.skip(f"avkernels._C_cpu was not built ({exc}): nothing to compare the CUDA mask with")
+    # The cuda library is loaded only after the cpp one, which defines the ops: the CPU kernels are there too.
     q, k, v = _rand(2, 33, 8), _rand(2, 47, 8), _rand(2, 47, 5)
-    _, mask_cuda = C.tanh_attention_forward(q, k, v, 99, 0.3, 0.35, 0, True)
-    _, mask_cpu = C_cpu.tanh_attention_forward(q.cpu(), k.cpu(), v.cpu(), 99, 0.3, 0.35, 0, True)
+    _, mask_cuda = C.tanh_attention(q, k, v, _seed(99), 0.3, 0.35, "none", True)
+    _, mask_cpu = C.tanh_attention(q.cpu(), k.cpu(), v.cpu(), _seed(99), 0.3, 0.35, "none", True)
     assert torch.equal(mask_cuda.cpu(), mask_cpu), "CUDA and C++ backends must draw the same mask for one seed"
 
 
@@ -169,7 +182,7 @@ class _CudaTanhAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, p, activation):
-        o, _ = C.tanh_attention_forward(q, k, v, SEED, scale, p, activation, False)
+        o, _ = C.tanh_attention(q, k, v, _seed(SEED), scale, p, activation, False)
         ctx.save_for_backward(q, k, v, o)
         ctx.args = (scale, p, activation)
         return o
@@ -178,11 +191,12 @@ class _CudaTanhAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o = ctx.saved_tensors
         scale, p, activation = ctx.args
-        dq, dk, dv = C.tanh_attention_backward(do.contiguous(), q, k, v, o, SEED, scale, p, activation, True)
+        dq, dk, dv = deterministic_call(C.tanh_attention_backward, do.contiguous(), q, k, v, o, _seed(SEED), scale, p,
+                                   activation)
         return dq, dk, dv, None, None, None
 
 
-@pytest.mark.parametrize("activation", [0, 1])
+@pytest.mark.parametrize("activation", ["none", "tanh_relu"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_tanh_attention_gradcheck_fp64(activation, p):
     q = _rand(2, 7, 5, dtype=torch.float64).requires_grad_(True)
@@ -195,23 +209,23 @@ def test_tanh_attention_gradcheck_fp64(activation, p):
 def test_tanh_attention_rejects_bad_inputs():
     q, k, v = _rand(2, 5, 4), _rand(2, 6, 4), _rand(2, 6, 3)
     with pytest.raises(RuntimeError, match="q must be a float32, float64, float16 or bfloat16 CUDA tensor"):
-        C.tanh_attention_forward(q.cpu(), k, v, 0, 1.0, 0.0, 0, False)
+        C.tanh_attention(q.cpu(), k, v, _seed(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match="q must be a float32, float64, float16 or bfloat16 CUDA tensor"):
-        C.tanh_attention_forward(q.int(), k, v, 0, 1.0, 0.0, 0, False)
+        C.tanh_attention(q.int(), k, v, _seed(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match="k must be a"):
-        C.tanh_attention_forward(q, k.double(), v, 0, 1.0, 0.0, 0, False)
+        C.tanh_attention(q, k.double(), v, _seed(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match=r"k must have shape \(2, N, 4\)"):
-        C.tanh_attention_forward(q, _rand(2, 6, 5), v, 0, 1.0, 0.0, 0, False)
+        C.tanh_attention(q, _rand(2, 6, 5), v, _seed(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match=r"v must have shape \(2 or 1, 6, E\)"):
-        C.tanh_attention_forward(q, k, _rand(3, 6, 3), 0, 1.0, 0.0, 0, False)
+        C.tanh_attention(q, k, _rand(3, 6, 3), _seed(0), 1.0, 0.0, "none", False)
     with pytest.raises(RuntimeError, match=r"seed must be in \[0, 2\*\*31\)"):
-        C.tanh_attention_forward(q, k, v, 2**31, 1.0, 0.1, 0, False)
+        C.tanh_attention(q, k, v, _seed(2**31), 1.0, 0.1, "none", False)
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
-        C.tanh_attention_forward(q, k, v, 0, 1.0, 1.0, 0, False)
-    with pytest.raises(RuntimeError, match="activation must be 0"):
-        C.tanh_attention_forward(q, k, v, 0, 1.0, 0.0, 2, False)
+        C.tanh_attention(q, k, v, _seed(0), 1.0, 1.0, "none", False)
+    with pytest.raises(RuntimeError, match='activation must be "none" or "tanh_relu"'):
+        C.tanh_attention(q, k, v, _seed(0), 1.0, 0.0, "gelu", False)
     with pytest.raises(RuntimeError, match=r"do must have shape \[2, 5, 3\]"):
-        C.tanh_attention_backward(_rand(2, 5, 4), q, k, v, q.new_empty(0), 0, 1.0, 0.0, 0, True)
+        C.tanh_attention_backward(_rand(2, 5, 4), q, k, v, q.new_empty(0), _seed(0), 1.0, 0.0, "none")
 
 
 def test_public_api_runs_the_cuda_backend():
@@ -249,8 +263,8 @@ def test_gate_forward_and_backward(dtype, shape):
     weight, bias = 0.1 * _rand(2, d, dtype=dtype), _rand(2, dtype=dtype)
     dout, dg = _rand(b, length, d, dtype=dtype), _rand(b, length, 2, dtype=dtype)
     tau = 0.1
-    out, g = C.gate_forward(attended, unattended, weight, bias, tau)
-    grads = C.gate_backward(dout, dg, attended, unattended, weight, g, out, tau, True)
+    out, g = C.gate(attended, unattended, weight, bias, tau)
+    grads = deterministic_call(C.gate_backward, dout, dg, attended, unattended, weight, g, out, tau)
     inputs64 = (x.double() for x in (attended, unattended, weight, bias))
     ref64 = _reference_gate(*inputs64, tau, dout.double(), dg.double())
     ref_lowp = _reference_gate(attended, unattended, weight, bias, tau, dout, dg)
@@ -275,8 +289,8 @@ def test_stage_gate_forward_and_backward(n_stages, dtype):
     stages[0] = _rand(b, d, length, dtype=dtype).transpose(1, 2)  # one non-contiguous stage
     weight, bias = 0.05 * _rand(n_stages, n_stages * d, dtype=dtype), _rand(n_stages, dtype=dtype)
     dout, ds = _rand(b, length, d, dtype=dtype), _rand(b, length, n_stages, dtype=dtype)
-    out, s = C.stage_gate_forward(stages, weight, bias, 0.1)
-    d_stages, d_weight, d_bias = C.stage_gate_backward(dout, ds, stages, weight, s, out, 0.1, True)
+    out, s = C.stage_gate(stages, weight, bias, 0.1)
+    d_stages, d_weight, d_bias = deterministic_call(C.stage_gate_backward, dout, ds, stages, weight, s, out, 0.1)
     assert d_stages.shape == (n_stages, b, length, d)
     ref64 = _reference_stage_gate([x.double() for x in stages], weight.double(), bias.double(), 0.1, dout.double(),
                                   ds.double())  # fmt: skip
@@ -291,10 +305,10 @@ def test_gate_weight_grads_are_deterministic():
     b, length, d = 64, 16, 512
     attended, unattended = _rand(b, length, d), _rand(b, length, d)
     weight, bias = 0.1 * _rand(2, d), _rand(2)
-    out, g = C.gate_forward(attended, unattended, weight, bias, 0.1)
+    out, g = C.gate(attended, unattended, weight, bias, 0.1)
     dout, dg = _rand(b, length, d), _rand(b, length, 2)
-    first = C.gate_backward(dout, dg, attended, unattended, weight, g, out, 0.1, True)
-    second = C.gate_backward(dout, dg, attended, unattended, weight, g, out, 0.1, True)
+    first = deterministic_call(C.gate_backward, dout, dg, attended, unattended, weight, g, out, 0.1)
+    second = deterministic_call(C.gate_backward, dout, dg, attended, unattended, weight, g, out, 0.1)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
 
@@ -303,12 +317,12 @@ def test_gates_reject_bad_inputs():
     x = _rand(2, 4, 6)
     w, bias = _rand(2, 6), _rand(2)
     with pytest.raises(RuntimeError, match="unattended must be a float32, float64, float16 or bfloat16 CUDA tensor"):
-        C.gate_forward(x, x.cpu(), w, bias, 0.1)
+        C.gate(x, x.cpu(), w, bias, 0.1)
     with pytest.raises(RuntimeError, match=r"weight must have shape \[2, 6\]"):
-        C.gate_forward(x, x, _rand(2, 5), bias, 0.1)
+        C.gate(x, x, _rand(2, 5), bias, 0.1)
     with pytest.raises(RuntimeError, match="tau must be a positive number"):
-        C.gate_forward(x, x, w, bias, 0.0)
+        C.gate(x, x, w, bias, 0.0)
     with pytest.raises(RuntimeError, match=r"stages\[1\] must have shape \[2, 4, 6\]"):
-        C.stage_gate_forward([x, _rand(2, 4, 7)], _rand(2, 12), bias, 0.1)
+        C.stage_gate([x, _rand(2, 4, 7)], _rand(2, 12), bias, 0.1)
     with pytest.raises(RuntimeError, match="expected 1 to 8 stages, got 9"):
-        C.stage_gate_forward([x] * 9, _rand(9, 54), _rand(9), 0.1)
+        C.stage_gate([x] * 9, _rand(9, 54), _rand(9), 0.1)

@@ -164,18 +164,18 @@ def test_decompositions_match_the_reference_and_leave_torch_export_alone():
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, model(*x)))
     q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(1, 5, 6)
     o, mask = avexport.DECOMPOSITIONS[torch.ops.avkernels.tanh_attention.default](
-        q, k, v, torch.empty(0, dtype=torch.int64), 0.5, 0.0, "tanh_relu", False, "cpp")
+        q, k, v, torch.empty(0, dtype=torch.int64), 0.5, 0.0, "tanh_relu", False)
     assert mask.shape == (0,)
     torch.testing.assert_close(o, torch.relu(torch.tanh(torch.tanh(q @ k.transpose(1, 2) * 0.5) @ v)))
     # FakeTensor uses the table on symbolic sizes: with dropout and a mask, the outputs match the op's fake ones.
     decomposed = avexport.DECOMPOSITIONS[torch.ops.avkernels.tanh_attention.default]
-    o, mask = decomposed(q, k, v, torch.zeros(1, dtype=torch.int64), 0.5, 0.1, "none", True, "cpp")
+    o, mask = decomposed(q, k, v, torch.zeros(1, dtype=torch.int64), 0.5, 0.1, "none", True)
     assert o.shape == (2, 3, 6) and mask.shape == (2, 3, 5) and mask.dtype == torch.bool
-    assert decomposed(q, k, v, torch.zeros(1, dtype=torch.int64), 0.5, 0.1, "none", False, "cpp")[1].shape == (0,)
+    assert decomposed(q, k, v, torch.zeros(1, dtype=torch.int64), 0.5, 0.1, "none", False)[1].shape == (0,)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = torch.randn(2, 3, 4, dtype=torch.bfloat16)
         w, b = torch.randn(2, 4, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bfloat16)
-        out, g = avexport.DECOMPOSITIONS[torch.ops.avkernels.gate.default](x, x, w, b, 0.1, "cpp")
+        out, g = avexport.DECOMPOSITIONS[torch.ops.avkernels.gate.default](x, x, w, b, 0.1)
         assert out.dtype == g.dtype == torch.bfloat16
 
 

@@ -28,7 +28,7 @@ PROJECT_FILES = ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "avke
 @pytest.fixture
 def without_cpp(monkeypatch):
     """This process as if no prebuilt extension had imported and the build on first use had not been tried yet."""
-    monkeypatch.setattr(native, "_MODULES", {k: v for k, v in native._MODULES.items() if k != "cpp"})
+    monkeypatch.setattr(native, "_LIBRARIES", {k: v for k, v in native._LIBRARIES.items() if k != "cpp"})
     monkeypatch.setattr(native, "_IMPORT_ERRORS", {**native._IMPORT_ERRORS, "cpp": "No module named 'x'"})
     monkeypatch.setattr(native, "_JIT_TRIED", False)
     monkeypatch.setattr(native, "_JIT_FAILURE", None)
@@ -111,14 +111,14 @@ FIRST_USE = textwrap.dedent(
     from avkernels.ops import native
     from avkernels.reference import functional as reference
     assert avkernels.__file__.startswith(sys.prefix), (avkernels.__file__, sys.prefix)
-    assert "cpp" not in native._MODULES, "a prebuilt extension imported: nothing to test"
+    assert "cpp" not in native._LIBRARIES, "a prebuilt extension imported: nothing to test"
     start = time.time()
     q, k, v = torch.randn(2, 5, 8), torch.randn(2, 7, 8), torch.randn(2, 7, 8)
     out = avkernels.tanh_attention(q, k, v)
     torch.testing.assert_close(out, reference.tanh_attention(q, k, v, 8 ** -0.5, 0.0, None)[0])
     assert avkernels.backend_status()["cpp"] == "available", avkernels.backend_status()["cpp"]
     assert avkernels.backend_status("tanh_attention")["cpp"] == "available"
-    print("MODULE", native._MODULES["cpp"].__file__)
+    print("MODULE", native._LIBRARIES["cpp"])
     print("SECONDS", time.time() - start)
     """
 )
@@ -157,7 +157,7 @@ def test_pip_install_with_build_isolation_gets_the_cpp_backend(tmp_path):
     assert install.returncode == 0, install.stdout + install.stderr
     assert "Requirement already satisfied: torch" in install.stdout, install.stdout  # never another torch
     installed = os.path.join(_venv_site_packages(venv), "avkernels")
-    assert os.path.isfile(os.path.join(installed, "csrc", "cpu", "bindings.cpp"))
+    assert os.path.isfile(os.path.join(installed, "csrc", "cpu", "library.cpp"))
     assert os.path.isfile(os.path.join(installed, "csrc", "common", "philox.h"))
     assert not [n for n in os.listdir(installed) if n.startswith("_C_cpu")], "the isolated build had a torch?"
 
@@ -191,5 +191,5 @@ def test_pip_install_with_build_isolation_gets_the_cpp_backend(tmp_path):
     assert wheel.returncode == 0, wheel.stdout + wheel.stderr
     (built,) = wheels.glob("avkernels-*.whl")
     names = zipfile.ZipFile(built).namelist()
-    assert "avkernels/csrc/cpu/bindings.cpp" in names and "avkernels/csrc/common/philox.h" in names, names
+    assert "avkernels/csrc/cpu/library.cpp" in names and "avkernels/csrc/common/philox.h" in names, names
     assert not [n for n in names if "_C_cpu" in n], names

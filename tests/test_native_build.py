@@ -59,10 +59,29 @@ def test_native_backends_report_their_status():
     status = avkernels.backend_status()
     for name, module in (("cpp", "avkernels._C_cpu"), ("cuda", "avkernels._C_cuda")):
         assert (name in avkernels.backends()) == (status[name] == "available"), (name, status[name])
-        if name not in native._MODULES:
+        if name not in native._LIBRARIES:
             assert f"{module} was not built" in status[name]
 
 
 def test_build_jit_rejects_unknown_backend():
     with pytest.raises(ValueError, match="expected 'cpp' or 'cuda'"):
         native.build_jit("rocm")
+
+
+def test_the_library_defines_the_declared_ops(monkeypatch):
+    """The C++ schemas (csrc/cpu/library.cpp) are the declarations' (avkernels/ops/<op>.py), and a difference is
+    named op by op: a library built from other sources is refused rather than called with the wrong arguments."""
+    import dataclasses
+
+    from avkernels.ops import declaration
+
+    if "cpp" not in native._LIBRARIES:
+        pytest.skip(f"the cpp library is not loaded: {avkernels.backend_status()['cpp']}")
+    assert declaration.library_schema_mismatch() is None
+    gate = next(d for d in declaration.declarations() if d.name == "gate")
+    changed = dataclasses.replace(gate, schema="(Tensor attended, Tensor unattended, float tau) -> (Tensor, Tensor)")
+    monkeypatch.setitem(declaration._DECLARATIONS, "gate", changed)
+    mismatch = declaration.library_schema_mismatch()
+    assert mismatch.startswith("gate is avkernels::gate(Tensor attended, Tensor unattended, Tensor weight, ")
+    assert "expected avkernels::gate(Tensor attended, Tensor unattended, float tau) -> (Tensor, Tensor)" in mismatch
+    assert "tanh_attention" not in mismatch and "gate_backward" not in mismatch

@@ -40,19 +40,19 @@ def test_gate_opcheck():
     """The forward op (schema, fake tensors, autograd registration, AOT dispatch) and the backward op on its own,
     whose outputs must not alias one another."""
     (a, u, w, b), (dout, dg), _ = _leaves_and_call("gate", (2, 3, 5), torch.float32)
-    torch.library.opcheck(torch.ops.avkernels.gate, (*(x.requires_grad_(True) for x in (a, u, w, b)), 0.1, "triton"))
+    torch.library.opcheck(torch.ops.avkernels.triton_gate, (*(x.requires_grad_(True) for x in (a, u, w, b)), 0.1))
     a, u, w, b = (x.detach() for x in (a, u, w, b))
     out, g = avkernels.gate(a, u, w, b, backend="triton")
-    torch.library.opcheck(torch.ops.avkernels.gate_backward, (dout, dg, a, u, w, g, out, 0.1, "triton"))
+    torch.library.opcheck(torch.ops.avkernels.triton_gate_backward, (dout, dg, a, u, w, g, out, 0.1))
 
 
 def test_stage_gate_opcheck():
     (w, b, *stages), (dout, ds), _ = _leaves_and_call("stage_gate", (2, 3, 5), torch.float32)
     leaves = [x.requires_grad_(True) for x in stages]
-    torch.library.opcheck(torch.ops.avkernels.stage_gate, (leaves, w.requires_grad_(True), b, 0.1, "triton"))
+    torch.library.opcheck(torch.ops.avkernels.triton_stage_gate, (leaves, w.requires_grad_(True), b, 0.1))
     stages, w = [x.detach() for x in stages], w.detach()
     out, s = avkernels.stage_gate(stages, w, b, backend="triton")
-    torch.library.opcheck(torch.ops.avkernels.stage_gate_backward, (dout, ds, stages, w, s, out, 0.1, "triton"))
+    torch.library.opcheck(torch.ops.avkernels.triton_stage_gate_backward, (dout, ds, stages, w, s, out, 0.1))
 
 
 def test_stage_gate_many_stages_tile_the_features():

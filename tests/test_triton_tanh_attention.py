@@ -72,10 +72,10 @@ def test_opcheck():
     for x in (q, k, v):
         x.requires_grad_(True)
     seed = torch.tensor([7], dtype=torch.int64)
-    for args in ((q, k, v, torch.empty(0, dtype=torch.int64), 0.5, 0.0, "tanh_relu", False, "triton"),
-                 (q, k, v, seed, 0.5, 0.25, "none", True, "triton")):
+    for args in ((q, k, v, torch.empty(0, dtype=torch.int64), 0.5, 0.0, "tanh_relu", False),
+                 (q, k, v, seed, 0.5, 0.25, "none", True)):
         torch.library.opcheck(
-            torch.ops.avkernels.tanh_attention.default,
+            torch.ops.avkernels.triton_tanh_attention.default,
             args,
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
         )

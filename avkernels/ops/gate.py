@@ -2,8 +2,8 @@
 
 ``g = softmax((attended @ W^T + b) / tau)``, ``out = ReLU(g[..., 0] * unattended + g[..., 1] * attended)``.
 
-Public functional op plus the ``avkernels::gate`` custom op shared by the fused backends. A backend registers an
-:class:`~avkernels.backends.OpImpl` under ``"gate"`` with
+Public functional op plus the op's declaration (:mod:`avkernels.ops.declaration`). A Python-kernel backend
+registers an :class:`~avkernels.backends.OpImpl` under ``"gate"`` with
 
 ``forward(attended, unattended, weight, bias, tau) -> (out, g)``
     ``attended``/``unattended`` ``(B, L, d)`` of arbitrary strides, ``weight (2, d)``, ``bias (2,)``; returns
@@ -22,64 +22,33 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, get_impl, outside_autocast, resolve
+from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve
+from avkernels.ops.declaration import OpDeclaration, declare
 
 
-@torch.library.custom_op("avkernels::gate", mutates_args=())
-def _gate_op(
-    attended: torch.Tensor, unattended: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: float, backend: str
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return get_impl("gate", backend).forward(attended, unattended, weight, bias, tau)
+def _backward_args(saved, values, dout, dg):
+    attended, unattended, weight, g, out = saved
+    dout = torch.zeros_like(out) if dout is None else dout  # an output that was not used has no gradient
+    dg = torch.zeros_like(g) if dg is None else dg
+    return (dout, dg, attended, unattended, weight, g, out, *values)
 
 
-@_gate_op.register_fake
-def _(attended, unattended, weight, bias, tau, backend):
-    return attended.new_empty(attended.shape), attended.new_empty(*attended.shape[:-1], 2)
-
-
-@torch.library.custom_op("avkernels::gate_backward", mutates_args=())
-def _gate_backward_op(
-    dout: torch.Tensor,
-    dg: torch.Tensor,
-    attended: torch.Tensor,
-    unattended: torch.Tensor,
-    weight: torch.Tensor,
-    g: torch.Tensor,
-    out: torch.Tensor,
-    tau: float,
-    backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return get_impl("gate", backend).backward(dout, dg, attended, unattended, weight, g, out, tau)
-
-
-@_gate_backward_op.register_fake
-def _(dout, dg, attended, unattended, weight, g, out, tau, backend):
-    return (
-        attended.new_empty(attended.shape),
-        unattended.new_empty(unattended.shape),
-        weight.new_empty(weight.shape),
-        weight.new_empty(2),
+DECLARATION = declare(
+    OpDeclaration(
+        "gate",
+        schema="(Tensor attended, Tensor unattended, Tensor weight, Tensor bias, float tau) -> (Tensor, Tensor)",
+        backward_schema="(Tensor dout, Tensor dg, Tensor attended, Tensor unattended, Tensor weight, Tensor g, "
+        "Tensor out, float tau) -> (Tensor, Tensor, Tensor, Tensor)",
+        fake=lambda attended, *_: (attended.new_empty(attended.shape), attended.new_empty(*attended.shape[:-1], 2)),
+        backward_fake=lambda dout, dg, attended, unattended, weight, *_: (
+            attended.new_empty(attended.shape), unattended.new_empty(unattended.shape),
+            weight.new_empty(weight.shape), weight.new_empty(2),
+        ),
+        save=lambda inputs, output: ((inputs[0], inputs[1], inputs[2], output[1], output[0]), (inputs[4],)),
+        backward_args=_backward_args,
+        input_grads=lambda grads: (*grads, None),
     )
-
-
-def _setup_context(ctx, inputs, output):
-    attended, unattended, weight, _, tau, backend = inputs
-    out, g = output
-    ctx.save_for_backward(attended, unattended, weight, g, out)
-    ctx.args = (tau, backend)
-
-
-def _backward(ctx, dout, dg):
-    attended, unattended, weight, g, out = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    if dg is None:
-        dg = torch.zeros_like(g)
-    grads = torch.ops.avkernels.gate_backward(dout, dg, attended, unattended, weight, g, out, *ctx.args)
-    return (*grads, None, None)
-
-
-_gate_op.register_autograd(_backward, setup_context=_setup_context)
+)
 
 
 def check_gate_inputs(attended, unattended, weight, bias) -> None:
@@ -122,4 +91,4 @@ def gate(
     if name == "reference" or attended.numel() == 0:
         with outside_autocast(attended.device):
             return reference.gate(attended, unattended, weight, bias, tau)
-    return torch.ops.avkernels.gate(attended, unattended, weight, bias, tau, name)
+    return DECLARATION.op(name)(attended, unattended, weight, bias, tau)

@@ -1,14 +1,15 @@
 """The compiled backends: ``"cpp"`` (``avkernels._C_cpu``, CPU tensors) and ``"cuda"`` (``avkernels._C_cuda``).
 
-Both extensions are optional and built from ``csrc/`` by ``pip install`` (see ``setup.py``); each exposes the same
-functions (declared in ``csrc/cpu/ops.h``: ``tanh_attention_forward/backward``, ``gate_forward/backward``,
-``stage_gate_forward/backward``). This module imports whichever were built, registers the two backends with a
-precise reason when one cannot run, and adapts the extension functions to the :class:`~avkernels.backends.OpImpl`
-signatures documented in :mod:`avkernels.ops.tanh_attention`, :mod:`~avkernels.ops.gate` and
-:mod:`~avkernels.ops.stage_gate`: activation names become ints, ``deterministic`` comes from
-``torch.are_deterministic_algorithms_enabled()``, and empty masks become ``None``.
+Both libraries are optional and built from ``csrc/`` by ``pip install`` (see ``setup.py``). They are libraries of
+torch ops, not Python bindings: ``avkernels._C_cpu`` defines the schema of every op (``TORCH_LIBRARY(avkernels,
+...)`` in ``csrc/cpu/library.cpp``) and registers its CPU kernels; ``avkernels._C_cuda`` registers the CUDA kernels
+of the same ops, so it is loaded after it. Importing one runs those registrations, nothing more. This module loads
+whichever were built, registers fakes and autograd on the ops from their declarations
+(:func:`avkernels.ops.declaration.define_library_ops`), and registers the two backends with a precise reason when
+one cannot run. A backend's :class:`~avkernels.backends.OpImpl` carries no Python kernels: the public functions call
+``torch.ops.avkernels.<op>`` and torch's dispatcher picks the CPU or CUDA kernel.
 
-:func:`build_jit` compiles an extension in-process with ``torch.utils.cpp_extension.load`` (for development: no
+:func:`build_jit` compiles a library in-process with ``torch.utils.cpp_extension.load`` (for development: no
 reinstall needed after editing ``csrc/``) and makes its backend available at once. The cpp backend calls it by itself
 the first time dispatch asks whether it can run (never at import) when no prebuilt ``avkernels._C_cpu`` imports, as
 after ``pip install .`` with build isolation: one line on stderr while it compiles, a cache shared by later processes,
@@ -26,22 +27,21 @@ import shutil
 import sys
 import threading
 import warnings
-from types import ModuleType
 from typing import Dict, List, Optional
 
 import torch
 
-from avkernels.backends import BackendInfo, Inputs, OpImpl, dtype_reason, register_backend, register_impl
+from avkernels.backends import OPS, BackendInfo, Inputs, OpImpl, dtype_reason, register_backend, register_impl
+from avkernels.ops import declaration
 
-_ACTIVATIONS = {"none": 0, "tanh_relu": 1}
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BUILD_CONFIG = os.path.join(_PACKAGE_DIR, "_build_config.py")
 # Where csrc/ is: inside the package in a non-editable install (setup.py copies it there), beside it in a checkout.
 _SOURCE_ROOTS = (_PACKAGE_DIR, os.path.dirname(_PACKAGE_DIR))
 JIT_ENV_VAR = "AVKERNELS_JIT_BUILD"
 
-# backend name -> the loaded extension module, or the reason it could not be imported.
-_MODULES: Dict[str, ModuleType] = {}
+# backend name -> the file of its loaded op library, or the reason it could not be loaded.
+_LIBRARIES: Dict[str, str] = {}
 _IMPORT_ERRORS: Dict[str, str] = {}
 _MODULE_NAMES = {"cpp": "avkernels._C_cpu", "cuda": "avkernels._C_cuda"}
 # Why the build on first use of the cpp backend did not give a module; None until it has been tried.
@@ -51,17 +51,41 @@ _JIT_LOCK = threading.Lock()
 
 
 def _load(backend: str) -> None:
+    """Imports a prebuilt library: the import runs its op registrations (the module itself is empty)."""
+    if backend == "cuda" and "cpp" not in _LIBRARIES:
+        return  # it registers kernels of the ops that avkernels._C_cpu defines (_not_built says so)
     try:
-        _MODULES[backend] = importlib.import_module(_MODULE_NAMES[backend])
+        module = importlib.import_module(_MODULE_NAMES[backend])
     except ImportError as exc:  # not built here, built against another torch, or a failed build
         _IMPORT_ERRORS[backend] = str(exc)
+        return
+    _loaded(backend, module.__file__)
+
+
+def _loaded(backend: str, path: str) -> None:
+    """A library's ops are registered in torch now: register what Python adds to them, and use the backend."""
+    if backend == "cpp":
+        mismatch = declaration.library_schema_mismatch()
+        if mismatch is not None:
+            _IMPORT_ERRORS[backend] = (
+                f"{path} does not define the ops this avkernels declares ({mismatch}): it was built from other "
+                "sources; rebuild it (`python setup.py build_ext --inplace` also removes older builds beside it)"
+            )
+            return
+        declaration.define_library_ops()
+    _LIBRARIES[backend] = path
+    _IMPORT_ERRORS.pop(backend, None)
+    if backend == "cpp" and "cuda" not in _LIBRARIES:
+        _load("cuda")  # its kernels could not be registered without the schemas
 
 
 def _not_built(backend: str) -> Optional[str]:
-    if backend in _MODULES:
+    if backend in _LIBRARIES:
         return None
     if backend == "cuda" and torch.version.cuda is None:
         return "avkernels._C_cuda was not built: this torch has no CUDA support"
+    if backend == "cuda" and "cpp" not in _LIBRARIES:
+        return "avkernels._C_cuda needs avkernels._C_cpu, which defines the ops, and the cpp backend is unavailable"
     reason = f"{_MODULE_NAMES[backend]} was not built ({_IMPORT_ERRORS.get(backend, 'unknown reason')})"
     if backend == "cpp" and _JIT_FAILURE is not None:
         return f"{reason}, and {_JIT_FAILURE}"
@@ -72,7 +96,7 @@ def _not_built(backend: str) -> Optional[str]:
 
 
 def _cpp_unavailable() -> Optional[str]:
-    if "cpp" not in _MODULES and not _JIT_TRIED:
+    if "cpp" not in _LIBRARIES and not _JIT_TRIED:
         if torch.compiler.is_compiling():
             # Dynamo must not trace a compiler run: run it eagerly, once, behind a graph break.
             torch.compiler.disable(_build_on_first_use)()
@@ -87,7 +111,7 @@ def _build_on_first_use() -> None:
     leaves the reason in backend_status() and a warning, and the reference backend runs the calls."""
     global _JIT_FAILURE, _JIT_TRIED
     with _JIT_LOCK:
-        if _JIT_TRIED or "cpp" in _MODULES:
+        if _JIT_TRIED or "cpp" in _LIBRARIES:
             return
         try:
             _JIT_FAILURE = _jit_obstacle()
@@ -99,7 +123,7 @@ def _build_on_first_use() -> None:
                     _JIT_FAILURE = f"its build on first use failed ({detail[0] if detail else type(exc).__name__})"
         finally:
             _JIT_TRIED = True
-    if "cpp" not in _MODULES:
+    if "cpp" not in _LIBRARIES:
         warnings.warn(
             f"avkernels: the fused cpp backend is unavailable: {_not_built('cpp')}. CPU calls fall back to the "
             "slower reference backend (avkernels.backend_status() says why).",
@@ -187,45 +211,15 @@ def _cuda_stage_gate(inputs: Inputs) -> Optional[str]:
     return None
 
 
-def _deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
-
-
 def _register_impls(backend: str) -> None:
-    """OpImpls that look the module up at call time, so that :func:`build_jit` can supply it later."""
-
-    def ext():
-        return _MODULES[backend]
-
-    def tanh_attention_forward(q, k, v, seed, scale, dropout_p, activation, return_mask):
-        o, mask = ext().tanh_attention_forward(q, k, v, seed, scale, dropout_p, _ACTIVATIONS[activation], return_mask)
-        return o, (mask if return_mask and dropout_p > 0 else None)
-
-    def tanh_attention_backward(do, q, k, v, o, seed, scale, dropout_p, activation):
-        return ext().tanh_attention_backward(
-            do, q, k, v, o, seed, scale, dropout_p, _ACTIVATIONS[activation], _deterministic()
-        )
-
-    def gate_backward(dout, dg, attended, unattended, weight, g, out, tau):
-        return ext().gate_backward(dout, dg, attended, unattended, weight, g, out, tau, _deterministic())
-
-    def stage_gate_backward(dout, ds, stages, weight, s, out, tau):
-        return ext().stage_gate_backward(dout, ds, stages, weight, s, out, tau, _deterministic())
-
-    register_impl("tanh_attention", backend, OpImpl(tanh_attention_forward, tanh_attention_backward))
-    register_impl("gate", backend, OpImpl(lambda *args: ext().gate_forward(*args), gate_backward))
-    register_impl(
-        "stage_gate",
-        backend,
-        OpImpl(
-            lambda *args: ext().stage_gate_forward(*args),
-            stage_gate_backward,
-            supports=_cuda_stage_gate if backend == "cuda" else None,
-        ),
-    )
+    """The kernels are the ops' own (TORCH_LIBRARY_IMPL), looked up by torch at call time, so that
+    :func:`build_jit` can supply them later; only the size limits are the backend's."""
+    for op in OPS:
+        supports = _cuda_stage_gate if (backend, op) == ("cuda", "stage_gate") else None
+        register_impl(op, backend, OpImpl(supports=supports))
 
 
-def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False) -> ModuleType:
+def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False) -> str:
     """Compile ``backend``'s extension from ``csrc/`` with ``torch.utils.cpp_extension.load`` and use it.
 
     The same sources and flags as ``setup.py`` (both read ``avkernels/_build_config.py``), from a checkout's
@@ -239,9 +233,11 @@ def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False
         verbose: print the compiler commands.
         announce: print one line to stderr before a compile that is not cached.
     Returns:
-        The loaded module; from now on the backend is available in this process.
+        The file of the loaded library; from now on the backend is available in this process (a library of torch
+        ops: ``torch.ops.load_library`` loads it, and a C++ program can dlopen it).
     Raises:
-        ValueError: unknown backend.  RuntimeError: no sources here, or the compiler failed.
+        ValueError: unknown backend.  RuntimeError: no sources here, the compiler failed, or (``"cuda"``) the
+        ``cpp`` library, which defines the ops, is not loaded.
     """
     if backend not in _MODULE_NAMES:
         raise ValueError(f"backend: expected 'cpp' or 'cuda', got {backend!r}")
@@ -254,6 +250,11 @@ def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False
         raise RuntimeError(f"build_jit({backend!r}): no sources in {' or '.join(_SOURCE_ROOTS)} (csrc/ missing)")
     if backend == "cuda" and cpp_extension.CUDA_HOME is None:
         raise RuntimeError("build_jit('cuda'): no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if backend == "cuda" and "cpp" not in _LIBRARIES:
+        raise RuntimeError("build_jit('cuda'): the cpp library defines the ops; build or install it first")
+    if backend in _LIBRARIES:
+        # torch registers a namespace's ops once per process: a new build takes effect in a new process.
+        raise RuntimeError(f"build_jit({backend!r}): {_LIBRARIES[backend]} is already loaded in this process")
     name = cfg[f"{prefix}_MODULE"].replace(".", "_")
     build_directory = _build_directory(backend, root, cfg)
     os.makedirs(build_directory, exist_ok=True)
@@ -265,23 +266,29 @@ def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False
             file=sys.stderr,
             flush=True,
         )
-    module = cpp_extension.load(
+    path = cpp_extension.load(
         name=name,
         sources=_sources(root, cfg[f"{prefix}_SOURCES"]),
         extra_include_paths=[os.path.join(root, cfg["INCLUDE_DIR"])],
         extra_cflags=list(cfg[f"{prefix}_CXX_FLAGS"]),
-        extra_ldflags=list(cfg.get(f"{prefix}_LINK_FLAGS", ())),
+        # load() links libtorch_python into every build; the library uses none of it (only torch ops), and without
+        # the dependency a C++ program can load it too.
+        extra_ldflags=(["-Wl,--as-needed"] if sys.platform.startswith("linux") else [])
+        + list(cfg.get(f"{prefix}_LINK_FLAGS", ())),
         extra_cuda_cflags=list(cfg.get("CUDA_NVCC_FLAGS", ())) if backend == "cuda" else None,
         build_directory=build_directory,
         verbose=verbose,
+        is_python_module=False,  # loaded with torch.ops.load_library: a library of ops, not a module
     )
-    _MODULES[backend] = module
-    _IMPORT_ERRORS.pop(backend, None)
-    return module
+    _loaded(backend, path)
+    if backend not in _LIBRARIES:
+        raise RuntimeError(f"build_jit({backend!r}): {_IMPORT_ERRORS[backend]}")
+    return path
 
 
-for _backend in ("cpp", "cuda"):
-    _load(_backend)
+_load("cpp")
+if "cuda" not in _LIBRARIES:  # loaded with cpp's when that one loads
+    _load("cuda")
 register_backend(BackendInfo("cpp", _cpp_unavailable, _cpp_inputs, preference={"cpu": 0}))
 # After triton on CUDA: the Triton kernels are the tuned ones there; these are the no-JIT alternative.
 register_backend(BackendInfo("cuda", _cuda_unavailable, _cuda_inputs, preference={"cuda": 1}))

@@ -2,8 +2,8 @@
 
 ``s = softmax((concat_t X_t @ W^T + b) / tau)``, ``out = ReLU(sum_t s[..., t] * X_t)``.
 
-Public functional op plus the ``avkernels::stage_gate`` custom op shared by the fused backends. A backend registers
-an :class:`~avkernels.backends.OpImpl` under ``"stage_gate"`` with
+Public functional op plus the op's declaration (:mod:`avkernels.ops.declaration`). A Python-kernel backend
+registers an :class:`~avkernels.backends.OpImpl` under ``"stage_gate"`` with
 
 ``forward(stages, weight, bias, tau) -> (out, s)``
     ``stages`` a list of ``T`` tensors ``(B, L, d)`` of arbitrary strides, ``weight (T, T * d)``, ``bias (T,)``;
@@ -16,66 +16,45 @@ an :class:`~avkernels.backends.OpImpl` under ``"stage_gate"`` with
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, get_impl, outside_autocast, resolve
+from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve
+from avkernels.ops.declaration import OpDeclaration, declare
 
 
-@torch.library.custom_op("avkernels::stage_gate", mutates_args=())
-def _stage_gate_op(
-    stages: List[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, tau: float, backend: str
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return get_impl("stage_gate", backend).forward(stages, weight, bias, tau)
+def _backward_args(saved, values, dout, ds):
+    weight, s, out, *stages = saved
+    dout = torch.zeros_like(out) if dout is None else dout  # an output that was not used has no gradient
+    ds = torch.zeros_like(s) if ds is None else ds
+    return (dout, ds, stages, weight, s, out, *values)
 
 
-@_stage_gate_op.register_fake
-def _(stages, weight, bias, tau, backend):
-    x = stages[0]
-    return x.new_empty(x.shape), x.new_empty(*x.shape[:-1], len(stages))
+def _input_grads(grads):
+    d_stages, d_weight, d_bias = grads  # d_stages is one (T, B, L, d) tensor: one gradient per stage
+    return list(d_stages.unbind(0)), d_weight, d_bias, None
 
 
-@torch.library.custom_op("avkernels::stage_gate_backward", mutates_args=())
-def _stage_gate_backward_op(
-    dout: torch.Tensor,
-    ds: torch.Tensor,
-    stages: List[torch.Tensor],
-    weight: torch.Tensor,
-    s: torch.Tensor,
-    out: torch.Tensor,
-    tau: float,
-    backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return get_impl("stage_gate", backend).backward(dout, ds, stages, weight, s, out, tau)
-
-
-@_stage_gate_backward_op.register_fake
-def _(dout, ds, stages, weight, s, out, tau, backend):
-    x = stages[0]
-    return x.new_empty(len(stages), *x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
-
-
-def _setup_context(ctx, inputs, output):
-    stages, weight, _, tau, backend = inputs
-    out, s = output
-    ctx.save_for_backward(weight, s, out, *stages)
-    ctx.args = (tau, backend)
-
-
-def _backward(ctx, dout, ds):
-    weight, s, out, *stages = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    if ds is None:
-        ds = torch.zeros_like(s)
-    d_stages, d_weight, d_bias = torch.ops.avkernels.stage_gate_backward(dout, ds, stages, weight, s, out, *ctx.args)
-    return list(d_stages.unbind(0)), d_weight, d_bias, None, None
-
-
-_stage_gate_op.register_autograd(_backward, setup_context=_setup_context)
+DECLARATION = declare(
+    OpDeclaration(
+        "stage_gate",
+        schema="(Tensor[] stages, Tensor weight, Tensor bias, float tau) -> (Tensor, Tensor)",
+        backward_schema="(Tensor dout, Tensor ds, Tensor[] stages, Tensor weight, Tensor s, Tensor out, float tau) "
+        "-> (Tensor, Tensor, Tensor)",
+        fake=lambda stages, *_: (stages[0].new_empty(stages[0].shape),
+                                 stages[0].new_empty(*stages[0].shape[:-1], len(stages))),
+        backward_fake=lambda dout, ds, stages, weight, *_: (
+            stages[0].new_empty(len(stages), *stages[0].shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0]),
+        ),
+        save=lambda inputs, output: ((inputs[1], output[1], output[0], *inputs[0]), (inputs[3],)),
+        backward_args=_backward_args,
+        input_grads=_input_grads,
+    )
+)
 
 
 def stage_gate(
@@ -120,4 +99,4 @@ def stage_gate(
     if name == "reference" or stages[0].numel() == 0:
         with outside_autocast(stages[0].device):
             return reference.stage_gate(stages, weight, bias, tau)
-    return torch.ops.avkernels.stage_gate(stages, weight, bias, tau, name)
+    return DECLARATION.op(name)(stages, weight, bias, tau)

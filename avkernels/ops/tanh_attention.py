@@ -2,10 +2,10 @@
 
 ``o = Drop_p(tanh(scale * q @ k^T)) @ v`` with an optional ``ReLU(tanh(o))`` epilogue.
 
-This module holds the public functional op (input checks, backend choice) and the ``torch.library`` registration
-shared by every fused backend: one custom op ``avkernels::tanh_attention`` with its fake (meta) implementation and
-autograd formula, whose body calls the chosen backend's kernels. A backend provides an
-:class:`~avkernels.backends.OpImpl` registered under ``"tanh_attention"`` with
+This module holds the public functional op (input checks, backend choice) and the op's declaration
+(:mod:`avkernels.ops.declaration`): its schema, fakes and autograd, from which the op ``avkernels::tanh_attention``
+(defined in C++, kernels of ``cpp`` and ``cuda``) and each Python-kernel backend's own op get their registrations.
+A Python-kernel backend provides an :class:`~avkernels.backends.OpImpl` registered under ``"tanh_attention"`` with
 
 ``forward(q, k, v, seed, scale, dropout_p, activation, return_mask) -> (o, mask)``
     ``q (B, Mq, D)``, ``k (B, N, D)``, ``v (Bv, N, E)`` with ``Bv`` 1 (shared over the batch) or ``B``, all of one
@@ -29,7 +29,8 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, get_impl, outside_autocast, resolve
+from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve
+from avkernels.ops.declaration import OpDeclaration, declare, seed_int
 
 ACTIVATIONS = (None, "tanh_relu")
 SEED_BOUND = 2**31  # Philox keys are 32-bit halves; every backend accepts seeds below this
@@ -45,70 +46,45 @@ def new_seed(p: float) -> torch.Tensor:
     return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64)
 
 
-@torch.library.custom_op("avkernels::tanh_attention", mutates_args=())
-def _tanh_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seed: torch.Tensor,
-    scale: float,
-    dropout_p: float,
-    activation: str,
-    return_mask: bool,
-    backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    seed_int = int(seed.item()) if seed.numel() else 0
-    o, mask = get_impl("tanh_attention", backend).forward(
-        q, k, v, seed_int, scale, dropout_p, activation, return_mask
-    )
-    if mask is None:
-        mask = torch.empty(0, dtype=torch.bool, device=q.device)
-    return o, mask
-
-
-@_tanh_attention_op.register_fake
-def _(q, k, v, seed, scale, dropout_p, activation, return_mask, backend):
+def _fake(q, k, v, seed, scale, dropout_p, activation, return_mask):
     o = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     mask_shape = (q.shape[0], q.shape[1], k.shape[1]) if return_mask and dropout_p > 0 else (0,)
     return o, q.new_empty(mask_shape, dtype=torch.bool)
 
 
-@torch.library.custom_op("avkernels::tanh_attention_backward", mutates_args=())
-def _tanh_attention_backward_op(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    seed: torch.Tensor,
-    scale: float,
-    dropout_p: float,
-    activation: str,
-    backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed_int = int(seed.item()) if seed.numel() else 0
-    return get_impl("tanh_attention", backend).backward(do, q, k, v, o, seed_int, scale, dropout_p, activation)
-
-
-@_tanh_attention_backward_op.register_fake
-def _(do, q, k, v, o, seed, scale, dropout_p, activation, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, dropout_p, activation, _, backend = inputs
+def _save(inputs, output):
+    q, k, v, seed, scale, dropout_p, activation, _ = inputs
     o, _ = output
-    ctx.save_for_backward(q, k, v, o if activation != "none" else o.new_empty(0), seed)
-    ctx.args = (scale, dropout_p, activation, backend)
+    return (q, k, v, o if activation != "none" else o.new_empty(0), seed), (scale, dropout_p, activation)
 
 
-def _backward(ctx, do, _dmask):
-    q, k, v, o, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.avkernels.tanh_attention_backward(do, q, k, v, o, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+def _kernel_forward(kernel, q, k, v, seed, scale, dropout_p, activation, return_mask):
+    o, mask = kernel(q, k, v, seed_int(seed), scale, dropout_p, activation, return_mask)
+    return o, torch.empty(0, dtype=torch.bool, device=q.device) if mask is None else mask
 
 
-_tanh_attention_op.register_autograd(_backward, setup_context=_setup_context)
+def _kernel_backward(kernel, do, q, k, v, o, seed, scale, dropout_p, activation):
+    return kernel(do, q, k, v, o, seed_int(seed), scale, dropout_p, activation)
+
+
+# The op returns the mask as an empty tensor when none was asked for or drawn; it saves q, k, v, the seed and, with
+# the epilogue, o (whose derivative needs it), never the map.
+DECLARATION = declare(
+    OpDeclaration(
+        "tanh_attention",
+        schema="(Tensor q, Tensor k, Tensor v, Tensor seed, float scale, float dropout_p, str activation, "
+        "bool return_mask) -> (Tensor, Tensor)",
+        backward_schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor seed, float scale, "
+        "float dropout_p, str activation) -> (Tensor, Tensor, Tensor)",
+        fake=_fake,
+        backward_fake=lambda do, q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)),
+        save=_save,
+        backward_args=lambda saved, values, do, _dmask: (do, *saved, *values),
+        input_grads=lambda grads: (*grads, None, None, None, None, None),
+        kernel_forward=_kernel_forward,
+        kernel_backward=_kernel_backward,
+    )
+)
 
 
 def tanh_attention(
@@ -184,9 +160,7 @@ def tanh_attention(
         with outside_autocast(q.device):
             o, mask = reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask)
     else:
-        o, mask = torch.ops.avkernels.tanh_attention(
-            q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask, name
-        )
+        o, mask = DECLARATION.op(name)(q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask)
         if mask.numel() == 0 and mask.dim() == 1:
             mask = None
     return (o, mask) if return_mask else o

@@ -1,15 +1,19 @@
-// avkernels._C_cuda: the torch binding of the "cuda" backend (the functions and signatures of csrc/cpu/ops.h; the
-// Python side registers them in avkernels/ops/native.py).
+// avkernels._C_cuda: the CUDA kernels of the avkernels ops (TORCH_LIBRARY_IMPL(avkernels, CUDA, ...)). The ops and
+// their schemas are defined once, by avkernels._C_cpu (csrc/cpu/library.cpp), which avkernels/ops/native.py loads
+// first; the Python side registers their fakes and autograd (avkernels/ops/declaration.py).
 //
 // Deliberately thin: argument checks with messages naming the argument and what was expected, output and
 // workspace allocation, the current stream, and dtype dispatch. All kernels live in the torch-independent
 // csrc/cuda/*.cu files behind the launch functions of their .cuh headers. This file is the only torch-dependent
 // CUDA source and the only csrc/cuda/*.cpp (setup.py compiles it with the host compiler).
+#include "common/op_library.h"  // first: it includes Python.h
+
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <string>
@@ -335,22 +339,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
   return softmax_gate_backward(in, dout, ds, s, out, weight, op, "s");
 }
 
+// The schemas' arguments to the kernels' (csrc/common/op_library.h): the seed tensor (on the CPU, where the ops draw
+// it) to an int, the activation name to its code, and `deterministic` from torch's global flag.
+std::tuple<at::Tensor, at::Tensor> tanh_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& seed, double scale, double dropout_p,
+                                                     c10::string_view activation, bool return_mask) {
+  constexpr const char* op = "avkernels::tanh_attention";
+  return tanh_attention_forward(q, k, v, avk::seed_value(seed, op), scale, dropout_p,
+                                avk::activation_code(activation, op), return_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward_op(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    const at::Tensor& seed, double scale, double dropout_p, c10::string_view activation) {
+  constexpr const char* op = "avkernels::tanh_attention_backward";
+  return tanh_attention_backward(dout, q, k, v, o, avk::seed_value(seed, op), scale, dropout_p,
+                                 avk::activation_code(activation, op), avk::deterministic());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
+    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
+  return gate_backward(dout, dg, attended, unattended, weight, g, out, tau, avk::deterministic());
+}
+
+std::tuple<at::Tensor, at::Tensor> stage_gate_op(at::TensorList stages, const at::Tensor& weight,
+                                                 const at::Tensor& bias, double tau) {
+  return stage_gate_forward(stages.vec(), weight, bias, tau);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward_op(const at::Tensor& dout, const at::Tensor& ds,
+                                                                      at::TensorList stages, const at::Tensor& weight,
+                                                                      const at::Tensor& s, const at::Tensor& out,
+                                                                      double tau) {
+  return stage_gate_backward(dout, ds, stages.vec(), weight, s, out, tau, avk::deterministic());
+}
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "avkernels CUDA kernels (the \"cuda\" backend); the functions of csrc/cpu/ops.h";
-  m.def("tanh_attention_forward", &tanh_attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("seed"), py::arg("scale"), py::arg("dropout_p"), py::arg("activation"), py::arg("return_mask"));
-  m.def("tanh_attention_backward", &tanh_attention_backward, py::arg("do"), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("o"), py::arg("seed"), py::arg("scale"), py::arg("dropout_p"), py::arg("activation"),
-        py::arg("deterministic"));
-  m.def("gate_forward", &gate_forward, py::arg("attended"), py::arg("unattended"), py::arg("weight"),
-        py::arg("bias"), py::arg("tau"));
-  m.def("gate_backward", &gate_backward, py::arg("dout"), py::arg("dg"), py::arg("attended"),
-        py::arg("unattended"), py::arg("weight"), py::arg("g"), py::arg("out"), py::arg("tau"),
-        py::arg("deterministic"));
-  m.def("stage_gate_forward", &stage_gate_forward, py::arg("stages"), py::arg("weight"), py::arg("bias"),
-        py::arg("tau"));
-  m.def("stage_gate_backward", &stage_gate_backward, py::arg("dout"), py::arg("ds"), py::arg("stages"),
-        py::arg("weight"), py::arg("s"), py::arg("out"), py::arg("tau"), py::arg("deterministic"));
+TORCH_LIBRARY_IMPL(avkernels, CUDA, m) {
+  m.impl("tanh_attention", &tanh_attention_op);
+  m.impl("tanh_attention_backward", &tanh_attention_backward_op);
+  m.impl("gate", &gate_forward);
+  m.impl("gate_backward", &gate_backward_op);
+  m.impl("stage_gate", &stage_gate_op);
+  m.impl("stage_gate_backward", &stage_gate_backward_op);
 }
+
+AVK_PYTHON_MODULE_STUB("avkernels' CUDA kernels: kernels of the torch ops torch.ops.avkernels.* (backend \"cuda\")")

@@ -1,0 +1,117 @@
+// avkernels._C_cpu: the schema of every avkernels op (TORCH_LIBRARY: the one definition of the ops, which the CUDA
+// library and the Python side register kernels, fakes and autograd for) and their CPU kernels (TORCH_LIBRARY_IMPL).
+// A plain shared library of torch ops: Python loads it with `import avkernels._C_cpu` (avkernels/ops/native.py), a
+// C++ program with dlopen (examples/aoti), and both then call the ops through the dispatcher.
+//
+// The kernels are the functions of ops.h; the wrappers below only turn the schema's arguments into theirs
+// (csrc/common/op_library.h). avkernels/ops/declaration.py holds the same schemas for the Python-kernel backends'
+// own ops and checks at load time that these match it.
+#include "common/op_library.h"  // first: it includes Python.h
+
+#include <ATen/core/Dict.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+#include "simd.h"
+
+namespace {
+
+namespace cpu = avk::cpu;
+
+std::tuple<at::Tensor, at::Tensor> tanh_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& seed, double scale, double dropout_p,
+                                                  c10::string_view activation, bool return_mask) {
+  constexpr const char* op = "avkernels::tanh_attention";
+  return cpu::tanh_attention_forward(q, k, v, avk::seed_value(seed, op), scale, dropout_p,
+                                     avk::activation_code(activation, op), return_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    const at::Tensor& seed, double scale, double dropout_p, c10::string_view activation) {
+  constexpr const char* op = "avkernels::tanh_attention_backward";
+  return cpu::tanh_attention_backward(dout, q, k, v, o, avk::seed_value(seed, op), scale, dropout_p,
+                                      avk::activation_code(activation, op), avk::deterministic());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
+    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
+  return cpu::gate_backward(dout, dg, attended, unattended, weight, g, out, tau, avk::deterministic());
+}
+
+std::tuple<at::Tensor, at::Tensor> stage_gate(at::TensorList stages, const at::Tensor& weight, const at::Tensor& bias,
+                                              double tau) {
+  return cpu::stage_gate_forward(stages.vec(), weight, bias, tau);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
+                                                                   at::TensorList stages, const at::Tensor& weight,
+                                                                   const at::Tensor& s, const at::Tensor& out,
+                                                                   double tau) {
+  return cpu::stage_gate_backward(dout, ds, stages.vec(), weight, s, out, tau, avk::deterministic());
+}
+
+std::string cpu_isa() {
+  const cpu::Isa isa = cpu::cpu_isa();
+  return isa == cpu::Isa::kAvx512 ? "avx512" : isa == cpu::Isa::kAvx2 ? "avx2" : "baseline";
+}
+
+// What the 16-bit path can and does use, so that a user (or a benchmark) can tell a machine with bfloat16 matrix
+// units from one without: the kernels widen 16-bit inputs to fp32 on load on every CPU today. Flags are "true" or
+// "false" (an op returns one value type per dict).
+c10::Dict<std::string, std::string> cpu_features() {
+  c10::Dict<std::string, std::string> features;
+  const auto flag = [](bool on) { return std::string(on ? "true" : "false"); };
+  features.insert("isa", cpu_isa());
+#if AVK_X86_DISPATCH
+  __builtin_cpu_init();
+  features.insert("f16c", flag(__builtin_cpu_supports("f16c")));
+  features.insert("avx512_bf16", flag(__builtin_cpu_supports("avx512bf16")));
+  features.insert("amx_bf16", flag(__builtin_cpu_supports("amx-bf16")));
+#else
+  for (const char* name : {"f16c", "avx512_bf16", "amx_bf16"}) features.insert(name, flag(false));
+#endif
+  features.insert("compute_16bit", "fp32: bf16/fp16 inputs are widened on load, products run as fp32 FMA");
+  return features;
+}
+
+}  // namespace
+
+// The schemas. Each fused op has a backward op, so that compiled backward graphs keep the kernels opaque too; the
+// Python side (avkernels/ops/declaration.py) registers the fakes and the autograd formulas that connect them.
+TORCH_LIBRARY(avkernels, m) {
+  m.def("tanh_attention(Tensor q, Tensor k, Tensor v, Tensor seed, float scale, float dropout_p, str activation, "
+        "bool return_mask) -> (Tensor, Tensor)");
+  m.def("tanh_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor seed, float scale, "
+        "float dropout_p, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def("gate(Tensor attended, Tensor unattended, Tensor weight, Tensor bias, float tau) -> (Tensor, Tensor)");
+  m.def("gate_backward(Tensor dout, Tensor dg, Tensor attended, Tensor unattended, Tensor weight, Tensor g, "
+        "Tensor out, float tau) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("stage_gate(Tensor[] stages, Tensor weight, Tensor bias, float tau) -> (Tensor, Tensor)");
+  m.def("stage_gate_backward(Tensor dout, Tensor ds, Tensor[] stages, Tensor weight, Tensor s, Tensor out, "
+        "float tau) -> (Tensor, Tensor, Tensor)");
+
+  // Helpers for tests and benchmarks. They take no tensor, so they are registered for every dispatch key at once.
+  m.def("cpu_isa() -> str", &cpu_isa);  // avx512, avx2 or baseline ($AVKERNELS_CPU_ISA can lower it)
+  m.def("cpu_features() -> Dict(str, str)", &cpu_features);
+  // The dropout generator (csrc/common/philox.h) on map rows [first_row, first_row + rows): the fp32 uniforms, and
+  // the keep flags drawn the way the kernels draw them.
+  m.def("dropout_uniform(int seed, int first_row, int rows, int keys) -> Tensor", &cpu::dropout_uniform);
+  m.def("dropout_keep(int seed, int first_row, int rows, int keys, float dropout_p) -> Tensor", &cpu::dropout_keep);
+}
+
+TORCH_LIBRARY_IMPL(avkernels, CPU, m) {
+  m.impl("tanh_attention", &tanh_attention);
+  m.impl("tanh_attention_backward", &tanh_attention_backward);
+  m.impl("gate", &cpu::gate_forward);
+  m.impl("gate_backward", &gate_backward);
+  m.impl("stage_gate", &stage_gate);
+  m.impl("stage_gate_backward", &stage_gate_backward);
+}
+
+AVK_PYTHON_MODULE_STUB("avkernels' CPU kernels: the torch ops torch.ops.avkernels.* (backend \"cpp\")")
