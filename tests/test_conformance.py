@@ -236,10 +236,17 @@ def gate_grad_outputs(shape, n_gates, dtype, device):
     return [strided(dout) if layout == "strided" else dout, randn(b, length, n_gates, dtype=dtype, device=device)]
 
 
+def over_gate_cases(test):
+    """Parametrizes ``test(backend, shape, dtype, ...)`` over every backend x gate shape x dtype."""
+    for mark in (pytest.mark.parametrize("backend", BACKENDS),
+                 pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES)),
+                 pytest.mark.parametrize("dtype", DTYPES, ids=str)):
+        test = mark(test)
+    return test
+
+
 @pytest.mark.parametrize("tau", [0.1, 1.0])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_gate_cases
 def test_gate(backend, shape, dtype, tau):
     device = device_for(backend, "gate")
     b, length, d, _ = shape
@@ -249,9 +256,7 @@ def test_gate(backend, shape, dtype, tau):
 
 
 @pytest.mark.parametrize("n_stages", [1, 2, 3])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_gate_cases
 def test_stage_gate(backend, shape, dtype, n_stages):
     device = device_for(backend, "stage_gate")
     b, length, d, layout = shape
