@@ -210,8 +210,12 @@ def test_tanh_attention_gradcheck(backend, activation, dropout_p):
 GATE_SHAPES = {
     "ones": (1, 1, 1, "contiguous"),
     "odd": (3, 7, 13, "strided"),
+    "one_row": (1, 1, 13, "contiguous"),
+    "short_rows": (1, 17, 7, "contiguous"),
     "prime_rows": (1, 113, 13, "contiguous"),
+    "batch_only": (113, 1, 1, "contiguous"),
     "long_rows": (17, 1, 300, "contiguous"),
+    "mid_width": (1, 17, 300, "contiguous"),
     "row_chunks": (3, 37, 71, "strided"),  # cpp: several 32-row chunks of weight-gradient partials
     "wide": (2, 3, 1100, "contiguous"),  # triton: rows wider than one feature tile (read twice)
     "empty_batch": (0, 3, 8, "contiguous"),
