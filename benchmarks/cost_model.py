@@ -518,7 +518,7 @@ def capture_gate_launches(op: str, dtype_name: str, backward: bool, batch: int, 
     sm_90 GPU (the backward's grid-stride loop runs two programs per SM)."""
     import torch
 
-    from avkernels.ops.triton import stage_gate as module
+    from avkernels.ops.triton import softmax_mix as module
 
     dtype = getattr(torch, dtype_name)
     spec = GATES[op]

@@ -1,4 +1,6 @@
-"""The "cpp" backend (avkernels._C_cpu, csrc/cpu): every fused op against the fp64 reference.
+"""What belongs to the "cpp" backend alone (avkernels._C_cpu, csrc/cpu): its dropout generator, its fast tanh, its
+ISA clones, bit-for-bit determinism, its 16-bit path through the extension's functions, subnormal flushing, its
+argument checks. Every op against the fp64 reference, on every backend, is tests/test_conformance.py.
 
 Tests that need the compiled extension fail (they do not skip) wherever a C++ compiler exists, because there the
 install is expected to have built it; they skip, saying why, only on a machine without a compiler.
@@ -50,7 +52,6 @@ def deterministic(op, *args):
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # stored in 16 bits, computed in fp32 by the kernels
-ALL_DTYPES = (torch.float64, torch.float32, *HALF_DTYPES)
 
 
 def tolerance(dtype):
@@ -72,102 +73,8 @@ def attention_grads(fn, q, k, v, do):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# tanh_attention
+# tanh_attention: the dropout generator
 # --------------------------------------------------------------------------------------------------------------
-
-SHAPES = [  # (B, Mq, N, D, E): odd and prime sizes, sizes 1, sizes across tile edges (32 rows, 64 keys)
-    (1, 1, 1, 1, 1),
-    (2, 7, 13, 5, 3),
-    (3, 13, 7, 16, 16),
-    (2, 33, 65, 17, 31),
-    (1, 300, 130, 7, 1),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("activation", [None, "tanh_relu"])
-def test_tanh_attention_matches_reference(ext, dtype, shape, activation):
-    batch, rows, keys, head, value = shape
-    q, k = torch.randn(batch, rows, head, dtype=dtype), torch.randn(batch, keys, head, dtype=dtype)
-    v, do = torch.randn(batch, keys, value, dtype=dtype), torch.randn(batch, rows, value, dtype=dtype)
-    scale = 0.7
-
-    def cpp(q, k, v):
-        return avkernels.tanh_attention(q, k, v, scale=scale, activation=activation, backend="cpp")
-
-    def ref(q, k, v):
-        return reference.tanh_attention(q, k, v, scale, activation=activation)[0]
-
-    ours = attention_grads(cpp, q, k, v, do)
-    same = attention_grads(ref, q, k, v, do)
-    exact = attention_grads(ref, q.double(), k.double(), v.double(), do.double())
-    for name, a, b, c in zip(("o", "dq", "dk", "dv"), ours, same, exact):
-        assert a.dtype == dtype and a.shape == c.shape
-        assert_close_to_reference(a, b, c, dtype, name)
-
-
-def test_tanh_attention_strided_broadcast_and_noncontiguous_grad(ext):
-    """Transposed q and v (the layouts the dense block passes), a v shared over the batch, a strided grad_output."""
-    batch, rows, keys, head, value = 3, 37, 70, 9, 11
-    q = torch.randn(batch, head, rows, dtype=torch.float64).transpose(1, 2)
-    k = torch.randn(batch, keys, 2 * head, dtype=torch.float64)[..., ::2]
-    for v in (
-        torch.randn(batch, value, keys, dtype=torch.float64).transpose(1, 2),  # per-sample, transposed
-        torch.randn(keys, value, dtype=torch.float64),  # shared, 2-D
-        torch.randn(1, keys, value, dtype=torch.float64).expand(batch, keys, value),  # shared, batch stride 0
-    ):
-        do = torch.randn(batch, rows, 2 * value, dtype=torch.float64)[..., 1::2]
-        assert not q.is_contiguous() and not k.is_contiguous() and not do.is_contiguous()
-
-        def run(backend):
-            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-            o = avkernels.tanh_attention(*leaves, scale=0.3, activation="tanh_relu", backend=backend)
-            return (o, *torch.autograd.grad(o, leaves, do))
-
-        for name, a, b in zip(("o", "dq", "dk", "dv"), run("cpp"), run("reference")):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
-
-
-@pytest.mark.parametrize("activation", [None, "tanh_relu"])
-def test_tanh_attention_gradcheck(ext, activation):
-    q = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)  # shared: dv sums over the batch
-    assert torch.autograd.gradcheck(
-        lambda q, k, v: avkernels.tanh_attention(q, k, v, activation=activation, backend="cpp"), (q, k, v)
-    )
-
-
-def test_tanh_attention_gradcheck_with_dropout(ext):
-    """The mask is redrawn from the seed in backward: gradients must be those of the function that mask defines."""
-    q = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 6, 3, dtype=torch.float64, requires_grad=True)
-
-    def fn(q, k, v):
-        torch.manual_seed(123)  # the seed of the op comes from torch's generator: the same mask every call
-        return avkernels.tanh_attention(q, k, v, dropout_p=0.3, training=True, backend="cpp")
-
-    assert torch.autograd.gradcheck(fn, (q, k, v))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_tanh_attention_dropout_mask_replays_in_reference(ext, dtype):
-    batch, rows, keys, head, value, p = 2, 45, 100, 8, 6, 0.6
-    q, k = torch.randn(batch, rows, head, dtype=dtype), torch.randn(batch, keys, head, dtype=dtype)
-    v, do = torch.randn(1, keys, value, dtype=dtype), torch.randn(batch, rows, value, dtype=dtype)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, mask = avkernels.tanh_attention(*leaves, dropout_p=p, training=True, return_mask=True, backend="cpp")
-    assert mask.dtype == torch.bool and mask.shape == (batch, rows, keys)
-    grads = torch.autograd.grad(o, leaves, do)
-
-    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    o_ref, _ = reference.tanh_attention(*ref_leaves, 1 / math.sqrt(head), p, dropout_mask=mask)
-    ref_grads = torch.autograd.grad(o_ref, ref_leaves, do.double())
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-    for a, b in zip((o, *grads), (o_ref, *ref_grads)):
-        torch.testing.assert_close(a.double(), b, **tol)
 
 
 def test_dropout_keep_rate_and_mask_definition(ext):
@@ -516,74 +423,6 @@ def _ext_gate(ext, attended, unattended, weight, bias, dout, dg, tau):
     return (out, g, *deterministic(ext.gate_backward, dout, dg, attended, unattended, weight, g, out, tau))
 
 
-def _ext_stage_gate(ext, stages, weight, bias, dout, ds, tau):
-    """(out, s, d_stages[0], ..., d_weight, d_bias) from the extension's functions, without autograd."""
-    out, s = ext.stage_gate(stages, weight, bias, tau)
-    d_stages, d_weight, d_bias = deterministic(ext.stage_gate_backward, dout, ds, stages, weight, s, out, tau)
-    return (out, s, *d_stages.unbind(0), d_weight, d_bias)
-
-
-def _gate_shape(dtype, small, large):
-    """16-bit inputs get rows over several 32-row chunks. fp32 / fp64 keep few rows: there the weight and bias
-    gradients sum ~100 terms of size |dg| / tau, and the fp32 reference's error on such a sum is now and then 10x
-    below its usual size, which the 2x rule cannot absorb (the kernels' own error is unchanged from before 16-bit
-    support); a 16-bit reference's error is dominated by its rounding of intermediates and does not have that luck."""
-    return large if dtype in HALF_DTYPES else small
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_gate_matches_reference(ext, dtype):
-    batch, length, d = _gate_shape(dtype, (3, 7, 13), (3, 37, 71))
-    attended = torch.randn(batch, d, length, dtype=dtype).transpose(1, 2)  # strided
-    unattended = torch.randn(batch, length, d, dtype=dtype)
-    weight, bias = torch.randn(2, d, dtype=dtype) * 0.1, torch.randn(2, dtype=dtype) * 0.1
-    dout = torch.randn(batch, length, 2 * d, dtype=dtype)[..., ::2]
-    dg = torch.randn(batch, length, 2, dtype=dtype)
-
-    def run(fn, cast):
-        leaves = [cast(t).detach().requires_grad_() for t in (attended, unattended, weight, bias)]
-        out, g = fn(*leaves)
-        grads = torch.autograd.grad((out, g), leaves, (cast(dout), cast(dg)))  # gradients through g too
-        return (out, g, *grads)
-
-    if dtype in HALF_DTYPES:  # the Python dispatch of 16-bit inputs is being reworked: call the extension itself
-        ours = _ext_gate(ext, attended, unattended, weight, bias, dout, dg, 0.1)
-    else:
-        ours = run(lambda *a: avkernels.gate(*a, tau=0.1, backend="cpp"), lambda t: t)
-    same = run(lambda *a: reference.gate(*a, 0.1), lambda t: t)
-    exact = run(lambda *a: reference.gate(*a, 0.1), lambda t: t.double())
-    for name, a, b, c in zip(("out", "g", "d_att", "d_unatt", "d_w", "d_b"), ours, same, exact):
-        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous(), name
-        assert_close_to_reference(a, b, c, dtype, name)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("n_stages", [1, 3])
-def test_stage_gate_matches_reference(ext, dtype, n_stages):
-    batch, length, d = _gate_shape(dtype, (2, 5, 11), (2, 37, 19))
-    stages = [torch.randn(batch, length, d, dtype=dtype) for _ in range(n_stages)]
-    stages[0] = torch.randn(batch, d, length, dtype=dtype).transpose(1, 2)  # strided
-    weight = torch.randn(n_stages, n_stages * d, dtype=dtype) * 0.1
-    bias = torch.randn(n_stages, dtype=dtype) * 0.1
-    dout, ds = torch.randn(batch, length, d, dtype=dtype), torch.randn(batch, length, n_stages, dtype=dtype)
-
-    def run(fn, cast):
-        leaves = [cast(t).detach().requires_grad_() for t in (*stages, weight, bias)]
-        out, s = fn(leaves[:n_stages], leaves[-2], leaves[-1])
-        grads = torch.autograd.grad((out, s), leaves, (cast(dout), cast(ds)))
-        return (out, s, *grads)
-
-    if dtype in HALF_DTYPES:
-        ours = _ext_stage_gate(ext, stages, weight, bias, dout, ds, 0.2)
-    else:
-        ours = run(lambda x, w, b: avkernels.stage_gate(x, w, b, tau=0.2, backend="cpp"), lambda t: t)
-    same = run(lambda x, w, b: reference.stage_gate(x, w, b, 0.2), lambda t: t)
-    exact = run(lambda x, w, b: reference.stage_gate(x, w, b, 0.2), lambda t: t.double())
-    for i, (a, b, c) in enumerate(zip(ours, same, exact)):
-        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous(), f"output {i}"
-        assert_close_to_reference(a, b, c, dtype, f"output {i}")
-
-
 def _subnormals(t):
     a = t.detach().abs()
     return int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
@@ -610,24 +449,6 @@ def test_saturated_gate_flushes_subnormals_and_restores_the_thread_mode(ext):
         assert _subnormals(ours) == 0
         torch.testing.assert_close(ours, ref, rtol=1.3e-6, atol=1e-37)
     assert torch.tensor(1e-38) / 10 != 0  # this thread's floating-point mode is back to IEEE subnormals
-
-
-def test_gates_gradcheck(ext):
-    a, u = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
-    w, b = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
-    leaves = tuple(t.requires_grad_() for t in (a, u, w, b))
-    assert torch.autograd.gradcheck(lambda *x: avkernels.gate(*x, tau=0.5, backend="cpp"), leaves)
-    stages = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    w = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x0, x1, w, b: avkernels.stage_gate([x0, x1], w, b, tau=0.5, backend="cpp"), (*stages, w, b)
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Fusion modules
-# --------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("model", [JCA, RJCA, DCA, GRJCA])

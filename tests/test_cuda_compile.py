@@ -172,7 +172,7 @@ def _readable(mangled: str) -> str:
 
 def test_cuda_sources_exist():
     names = {p.name for p in CU_FILES}
-    assert {"tanh_attention.cu", "gate.cu"} <= names, f"expected kernel sources in csrc/cuda, found {sorted(names)}"
+    assert {"tanh_attention.cu", "softmax_mix.cu"} <= names, f"expected kernel sources in csrc/cuda, found {sorted(names)}"
 
 
 def test_setup_globs_only_the_binding_as_cpp():
@@ -219,8 +219,8 @@ def test_every_dtype_is_instantiated(builds):
         "tanh_attention_forward_kernel",
         "tanh_attention_backward_dq_kernel",
         "tanh_attention_backward_dkdv_kernel",
-        "softmax_gate_forward_kernel",
-        "softmax_gate_backward_rows_kernel",
+        "softmax_mix_forward_kernel",
+        "softmax_mix_backward_rows_kernel",
     ):
         # Itanium mangling of the storage types: float, double, __half, __nv_bfloat16.
         for dtype in ("f", "d", "6__half", "13__nv_bfloat16"):

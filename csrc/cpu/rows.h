@@ -1,5 +1,5 @@
-// Pieces shared by the row-wise gate kernels (gate.cpp, stage_gate.cpp): a softmax over a handful of logits and its
-// backward, row views through strides, and the fixed-order reduction that keeps weight gradients deterministic.
+// Row helpers of the softmax mix (softmax_mix.cpp, both gates): a softmax over a handful of logits and its backward,
+// row views through strides, and the fixed-order reduction that keeps weight gradients deterministic.
 #pragma once
 
 #include "parallel.h"

@@ -1,6 +1,6 @@
 """Triton implementation of ``gate`` (the two-way gate of DCA and GRJCA).
 
-The gate is the softmax mix of :mod:`avkernels.ops.triton.stage_gate` over the two stages ``(unattended, attended)``
+The gate is the softmax mix of :mod:`avkernels.ops.triton.softmax_mix` over the two stages ``(unattended, attended)``
 with logits from the attended features only (``FIRST = 1``): ``g = softmax((attended @ W^T + b) / tau)``,
 ``out = ReLU(g0 * unattended + g1 * attended)``. The kernels, their one-pass design and the deterministic weight
 gradient (per-program partials summed in a fixed order, no atomics) are documented there; this module adapts the
@@ -10,7 +10,7 @@ gradient (per-program partials summed in a fixed order, no atomics) are document
 from typing import List, Tuple
 
 from avkernels.backends import OpImpl, register_impl
-from avkernels.ops.triton.stage_gate import (
+from avkernels.ops.triton.softmax_mix import (
     softmax_mix_backward,
     softmax_mix_forward,
     softmax_mix_specializations,

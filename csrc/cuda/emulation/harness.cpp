@@ -3,7 +3,7 @@
 // instantiation. Each returns the launcher's cudaError_t.
 #include <vector>
 
-#include "cuda/gate.cuh"
+#include "cuda/softmax_mix.cuh"
 #include "cuda/tanh_attention.cuh"
 
 using namespace avk::cuda;

@@ -1,4 +1,4 @@
-// CUDA kernels of the softmax gates (gate and stage_gate, SPEC 3); the math is in gate.cuh.
+// CUDA kernels of the softmax mix behind both gates (gate and stage_gate, SPEC 3); the math is in softmax_mix.cuh.
 //
 // Rows (b, l) are independent and short (d features, C <= 8 logits), so one warp owns one row: lanes stride over
 // the features, the C logits are reduced with warp shuffles, and every lane then holds the gate values for the
@@ -9,7 +9,7 @@
 // Backward: the row kernel writes the candidates' gradients and the logit gradients dl (rows x C) to the
 // workspace; the weight and bias gradients dW[k, c] = sum_rows dl[row, k] x[row, c] are then reduced over rows in
 // chunks (one thread per weight column) and the chunk partials summed in chunk order: deterministic.
-#include "cuda/gate.cuh"
+#include "cuda/softmax_mix.cuh"
 
 #include <type_traits>
 
@@ -90,11 +90,11 @@ __device__ void gate_values(const SoftmaxGateInputs& in, int64_t b, int64_t l, i
 
 // out = ReLU(sum_t s_t X_t) and the gate values s, one warp per row.
 //
-// Args: params (gate.cuh), with num_candidates <= kMaxC; out and gates contiguous.
+// Args: params (softmax_mix.cuh), with num_candidates <= kMaxC; out and gates contiguous.
 // Grid: ceil(batch * seq_len / kRowsPerBlock) blocks of kRowThreads (one warp per row).
 template <typename T, int kMaxC>
 __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
-    softmax_gate_forward_kernel(const SoftmaxGateForwardParams params) {
+    softmax_mix_forward_kernel(const SoftmaxGateForwardParams params) {
   using Acc = acc_t<T>;
   const SoftmaxGateInputs& in = params.inputs;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
@@ -125,12 +125,12 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
 // Per row: dy = dout [out > 0]; ds_t = dgates_t + <dy, X_t>; dl = s (ds - <s, ds>) / tau (softmax backward);
 // dX_t = s_t dy + sum_k dl_k W[k, columns of X_t] (the second term only for logit candidates). Writes dX and dl.
 //
-// Args: params (gate.cuh), with num_candidates <= kMaxC; d_candidates contiguous; dl goes to
+// Args: params (softmax_mix.cuh), with num_candidates <= kMaxC; d_candidates contiguous; dl goes to
 //       workspace[0 : rows * C].
 // Grid: ceil(batch * seq_len / kRowsPerBlock) blocks of kRowThreads (one warp per row).
 template <typename T, int kMaxC>
 __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
-    softmax_gate_backward_rows_kernel(const SoftmaxGateBackwardParams params) {
+    softmax_mix_backward_rows_kernel(const SoftmaxGateBackwardParams params) {
   using Acc = acc_t<T>;
   const SoftmaxGateInputs& in = params.inputs;
   const int64_t rows = in.batch * in.seq_len;
@@ -202,11 +202,11 @@ int64_t rows_per_chunk(int64_t rows) {
 // partials[chunk, k, column] = sum over the chunk's rows of dl[row, k] * x[row, column], where x is the
 // concatenated logit input and column == weight_columns is the bias (x = 1).
 //
-// Args: params (gate.cuh); dl at workspace[0 : rows * C], partials after it.
+// Args: params (softmax_mix.cuh); dl at workspace[0 : rows * C], partials after it.
 // Grid: x = ceil((weight_columns + 1) / kColumnThreads), y = number of row chunks; kColumnThreads threads.
 template <typename T, int kMaxC>
 __global__ void __launch_bounds__(kColumnThreads)
-    softmax_gate_weight_partials_kernel(const SoftmaxGateBackwardParams params, int64_t chunk_rows) {
+    softmax_mix_weight_partials_kernel(const SoftmaxGateBackwardParams params, int64_t chunk_rows) {
   using Acc = acc_t<T>;
   const SoftmaxGateInputs& in = params.inputs;
   const int count = in.num_candidates;
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kColumnThreads)
 // Grid: 1-D grid-stride over C * (columns + 1); kColumnThreads threads.
 template <typename T>
 __global__ void __launch_bounds__(kColumnThreads)
-    softmax_gate_weight_reduce_kernel(const acc_t<T>* partials, int64_t chunks, int num_candidates, int64_t columns,
+    softmax_mix_weight_reduce_kernel(const acc_t<T>* partials, int64_t chunks, int num_candidates, int64_t columns,
                                       T* d_weight, T* d_bias) {
   const int64_t total = num_candidates * (columns + 1);
   for (int64_t idx = int64_t(blockIdx.x) * kColumnThreads + threadIdx.x; idx < total;
@@ -290,7 +290,7 @@ cudaError_t launch_softmax_gate_forward(const SoftmaxGateForwardParams& params, 
   if (blocks == 0) return cudaSuccess;
   if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   return with_capacity_for(in.num_candidates, [&](auto capacity) {
-    softmax_gate_forward_kernel<T, decltype(capacity)::value><<<blocks, kRowThreads, 0, stream>>>(params);
+    softmax_mix_forward_kernel<T, decltype(capacity)::value><<<blocks, kRowThreads, 0, stream>>>(params);
     return cudaGetLastError();
   });
 }
@@ -310,13 +310,13 @@ cudaError_t launch_softmax_gate_backward(const SoftmaxGateBackwardParams& params
   return with_capacity_for(count, [&](auto capacity) {
     constexpr int kMaxC = decltype(capacity)::value;
     if (rows > 0) {
-      softmax_gate_backward_rows_kernel<T, kMaxC><<<row_blocks, kRowThreads, 0, stream>>>(params);
-      softmax_gate_weight_partials_kernel<T, kMaxC><<<dim3(column_blocks, chunks), kColumnThreads, 0, stream>>>(
+      softmax_mix_backward_rows_kernel<T, kMaxC><<<row_blocks, kRowThreads, 0, stream>>>(params);
+      softmax_mix_weight_partials_kernel<T, kMaxC><<<dim3(column_blocks, chunks), kColumnThreads, 0, stream>>>(
           params, chunk_rows);
     }
     // Also with no rows: the weight and bias gradients are then zeros.
     const int64_t reduce_blocks = ceil_div(count * (columns + 1), kColumnThreads);
-    softmax_gate_weight_reduce_kernel<T><<<reduce_blocks < 4096 ? reduce_blocks : 4096, kColumnThreads, 0, stream>>>(
+    softmax_mix_weight_reduce_kernel<T><<<reduce_blocks < 4096 ? reduce_blocks : 4096, kColumnThreads, 0, stream>>>(
         static_cast<const acc_t<T>*>(params.workspace) + rows * count, chunks, count, columns,
         static_cast<T*>(params.d_weight), static_cast<T*>(params.d_bias));
     return cudaGetLastError();

@@ -1,0 +1,49 @@
+// The softmax mix: the one computation behind both gates of SPEC 3, which gate.cpp and stage_gate.cpp adapt.
+//
+// Per row (b, l) of the candidates X_0 .. X_{C-1}, each (B, L, d):
+//     z   = concat_{c >= first_logit} X_c  W^T + b      (C logits; W is (C, (C - first_logit) * d))
+//     s   = softmax(z / tau)                            (the gate values, returned as (B, L, C))
+//     out = ReLU(sum_c s_c X_c)
+//   gate:       candidates (unattended, attended), first_logit = 1, W (2, d)
+//   stage_gate: candidates stages[0 .. T),          first_logit = 0, W (T, T * d)
+//
+// The front ends check the candidates and the weight under their own argument names; these functions check the rest
+// (bias, tau, the backward's dout / out / gate tensors), naming them as the op names them. `ref_name` is the
+// argument the others are checked against ("attended", "stages[0]"), `count` how the op writes C ("2", "T"), and
+// `gates_name` the op's name for the gate values ("g", "s"; their gradient is "d" + gates_name).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace avk {
+namespace cpu {
+
+struct SoftmaxMixNames {
+  const char* fn;          // the op function, e.g. "gate_forward"
+  const char* ref_name;    // e.g. "attended"
+  const char* count;       // e.g. "2"
+  const char* gates_name;  // e.g. "g"
+};
+
+// Returns (out (B, L, d), gate values (B, L, C)).
+std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
+                                                       const std::vector<at::Tensor>& candidates,
+                                                       int64_t first_logit, const at::Tensor& weight,
+                                                       const at::Tensor& bias, double tau);
+
+// Writes the candidates' gradients into d_candidates (C contiguous (B, L, d) tensors of the candidates' dtype, which
+// the front end allocates: one tensor per candidate for the gate, views of one (T, B, L, d) tensor for the stage gate)
+// and returns (d_weight, d_bias). Deterministic: the weight and bias gradients are reduced per chunk of rows, then over
+// chunks in a fixed order, whatever the thread count.
+std::tuple<at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixNames& names, const at::Tensor& dout,
+                                                        const at::Tensor& dgates,
+                                                        const std::vector<at::Tensor>& candidates, int64_t first_logit,
+                                                        const at::Tensor& weight, const at::Tensor& gates,
+                                                        const at::Tensor& out, double tau,
+                                                        const std::vector<at::Tensor>& d_candidates);
+
+}  // namespace cpu
+}  // namespace avk
