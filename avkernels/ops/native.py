@@ -183,7 +183,7 @@ def _build_directory(backend: str, root: str, cfg: dict) -> str:
 
 # The dtypes the kernels compute in: csrc/cpu checks them again (checks.h), csrc/cuda in binding.cpp.
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_CUDA_MAX_STAGES = 8  # kMaxGateCandidates in csrc/cuda/gate.cuh
+_CUDA_MAX_STAGES = 8  # kMaxGateCandidates in csrc/cuda/softmax_mix.cuh
 
 
 def _cpp_inputs(inputs: Inputs) -> Optional[str]:

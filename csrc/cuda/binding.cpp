@@ -20,15 +20,15 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda/gate.cuh"
+#include "cuda/softmax_mix.cuh"
 #include "cuda/tanh_attention.cuh"
 
 namespace {
 
 using avk::cuda::kMaxGateCandidates;
-using avk::cuda::SoftmaxGateBackwardParams;
-using avk::cuda::SoftmaxGateForwardParams;
-using avk::cuda::SoftmaxGateInputs;
+using avk::cuda::SoftmaxMixBackwardParams;
+using avk::cuda::SoftmaxMixForwardParams;
+using avk::cuda::SoftmaxMixInputs;
 using avk::cuda::TanhAttentionBackwardParams;
 using avk::cuda::TanhAttentionForwardParams;
 using avk::cuda::TanhAttentionProblem;
@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(
 
 // Checks the candidates (each (B, L, d), like candidates[0]), weight and bias (undefined in the backward, which does
 // not read it); fills the kernels' inputs.
-SoftmaxGateInputs gate_inputs(const std::vector<at::Tensor>& candidates, const std::vector<std::string>& names,
+SoftmaxMixInputs gate_inputs(const std::vector<at::Tensor>& candidates, const std::vector<std::string>& names,
                               int first_logit_candidate, const at::Tensor& weight, const at::Tensor& bias,
                               double tau, const char* op) {
   const int count = static_cast<int>(candidates.size());
@@ -209,7 +209,7 @@ SoftmaxGateInputs gate_inputs(const std::vector<at::Tensor>& candidates, const s
   }
   TORCH_CHECK(std::isfinite(tau) && tau > 0.0, op, ": tau must be a positive number, got ", tau);
 
-  SoftmaxGateInputs in{};
+  SoftmaxMixInputs in{};
   in.num_candidates = count;
   in.first_logit_candidate = first_logit_candidate;
   in.batch = first.size(0);
@@ -237,25 +237,25 @@ std::vector<std::string> stage_names(size_t count) {
 }
 
 // out = ReLU(sum_t s_t X_t) and s (B, L, C) for the given candidates.
-std::tuple<at::Tensor, at::Tensor> softmax_gate_forward(const SoftmaxGateInputs& in, const at::Tensor& like,
+std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixInputs& in, const at::Tensor& like,
                                                         const char* op) {
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty({in.batch, in.seq_len, in.features}, like.options());
   at::Tensor gates = at::empty({in.batch, in.seq_len, in.num_candidates}, like.options());
-  SoftmaxGateForwardParams params{in, out.data_ptr(), gates.data_ptr()};
+  SoftmaxMixForwardParams params{in, out.data_ptr(), gates.data_ptr()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(dispatch_dtype(like.scalar_type(),
                               [&](auto tag) {
                                 using T = typename decltype(tag)::type;
-                                return avk::cuda::launch_softmax_gate_forward<T>(params, stream);
+                                return avk::cuda::launch_softmax_mix_forward<T>(params, stream);
                               }),
                op);
   return {out, gates};
 }
 
 // Gradients of the candidates (C, B, L, d), the weight and the bias. The reductions over rows are always in a
-// fixed order (gate.cuh), so the `deterministic` flag of the contract needs no separate path here.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_gate_backward(const SoftmaxGateInputs& in,
+// fixed order (softmax_mix.cuh), so the `deterministic` flag of the contract needs no separate path here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixInputs& in,
                                                                      const at::Tensor& dout, const at::Tensor& dgates,
                                                                      const at::Tensor& gates, const at::Tensor& out,
                                                                      const at::Tensor& weight, const char* op,
@@ -276,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_gate_backward(const Softm
   at::Tensor d_bias = at::empty({c}, weight.options());
   const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor workspace =
-      at::empty({avk::cuda::softmax_gate_backward_workspace_elems(in)}, weight.options().dtype(acc_dtype));
+      at::empty({avk::cuda::softmax_mix_backward_workspace_elems(in)}, weight.options().dtype(acc_dtype));
 
-  SoftmaxGateBackwardParams params{};
+  SoftmaxMixBackwardParams params{};
   params.inputs = in;
   params.dout = dout.data_ptr();
   copy_strides(params.dout_stride, dout);
@@ -296,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_gate_backward(const Softm
   check_launch(dispatch_dtype(weight.scalar_type(),
                               [&](auto tag) {
                                 using T = typename decltype(tag)::type;
-                                return avk::cuda::launch_softmax_gate_backward<T>(params, stream);
+                                return avk::cuda::launch_softmax_mix_backward<T>(params, stream);
                               }),
                op);
   return {d_candidates, d_weight, d_bias};
@@ -308,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, cons
                                                 const at::Tensor& weight, const at::Tensor& bias, double tau) {
   constexpr const char* op = "gate_forward";
   const auto in = gate_inputs({unattended, attended}, {"unattended", "attended"}, 1, weight, bias, tau, op);
-  return softmax_gate_forward(in, attended, op);
+  return softmax_mix_forward(in, attended, op);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
@@ -316,8 +316,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau, bool /*deterministic*/) {
   constexpr const char* op = "gate_backward";
   const auto in = gate_inputs({unattended, attended}, {"unattended", "attended"}, 1, weight, at::Tensor(), tau, op);
-  auto [d_candidates, d_weight, d_bias] = softmax_gate_backward(in, dout, dg, g, out, weight, op, "g");
-  return {d_candidates[1], d_candidates[0], d_weight, d_bias};
+  auto [d_candidates, d_weight, d_bias] = softmax_mix_backward(in, dout, dg, g, out, weight, op, "g");
+  // A custom op's outputs must not alias one another (opcheck rejects it, as it did on CPU): the kernel writes both
+  // candidates' gradients into one buffer, so one of them leaves it as a copy.
+  return {d_candidates[1].clone(), d_candidates[0], d_weight, d_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tensor>& stages, const at::Tensor& weight,
@@ -325,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tens
   constexpr const char* op = "stage_gate_forward";
   TORCH_CHECK(!stages.empty(), op, ": stages must hold at least one (B, L, d) tensor");
   const auto in = gate_inputs(stages, stage_names(stages.size()), 0, weight, bias, tau, op);
-  return softmax_gate_forward(in, stages[0], op);
+  return softmax_mix_forward(in, stages[0], op);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
@@ -336,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
   constexpr const char* op = "stage_gate_backward";
   TORCH_CHECK(!stages.empty(), op, ": stages must hold at least one (B, L, d) tensor");
   const auto in = gate_inputs(stages, stage_names(stages.size()), 0, weight, at::Tensor(), tau, op);
-  return softmax_gate_backward(in, dout, ds, s, out, weight, op, "s");
+  return softmax_mix_backward(in, dout, ds, s, out, weight, op, "s");
 }
 
 // The schemas' arguments to the kernels' (csrc/common/op_library.h): the seed tensor (on the CPU, where the ops draw

@@ -30,12 +30,12 @@ constexpr int64_t kMaxRowChunks = 256;  // bounds the partials workspace: chunks
 constexpr int64_t kMinRowsPerChunk = 32;
 
 // Columns of the weight: the features of the candidates that feed the logits.
-__host__ __device__ int64_t weight_columns(const SoftmaxGateInputs& in) {
+__host__ __device__ int64_t weight_columns(const SoftmaxMixInputs& in) {
   return (in.num_candidates - in.first_logit_candidate) * in.features;
 }
 
 template <typename T>
-__device__ acc_t<T> candidate_at(const SoftmaxGateInputs& in, int t, int64_t b, int64_t l, int64_t f) {
+__device__ acc_t<T> candidate_at(const SoftmaxMixInputs& in, int t, int64_t b, int64_t l, int64_t f) {
   const int64_t* stride = in.candidate_stride[t];
   return to_acc<T>(static_cast<const T*>(in.candidates[t])[b * stride[0] + l * stride[1] + f * stride[2]]);
 }
@@ -46,13 +46,13 @@ __device__ acc_t<T> strided_at(const void* base, const int64_t (&stride)[3], int
 }
 
 template <typename T>
-__device__ acc_t<T> weight_at(const SoftmaxGateInputs& in, int k, int64_t column) {
+__device__ acc_t<T> weight_at(const SoftmaxMixInputs& in, int k, int64_t column) {
   return to_acc<T>(static_cast<const T*>(in.weight)[k * in.weight_stride[0] + column * in.weight_stride[1]]);
 }
 
 // softmax((logits + bias) / tau) of row (b, l) into s[0 : C]; warp-collective, every lane gets all C values.
 template <typename T, int kMaxC>
-__device__ void gate_values(const SoftmaxGateInputs& in, int64_t b, int64_t l, int lane, acc_t<T> (&s)[kMaxC]) {
+__device__ void gate_values(const SoftmaxMixInputs& in, int64_t b, int64_t l, int lane, acc_t<T> (&s)[kMaxC]) {
   using Acc = acc_t<T>;
   const int count = in.num_candidates;
   Acc z[kMaxC];
@@ -94,9 +94,9 @@ __device__ void gate_values(const SoftmaxGateInputs& in, int64_t b, int64_t l, i
 // Grid: ceil(batch * seq_len / kRowsPerBlock) blocks of kRowThreads (one warp per row).
 template <typename T, int kMaxC>
 __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
-    softmax_mix_forward_kernel(const SoftmaxGateForwardParams params) {
+    softmax_mix_forward_kernel(const SoftmaxMixForwardParams params) {
   using Acc = acc_t<T>;
-  const SoftmaxGateInputs& in = params.inputs;
+  const SoftmaxMixInputs& in = params.inputs;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= in.batch * in.seq_len) return;  // whole warps leave together: the shuffles below stay convergent
   const int lane = threadIdx.x % kWarpSize;
@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
 // Grid: ceil(batch * seq_len / kRowsPerBlock) blocks of kRowThreads (one warp per row).
 template <typename T, int kMaxC>
 __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
-    softmax_mix_backward_rows_kernel(const SoftmaxGateBackwardParams params) {
+    softmax_mix_backward_rows_kernel(const SoftmaxMixBackwardParams params) {
   using Acc = acc_t<T>;
-  const SoftmaxGateInputs& in = params.inputs;
+  const SoftmaxMixInputs& in = params.inputs;
   const int64_t rows = in.batch * in.seq_len;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= rows) return;
@@ -206,9 +206,9 @@ int64_t rows_per_chunk(int64_t rows) {
 // Grid: x = ceil((weight_columns + 1) / kColumnThreads), y = number of row chunks; kColumnThreads threads.
 template <typename T, int kMaxC>
 __global__ void __launch_bounds__(kColumnThreads)
-    softmax_mix_weight_partials_kernel(const SoftmaxGateBackwardParams params, int64_t chunk_rows) {
+    softmax_mix_weight_partials_kernel(const SoftmaxMixBackwardParams params, int64_t chunk_rows) {
   using Acc = acc_t<T>;
-  const SoftmaxGateInputs& in = params.inputs;
+  const SoftmaxMixInputs& in = params.inputs;
   const int count = in.num_candidates;
   const int64_t columns = weight_columns(in);
   const int64_t column = int64_t(blockIdx.x) * kColumnThreads + threadIdx.x;
@@ -269,22 +269,22 @@ cudaError_t with_capacity_for(int count, Fn&& fn) {
   return fn(std::integral_constant<int, 8>{});
 }
 
-bool valid_inputs(const SoftmaxGateInputs& in) {
+bool valid_inputs(const SoftmaxMixInputs& in) {
   return in.num_candidates >= 1 && in.num_candidates <= kMaxGateCandidates && in.first_logit_candidate >= 0 &&
          in.first_logit_candidate < in.num_candidates;
 }
 
 }  // namespace
 
-int64_t softmax_gate_backward_workspace_elems(const SoftmaxGateInputs& inputs) {
+int64_t softmax_mix_backward_workspace_elems(const SoftmaxMixInputs& inputs) {
   const int64_t rows = inputs.batch * inputs.seq_len;
   const int64_t chunks = ceil_div(rows, rows_per_chunk(rows));
   return rows * inputs.num_candidates + chunks * inputs.num_candidates * (weight_columns(inputs) + 1);
 }
 
 template <typename T>
-cudaError_t launch_softmax_gate_forward(const SoftmaxGateForwardParams& params, cudaStream_t stream) {
-  const SoftmaxGateInputs& in = params.inputs;
+cudaError_t launch_softmax_mix_forward(const SoftmaxMixForwardParams& params, cudaStream_t stream) {
+  const SoftmaxMixInputs& in = params.inputs;
   if (!valid_inputs(in)) return cudaErrorInvalidValue;
   const int64_t blocks = ceil_div(in.batch * in.seq_len, kRowsPerBlock);
   if (blocks == 0) return cudaSuccess;
@@ -296,8 +296,8 @@ cudaError_t launch_softmax_gate_forward(const SoftmaxGateForwardParams& params, 
 }
 
 template <typename T>
-cudaError_t launch_softmax_gate_backward(const SoftmaxGateBackwardParams& params, cudaStream_t stream) {
-  const SoftmaxGateInputs& in = params.inputs;
+cudaError_t launch_softmax_mix_backward(const SoftmaxMixBackwardParams& params, cudaStream_t stream) {
+  const SoftmaxMixInputs& in = params.inputs;
   if (!valid_inputs(in)) return cudaErrorInvalidValue;
   const int64_t rows = in.batch * in.seq_len;
   const int64_t row_blocks = ceil_div(rows, kRowsPerBlock);
@@ -323,14 +323,14 @@ cudaError_t launch_softmax_gate_backward(const SoftmaxGateBackwardParams& params
   });
 }
 
-template cudaError_t launch_softmax_gate_forward<float>(const SoftmaxGateForwardParams&, cudaStream_t);
-template cudaError_t launch_softmax_gate_forward<double>(const SoftmaxGateForwardParams&, cudaStream_t);
-template cudaError_t launch_softmax_gate_forward<__half>(const SoftmaxGateForwardParams&, cudaStream_t);
-template cudaError_t launch_softmax_gate_forward<__nv_bfloat16>(const SoftmaxGateForwardParams&, cudaStream_t);
-template cudaError_t launch_softmax_gate_backward<float>(const SoftmaxGateBackwardParams&, cudaStream_t);
-template cudaError_t launch_softmax_gate_backward<double>(const SoftmaxGateBackwardParams&, cudaStream_t);
-template cudaError_t launch_softmax_gate_backward<__half>(const SoftmaxGateBackwardParams&, cudaStream_t);
-template cudaError_t launch_softmax_gate_backward<__nv_bfloat16>(const SoftmaxGateBackwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_forward<float>(const SoftmaxMixForwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_forward<double>(const SoftmaxMixForwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_forward<__half>(const SoftmaxMixForwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_forward<__nv_bfloat16>(const SoftmaxMixForwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_backward<float>(const SoftmaxMixBackwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_backward<double>(const SoftmaxMixBackwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_backward<__half>(const SoftmaxMixBackwardParams&, cudaStream_t);
+template cudaError_t launch_softmax_mix_backward<__nv_bfloat16>(const SoftmaxMixBackwardParams&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace avk

@@ -21,7 +21,7 @@ namespace cuda {
 
 constexpr int kMaxGateCandidates = 8;
 
-struct SoftmaxGateInputs {
+struct SoftmaxMixInputs {
   int num_candidates;         // C, 1 .. kMaxGateCandidates
   int first_logit_candidate;  // the logits read candidates first_logit_candidate .. C-1
   int64_t batch, seq_len, features;
@@ -34,16 +34,16 @@ struct SoftmaxGateInputs {
   double tau;
 };
 
-struct SoftmaxGateForwardParams {
-  SoftmaxGateInputs inputs;
+struct SoftmaxMixForwardParams {
+  SoftmaxMixInputs inputs;
   void* out;    // contiguous (batch, seq_len, features)
   void* gates;  // contiguous (batch, seq_len, C)
 };
 
 // The weight and bias gradients reduce over the batch * seq_len rows through per-chunk partials summed in a fixed
 // order: always deterministic (no atomics), so no `deterministic` switch is needed.
-struct SoftmaxGateBackwardParams {
-  SoftmaxGateInputs inputs;  // bias is not read
+struct SoftmaxMixBackwardParams {
+  SoftmaxMixInputs inputs;  // bias is not read
   const void* dout;          // (batch, seq_len, features), any strides
   int64_t dout_stride[3];
   const void* dgates;  // (batch, seq_len, C), any strides
@@ -55,19 +55,19 @@ struct SoftmaxGateBackwardParams {
   void* d_candidates;  // contiguous (C, batch, seq_len, features)
   void* d_weight;      // contiguous like weight
   void* d_bias;        // contiguous (C,)
-  void* workspace;     // acc_t<T> scratch of softmax_gate_backward_workspace_elems(inputs) elements
+  void* workspace;     // acc_t<T> scratch of softmax_mix_backward_workspace_elems(inputs) elements
 };
 
 // Number of accumulator elements (float, or double for T = double) the backward needs as workspace.
-int64_t softmax_gate_backward_workspace_elems(const SoftmaxGateInputs& inputs);
+int64_t softmax_mix_backward_workspace_elems(const SoftmaxMixInputs& inputs);
 
 // Launch on `stream`; cudaErrorInvalidValue when num_candidates is outside 1 .. kMaxGateCandidates,
 // cudaErrorInvalidConfiguration when the rows exceed the grid limits.
 template <typename T>
-cudaError_t launch_softmax_gate_forward(const SoftmaxGateForwardParams& params, cudaStream_t stream);
+cudaError_t launch_softmax_mix_forward(const SoftmaxMixForwardParams& params, cudaStream_t stream);
 
 template <typename T>
-cudaError_t launch_softmax_gate_backward(const SoftmaxGateBackwardParams& params, cudaStream_t stream);
+cudaError_t launch_softmax_mix_backward(const SoftmaxMixBackwardParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace avk

@@ -37,10 +37,10 @@ TanhAttentionProblem attention_problem(const void* q, const int64_t* q_stride, c
 }
 
 // sizes = (B, L, d); candidate_strides holds 3 strides per candidate.
-SoftmaxGateInputs gate_inputs(int count, int first_logit_candidate, const void* const* candidates,
+SoftmaxMixInputs gate_inputs(int count, int first_logit_candidate, const void* const* candidates,
                               const int64_t* candidate_strides, const int64_t* sizes, const void* weight,
                               const int64_t* weight_stride, const void* bias, int64_t bias_stride, double tau) {
-  SoftmaxGateInputs in{};
+  SoftmaxMixInputs in{};
   in.num_candidates = count;
   in.first_logit_candidate = first_logit_candidate;
   in.batch = sizes[0];
@@ -99,27 +99,27 @@ extern "C" int emu_tanh_attention_backward(int is_double, const void* q, const i
                    : launch_tanh_attention_backward<float>(params, nullptr);
 }
 
-extern "C" int emu_softmax_gate_forward(int is_double, int count, int first_logit_candidate,
+extern "C" int emu_softmax_mix_forward(int is_double, int count, int first_logit_candidate,
                                         const void* const* candidates, const int64_t* candidate_strides,
                                         const int64_t* sizes, const void* weight, const int64_t* weight_stride,
                                         const void* bias, int64_t bias_stride, double tau, void* out, void* gates) {
-  SoftmaxGateForwardParams params{};
+  SoftmaxMixForwardParams params{};
   params.inputs = gate_inputs(count, first_logit_candidate, candidates, candidate_strides, sizes, weight,
                               weight_stride, bias, bias_stride, tau);
   params.out = out;
   params.gates = gates;
-  return is_double ? launch_softmax_gate_forward<double>(params, nullptr)
-                   : launch_softmax_gate_forward<float>(params, nullptr);
+  return is_double ? launch_softmax_mix_forward<double>(params, nullptr)
+                   : launch_softmax_mix_forward<float>(params, nullptr);
 }
 
-extern "C" int emu_softmax_gate_backward(int is_double, int count, int first_logit_candidate,
+extern "C" int emu_softmax_mix_backward(int is_double, int count, int first_logit_candidate,
                                          const void* const* candidates, const int64_t* candidate_strides,
                                          const int64_t* sizes, const void* weight, const int64_t* weight_stride,
                                          double tau, const void* dout, const int64_t* dout_stride, const void* dgates,
                                          const int64_t* dgates_stride, const void* gates, const int64_t* gates_stride,
                                          const void* out, const int64_t* out_stride, void* d_candidates,
                                          void* d_weight, void* d_bias) {
-  SoftmaxGateBackwardParams params{};
+  SoftmaxMixBackwardParams params{};
   params.inputs = gate_inputs(count, first_logit_candidate, candidates, candidate_strides, sizes, weight,
                               weight_stride, nullptr, 0, tau);
   params.dout = dout;
@@ -135,8 +135,8 @@ extern "C" int emu_softmax_gate_backward(int is_double, int count, int first_log
   params.d_candidates = d_candidates;
   params.d_weight = d_weight;
   params.d_bias = d_bias;
-  std::vector<double> workspace(softmax_gate_backward_workspace_elems(params.inputs) + 1);
+  std::vector<double> workspace(softmax_mix_backward_workspace_elems(params.inputs) + 1);
   params.workspace = workspace.data();
-  return is_double ? launch_softmax_gate_backward<double>(params, nullptr)
-                   : launch_softmax_gate_backward<float>(params, nullptr);
+  return is_double ? launch_softmax_mix_backward<double>(params, nullptr)
+                   : launch_softmax_mix_backward<float>(params, nullptr);
 }
