@@ -333,13 +333,13 @@ def _emulated_gate(lib, candidates, first_logit_candidate, weight, bias, tau, do
               _pointer(weight), _int64s(*weight.stride()))  # fmt: skip
     out = torch.empty(batch, length, features, dtype=weight.dtype)
     gates = torch.empty(batch, length, count, dtype=weight.dtype)
-    status = lib.emu_softmax_gate_forward(
+    status = lib.emu_softmax_mix_forward(
         *inputs, _pointer(bias), ctypes.c_int64(bias.stride(0)), ctypes.c_double(tau), _pointer(out), _pointer(gates)
     )
     assert status == 0
     d_candidates = torch.empty(count, batch, length, features, dtype=weight.dtype)
     d_weight, d_bias = torch.empty_like(weight), torch.empty(count, dtype=weight.dtype)
-    status = lib.emu_softmax_gate_backward(
+    status = lib.emu_softmax_mix_backward(
         *inputs, ctypes.c_double(tau), _pointer(dout), _strides(dout), _pointer(dgates), _strides(dgates),
         _pointer(gates), _strides(gates), _pointer(out), _strides(out), _pointer(d_candidates), _pointer(d_weight),
         _pointer(d_bias),
