@@ -138,9 +138,17 @@ def build(provider: Provider, model: torch.nn.Module, example, workdir: str, thr
 
 
 def failure_reason(exc: BaseException) -> str:
-    """The exception's first line, without the terminal colours some exporters print."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    """The exception's first line and, when it wraps another, the first line of the innermost one (an exporter's
+    own message is generic; what failed is in its cause), without the terminal colours some exporters print."""
+
+    def first_line(e: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return first_line(exc) if root is exc else f"{first_line(exc)} (cause: {first_line(root)})"
 
 
 def video_batches(windows: int, batch: int, dims: Sequence[int], seq_len: int, seed: int) -> List[tuple]:

@@ -43,3 +43,13 @@ def assert_all_close(names: Sequence[str], ours, ref_in_dtype, ref64) -> None:
     assert len(ours) == len(ref64) == len(names), f"{len(ours)} results, expected {len(ref64)}"
     for name, a, b, c in zip(names, ours, ref_in_dtype, ref64):
         assert_close(name, a, b, c)
+
+
+def deterministic_call(op, *args, enabled: bool = True):
+    """``op(*args)`` under ``torch.use_deterministic_algorithms(enabled)``, the flag the backward kernels read."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        return op(*args)
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -17,6 +17,7 @@ import avkernels
 from avkernels import reference
 from avkernels.nn import DCA, GRJCA, JCA, RJCA
 from avkernels.ops import native
+from comparison import deterministic_call
 from dropout_oracle import triton_dropout_uniform
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
@@ -39,16 +40,6 @@ ACTIVATION = ("none", "tanh_relu")  # the ops' names of the kernels' activation 
 def seed_tensor(seed):
     """The ops' dropout seed argument (a tensor, so that torch.compile does not specialise on it)."""
     return torch.tensor([seed])
-
-
-def deterministic(op, *args):
-    """``op(*args)`` with torch.use_deterministic_algorithms(True), the flag the backward kernels read."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        return op(*args)
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # stored in 16 bits, computed in fp32 by the kernels
@@ -174,7 +165,8 @@ def test_deterministic_bits(ext, dtype):
         for n_threads in (1, 2, 1):
             torch.set_num_threads(n_threads)
             o, mask = ext.tanh_attention(q, k, v, seed_tensor(42), 0.2, 0.5, "tanh_relu", True)
-            grads = deterministic(ext.tanh_attention_backward, do, q, k, v, o, seed_tensor(42), 0.2, 0.5, "tanh_relu")
+            grads = deterministic_call(ext.tanh_attention_backward, do, q, k, v, o, seed_tensor(42), 0.2, 0.5,
+                                       "tanh_relu")
             results.append((o, mask, *grads))
     finally:
         torch.set_num_threads(threads)
@@ -248,7 +240,7 @@ def _ext_attention(ext, q, k, v, do, scale, activation=None, dropout_p=0.0, seed
     """((o, dq, dk, dv), keep-mask or None) from the extension's forward and backward, without autograd."""
     act = activation or "none"
     o, mask = ext.tanh_attention(q, k, v, seed_tensor(seed), scale, dropout_p, act, dropout_p > 0)
-    grads = deterministic(ext.tanh_attention_backward, do, q, k, v, o, seed_tensor(seed), scale, dropout_p, act)
+    grads = deterministic_call(ext.tanh_attention_backward, do, q, k, v, o, seed_tensor(seed), scale, dropout_p, act)
     return (o, *grads), (mask if dropout_p > 0 else None)
 
 
@@ -330,7 +322,7 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
         act = int(activation == "tanh_relu")
         o32, _ = ext.tanh_attention(*wide[:3], seed_tensor(5), 0.4, p, ACTIVATION[act], False)
         # the fp32 backward reads the 16-bit forward output (tanh_relu), as the 16-bit backward does
-        grads32 = deterministic(ext.tanh_attention_backward, wide[3], *wide[:3], o.float(), seed_tensor(5), 0.4, p,
+        grads32 = deterministic_call(ext.tanh_attention_backward, wide[3], *wide[:3], o.float(), seed_tensor(5), 0.4, p,
                                 ACTIVATION[act])
         for name, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (o32, *grads32)):
             assert torch.equal(a, b.to(dtype)), (activation, name)
@@ -341,7 +333,8 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
     out, g, *gate_grads = _ext_gate(ext, attended, unattended, weight, bias, dout, dg, 0.3)
     wide = [t.float() for t in (attended, unattended, weight, bias)]
     out32, g32 = ext.gate(*wide, 0.3)
-    gate_grads32 = deterministic(ext.gate_backward, dout.float(), dg.float(), *wide[:3], g.float(), out.float(), 0.3)
+    gate_grads32 = deterministic_call(ext.gate_backward, dout.float(), dg.float(), *wide[:3], g.float(), out.float(),
+                                      0.3)
     for name, a, b in zip(("out", "g", "d_att", "d_unatt", "d_w", "d_b"), (out, g, *gate_grads),
                           (out32, g32, *gate_grads32)):
         assert torch.equal(a, b.to(dtype)), name
@@ -350,11 +343,11 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
     weight, bias = torch.randn(3, 33, dtype=dtype) * 0.3, torch.randn(3, dtype=dtype)
     dout, ds = torch.randn(2, 37, 11, dtype=dtype), torch.randn(2, 37, 3, dtype=dtype)
     out, s = ext.stage_gate(stages, weight, bias, 0.5)
-    stage_grads = deterministic(ext.stage_gate_backward, dout, ds, stages, weight, s, out, 0.5)
+    stage_grads = deterministic_call(ext.stage_gate_backward, dout, ds, stages, weight, s, out, 0.5)
     wide = [t.float() for t in stages]
     out32, s32 = ext.stage_gate(wide, weight.float(), bias.float(), 0.5)
-    stage_grads32 = deterministic(ext.stage_gate_backward, dout.float(), ds.float(), wide, weight.float(), s.float(),
-                                  out.float(), 0.5)
+    stage_grads32 = deterministic_call(ext.stage_gate_backward, dout.float(), ds.float(), wide, weight.float(),
+                                       s.float(), out.float(), 0.5)
     for name, a, b in zip(("out", "s", "d_stages", "d_w", "d_b"), (out, s, *stage_grads), (out32, s32, *stage_grads32)):
         assert torch.equal(a, b.to(dtype)), name
 
@@ -420,7 +413,7 @@ def test_half_precision_on_every_isa_variant(ext, isa):
 def _ext_gate(ext, attended, unattended, weight, bias, dout, dg, tau):
     """(out, g, d_attended, d_unattended, d_weight, d_bias) from the extension's functions, without autograd."""
     out, g = ext.gate(attended, unattended, weight, bias, tau)
-    return (out, g, *deterministic(ext.gate_backward, dout, dg, attended, unattended, weight, g, out, tau))
+    return (out, g, *deterministic_call(ext.gate_backward, dout, dg, attended, unattended, weight, g, out, tau))
 
 
 def _subnormals(t):

@@ -18,6 +18,7 @@ import torch
 import avkernels
 from avkernels import reference
 from avkernels.ops import native
+from comparison import assert_close, deterministic_call
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU: the cuda backend's kernels run only on a GPU", allow_module_level=True)
@@ -27,9 +28,6 @@ C = torch.ops.avkernels  # the ops (csrc/cpu/library.cpp), whose CUDA kernels av
 
 DEVICE = "cuda"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Floors of the flash rule, relative to the reference's magnitude. fp32: the CPU emulation of these kernels
-# (tests/test_cuda_compile.py) measured at most 5.5e-6 (the gates' 1/tau = 10 amplifies rounding).
-FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SEED = 1234567
 
 
@@ -38,29 +36,8 @@ def _seed(seed):
     return torch.tensor([seed])
 
 
-def deterministic_call(op, *args, enabled=True):
-    """``op(*args)`` under torch.use_deterministic_algorithms(enabled), the flag the backward kernels read."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(enabled)
-    try:
-        return op(*args)
-    finally:
-        torch.use_deterministic_algorithms(before)
-
-
 def _rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEVICE, dtype=dtype)
-
-
-def _check(ours, ref_lowp, ref64, name, dtype):
-    """FlashAttention's rule: |ours - ref64| <= 2 |ref_lowp - ref64| + floor (max norms; ref_lowp in dtype)."""
-    ours, ref_lowp = ours.double(), ref_lowp.double()
-    err = (ours - ref64).abs().max().item() if ours.numel() else 0.0
-    base = (ref_lowp - ref64).abs().max().item() if ours.numel() else 0.0
-    scale = max(1.0, ref64.abs().max().item()) if ours.numel() else 1.0
-    bound = 2 * base + FLOOR[dtype] * scale
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    assert err <= bound, f"{name} ({dtype}): max error {err:.3e} > bound {bound:.3e} (reference in {dtype}: {base:.3e})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,7 +70,7 @@ def _compare_attention(q, k, v, scale, p, activation, dtype):
     ref_lowp = _reference_attention(q, k, v, do, scale, p, activation, mask)
     for name, ours, r, r64 in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), ref_lowp, ref64):
         assert ours.dtype == dtype and ours.is_contiguous(), name
-        _check(ours, r, r64, name, dtype)
+        assert_close(name, ours, r, r64)
 
 
 SHAPES = [  # (B, Mq, N, D, E): odd and prime sizes, tile edges (64 fp32, 32 fp64), D and E over one tile
@@ -142,7 +119,7 @@ def test_tanh_attention_shared_v_and_strided_inputs(deterministic):
     ref = _reference_attention(q.double(), k.double(), v.double(), do.double(), 0.3, 0.25, "none", mask)
     ref32 = _reference_attention(q, k, v, do, 0.3, 0.25, "none", mask)
     for name, ours, r, r64 in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), ref32, ref):
-        _check(ours, r, r64, name, torch.float32)
+        assert_close(name, ours, r, r64)
 
 
 def test_tanh_attention_dropout_mask_statistics_and_seeds():
@@ -271,7 +248,7 @@ def test_gate_forward_and_backward(dtype, shape):
     names = ("out", "g", "d_attended", "d_unattended", "d_weight", "d_bias")
     for name, ours, r, r64 in zip(names, (out, g, *grads), (*ref_lowp[0], *ref_lowp[1]), (*ref64[0], *ref64[1])):
         assert ours.is_contiguous() and ours.dtype == dtype, name
-        _check(ours, r, r64, name, dtype)
+        assert_close(name, ours, r, r64)
 
 
 def _reference_stage_gate(stages, weight, bias, tau, dout, ds):
@@ -298,7 +275,7 @@ def test_stage_gate_forward_and_backward(n_stages, dtype):
     names = ("out", "s", "d_stages", "d_weight", "d_bias")
     ours_all = (out, s, d_stages, d_weight, d_bias)
     for name, ours, r, r64 in zip(names, ours_all, (*ref_lowp[0], *ref_lowp[1]), (*ref64[0], *ref64[1])):
-        _check(ours, r, r64, name, dtype)
+        assert_close(name, ours, r, r64)
 
 
 def test_gate_weight_grads_are_deterministic():
