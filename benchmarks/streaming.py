@@ -302,7 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": compare._commit(),
-        "config": {**vars(args), "dims": dims},
+        # where the files went is the caller's business (and an absolute path would name this machine)
+        "config": {**{k: v for k, v in vars(args).items() if k != "out_dir"}, "dims": dims},
         "windows": windows,
         "rounds": args.rounds,
         "machine": {
