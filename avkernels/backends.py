@@ -274,3 +274,24 @@ def outside_autocast(device: torch.device) -> ContextManager:
     if autocast_dtype(device) is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked (training mode, missing optional dependency, ...)."""
+
+
+def runs_reference(backend: str, dropout_p: float = 0.0, op: str = "") -> bool:
+    """Whether a call takes the reference's plain ATen ops rather than ``backend``'s fused op.
+
+    The reference backend does, and so does every call while one of torch's ONNX exporters traces a model
+    (``torch.onnx.is_in_onnx_export()``, both exporters): no exporter or ONNX runtime knows the fused ops, and the
+    reference's ops, the same arithmetic, are standard ONNX operators. Nothing global (a decomposition table entry,
+    which torch.compile's Inductor would also read) has to teach the exporters. Dropout cannot be exported: its
+    fused masks have no ONNX form, so an export of ``op`` with ``dropout_p > 0`` is refused.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return backend == "reference"
+    if dropout_p > 0.0:
+        raise ExportError(f"{op}: dropout_p={dropout_p} at ONNX export; call model.eval() first (the fused dropout "
+                          "masks cannot be reproduced by ONNX Runtime)")
+    return True

@@ -2,20 +2,16 @@
 
 The fused ops are torch ops whose kernels live in the C++/CUDA/Triton backends: ``torch.ops.avkernels.tanh_attention``,
 ``.gate``, ``.stage_gate`` (defined in C++, kernels of ``cpp`` and ``cuda``) and each Python-kernel backend's own
-ops (``.triton_tanh_attention``, ...; see :mod:`avkernels.ops.declaration`). ONNX Runtime has none of those.
-Importing this module (``import avkernels`` does) teaches both of torch's ONNX exporters to write every op of every
-backend as standard ONNX operators (MatMul, Tanh, Softmax, ...), with the same arithmetic as
-:mod:`avkernels.reference`, one translation per op declaration, registered for each op defined from it (including
-ops defined later, after a build on first use):
+ops (``.triton_tanh_attention``, ...; see :mod:`avkernels.ops.declaration`). ONNX Runtime has none of those. So while
+one of torch's ONNX exporters traces a model (``torch.onnx.is_in_onnx_export()``), the ops run the reference's plain
+ATen ops instead (:func:`avkernels.backends.runs_reference`): the same arithmetic, written by either exporter as
+standard ONNX operators (MatMul, Tanh, Softmax, ...). Plain ``torch.onnx.export`` therefore works with any backend,
+and nothing global is registered: torch's decomposition table, which ``torch.compile`` reads too, stays untouched,
+and ``torch.export`` / AOTInductor keep the fused ops (:func:`export_program`).
 
-* ``torch.onnx.export(..., dynamo=True)`` (the default): a decomposition of each op into ATen ops, registered in
-  ``torch._decomp.decomposition_table``. Of torch's graph passes only the ONNX exporter decomposes with that table:
-  ``torch.export``, AOTInductor and ``torch.compile`` keep the fused op (their tables list ATen ops explicitly).
-* ``torch.onnx.export(..., dynamo=False)`` (TorchScript): a symbolic function per op
-  (``torch.onnx.register_custom_op_symbolic``).
-
-Export in eval mode: dropout is then off (``dropout_p == 0`` reaches the op) and no dropout node is written
-(:func:`export_onnx` sets eval mode; the TorchScript exporter does too and refuses a training-mode export).
+Export in eval mode: dropout is then off and no dropout node is written (:func:`export_onnx` sets eval mode; the
+TorchScript exporter refuses a training-mode export; an export that reaches an op with dropout raises
+:class:`ExportError`).
 
 ``forward(*features)`` models (the fusions, the full models) need ``dynamic_shapes`` rather than ``dynamic_axes``
 with the dynamo exporter, whose conversion of ``dynamic_axes`` does not handle a variadic signature;
@@ -37,143 +33,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from avkernels import reference
-from avkernels.backends import outside_autocast
-from avkernels.ops import declaration
+from avkernels.backends import ExportError
 
 ONNX_REQUIREMENTS = ("onnx", "onnxscript")
-_TORCHSCRIPT_OPSET = 15  # the symbolics hold for this opset and later ones (CastLike appeared in 15)
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported as asked (training mode, missing optional dependency, ...)."""
-
-
-def _eval_only(dropout_p: float, op: str) -> None:
-    if dropout_p > 0.0:
-        raise ExportError(
-            f"{op}: dropout_p={dropout_p} at export; call model.eval() first (the fused dropout masks cannot be "
-            "reproduced by ONNX Runtime)"
-        )
-
-
-# -- torch.onnx.export(dynamo=True): decompositions into ATen ops ------------------------------------------------
-#
-# The table is global, and FakeTensor also reads it: on symbolic sizes (torch.compile's dynamic shapes, torch.export
-# with dynamic dims) it prefers a decomposition to the op's registered fake. So each decomposition must give exactly
-# the fake's outputs (shapes, dtypes, the mask's presence) for every argument, dropout included, and must compute in
-# the inputs' dtype under autocast (as the ops' reference path does), never raise.
-
-
-def _tanh_attention_decomposition(q, k, v, seed, scale, dropout_p, activation, return_mask):
-    with outside_autocast(q.device):
-        o, mask = reference.tanh_attention(q, k, v, scale, dropout_p, None if activation == "none" else activation,
-                                           return_mask=return_mask)
-    if mask is None:  # the op's second output is an empty tensor when no mask is returned
-        mask = torch.empty(0, dtype=torch.bool, device=q.device)
-    return o, mask
-
-
-def _gate_decomposition(attended, unattended, weight, bias, tau):
-    with outside_autocast(attended.device):
-        return reference.gate(attended, unattended, weight, bias, tau)
-
-
-def _stage_gate_decomposition(stages, weight, bias, tau):
-    with outside_autocast(stages[0].device):
-        return reference.stage_gate(stages, weight, bias, tau)
-
-
-_DECOMPOSITION_OF = {
-    "tanh_attention": _tanh_attention_decomposition,
-    "gate": _gate_decomposition,
-    "stage_gate": _stage_gate_decomposition,
-}
-# Every op defined so far (each backend's) -> its decomposition; the same entries as torch's table.
-DECOMPOSITIONS: Dict[torch._ops.OpOverload, Any] = {}
-
-
-def _register_decomposition(decl: declaration.OpDeclaration, op: torch._ops.OpOverload) -> None:
-    from torch._decomp import decomposition_table
-
-    DECOMPOSITIONS[op] = _DECOMPOSITION_OF[decl.name]
-    # Idempotent: a module reload must not stack a second registration (torch asserts on duplicates).
-    decomposition_table.setdefault(op, DECOMPOSITIONS[op])
-
-
-# -- torch.onnx.export(dynamo=False): TorchScript symbolics -------------------------------------------------------
-
-
-def _constant_like(g, value: float, like):
-    return g.op("CastLike", g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32)), like)
-
-
-def _empty_bool(g):
-    return g.op("Constant", value_t=torch.zeros(0, dtype=torch.bool))
-
-
-def _softmax_last(g, x):
-    return g.op("Softmax", x, axis_i=-1)
-
-
-def _column(g, x, index: int):
-    """``x[..., index:index + 1]``."""
-
-    def const(values):
-        return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
-
-    return g.op("Slice", x, const([index]), const([index + 1]), const([-1]))
-
-
-def _symbolics() -> Dict[str, Any]:
-    from torch.onnx import symbolic_helper
-
-    @symbolic_helper.parse_args("v", "v", "v", "v", "f", "f", "s", "b")
-    def tanh_attention_symbolic(g, q, k, v, seed, scale, dropout_p, activation, return_mask):
-        _eval_only(dropout_p, "tanh_attention")
-        scores = g.op("MatMul", q, g.op("Transpose", k, perm_i=[0, 2, 1]))
-        c = g.op("Tanh", g.op("Mul", scores, _constant_like(g, scale, q)))
-        o = g.op("MatMul", c, v)
-        if activation == "tanh_relu":
-            o = g.op("Relu", g.op("Tanh", o))
-        return o, _empty_bool(g)
-
-    @symbolic_helper.parse_args("v", "v", "v", "v", "f")
-    def gate_symbolic(g, attended, unattended, weight, bias, tau):
-        logits = g.op("Add", g.op("MatMul", attended, g.op("Transpose", weight, perm_i=[1, 0])), bias)
-        gates = _softmax_last(g, g.op("Div", logits, _constant_like(g, tau, attended)))
-        mixed = g.op("Add", g.op("Mul", _column(g, gates, 0), unattended), g.op("Mul", _column(g, gates, 1), attended))
-        return g.op("Relu", mixed), gates
-
-    @symbolic_helper.parse_args("v", "v", "v", "f")
-    def stage_gate_symbolic(g, stages, weight, bias, tau):
-        stages = symbolic_helper._unpack_list(stages)
-        joined = g.op("Concat", *stages, axis_i=-1)
-        logits = g.op("Add", g.op("MatMul", joined, g.op("Transpose", weight, perm_i=[1, 0])), bias)
-        s = _softmax_last(g, g.op("Div", logits, _constant_like(g, tau, stages[0])))
-        out = g.op("Mul", _column(g, s, 0), stages[0])
-        for t in range(1, len(stages)):
-            out = g.op("Add", out, g.op("Mul", _column(g, s, t), stages[t]))
-        return g.op("Relu", out), s
-
-    return {"tanh_attention": tanh_attention_symbolic, "gate": gate_symbolic, "stage_gate": stage_gate_symbolic}
-
-
-try:
-    _SYMBOLICS = _symbolics()
-except Exception:  # noqa: BLE001 - the TorchScript exporter is deprecated; its absence must not break the import
-    _SYMBOLICS = {}
-
-
-def _register(decl: declaration.OpDeclaration, op: torch._ops.OpOverload) -> None:
-    _register_decomposition(decl, op)
-    if decl.name in _SYMBOLICS:
-        from torch.onnx import register_custom_op_symbolic
-
-        register_custom_op_symbolic(op.name(), _SYMBOLICS[decl.name], _TORCHSCRIPT_OPSET)
-
-
-declaration.on_define(_register)
 
 
 # -- the helper ---------------------------------------------------------------------------------------------------

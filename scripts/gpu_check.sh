@@ -93,7 +93,7 @@ if [ "$DRY_RUN" = 1 ]; then
     stage env 60 "$PYTHON scripts/gpu_check_bench.py env --out '$OUTDIR/env.json'"
     stage build 60 "echo 'dry run: no extension build'; $PYTHON -c 'import avkernels; print(avkernels.backend_status())'"
     stage tests-cuda 60 "$(pytest_stage tests-cuda "tests/test_cuda_backend.py")"
-    stage tests-triton 90 "$(pytest_stage tests-triton "tests/test_triton_tanh_attention.py -k 'test_matches_fp64_references and 1x1x1x1x1 and float32'")"
+    stage tests-triton 90 "$(pytest_stage tests-triton "tests/test_conformance.py -k 'test_tanh_attention and triton and ones and not relu and float32'")"
     stage tests-gpu 60 "$(pytest_stage tests-gpu "tests/test_gpu_paths.py")"
     stage bench-long 60 "$PYTHON scripts/gpu_check_bench.py long --tiny --target-s 0.02 --out '$OUTDIR/bench/long.json'"
     stage bench-ops 90 "$PYTHON benchmarks/run.py --name ops --out-dir '$OUTDIR/bench' --no-plots --providers reference -- --bench-smoke -k 'test_tanh_attention and full'"
@@ -114,10 +114,12 @@ else
     # The benchmark plugin refuses a provider that is not available: name only those the build produced.
     PROVIDERS="$(timeout 60 "$PYTHON" -c 'import avkernels; print(",".join(["reference"] + [b for b in avkernels.backends() if b in ("triton", "cuda")]))' 2>/dev/null)"
     PROVIDERS="${PROVIDERS:-reference}"
-    stage tests-cuda 60 "$(pytest_stage tests-cuda "tests/test_cuda_backend.py")"
+    # The conformance suite (tests/test_conformance.py) holds each op's checks for every backend: its cuda and triton
+    # cases run here, beside what is particular to each backend.
+    stage tests-cuda 90 "$(pytest_stage tests-cuda "tests/test_cuda_backend.py tests/test_conformance.py -k cuda")"
     # A triton that cannot compile the kernels fails every test, each after a compile attempt: stop after 50 and
     # leave the time to the benchmarks (the first 50 say what is wrong).
-    stage tests-triton 120 "$(pytest_stage tests-triton "--maxfail=50 tests/test_triton_tanh_attention.py tests/test_triton_gates.py tests/test_triton_modules.py")"
+    stage tests-triton 150 "$(pytest_stage tests-triton "--maxfail=50 tests/test_conformance.py tests/test_triton_tanh_attention.py tests/test_triton_gates.py tests/test_triton_modules.py -k triton")"
     # Two of these compile with inductor (tens of seconds each on a fresh machine).
     stage tests-gpu 90 "$(pytest_stage tests-gpu "tests/test_gpu_paths.py")"
     stage bench-long 45 "$PYTHON scripts/gpu_check_bench.py long --out '$OUTDIR/bench/long.json'"

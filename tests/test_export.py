@@ -2,7 +2,7 @@
 operators, and ONNX Runtime reproduces PyTorch at batch sizes other than the one exported with.
 
 The exporters need the optional ``onnx`` extra (onnx, onnxscript, onnxruntime); without it these tests skip and say
-so. The decomposition tests at the bottom need none of it.
+so. The tests of what export registers (nothing global) and of the compiled paths need none of it.
 """
 
 import importlib.util
@@ -146,41 +146,38 @@ def test_missing_optional_dependencies_are_named(monkeypatch):
         avexport.export_onnx(_fusion("jca", "dense"), _features(2), os.devnull)
 
 
-def test_decompositions_match_the_reference_and_leave_torch_export_alone():
-    # The ONNX exporter's table holds the decompositions; torch.export (and AOTInductor after it) keeps the fused op.
+def test_nothing_global_is_registered_and_torch_export_keeps_the_fused_ops():
+    # ONNX export needs no entry in torch's decomposition table: Inductor reads that table too, and with $CI set it
+    # refuses to fall back to an op that has one ("make_fallback(...): a decomposition exists").
     from torch._decomp import decomposition_table
 
-    for op in avexport.DECOMPOSITIONS:
-        assert decomposition_table[op] is avexport.DECOMPOSITIONS[op]
+    assert not [op for op in decomposition_table if str(op).startswith("avkernels.")]
     model = _fusion("grjca", "dense").eval()
     x = _features(2)
-    program = torch.export.export(model, x).run_decompositions()
+    program = avexport.export_program(model, x).run_decompositions()
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     if "cpp" in avkernels.backends():
         assert "avkernels.tanh_attention.default" in targets and "avkernels.stage_gate.default" in targets
     with torch.no_grad():
-        expected = model(*x)
-        model.set_backend("reference")
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, model(*x)))
-    q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(1, 5, 6)
-    o, mask = avexport.DECOMPOSITIONS[torch.ops.avkernels.tanh_attention.default](
-        q, k, v, torch.empty(0, dtype=torch.int64), 0.5, 0.0, "tanh_relu", False)
-    assert mask.shape == (0,)
-    torch.testing.assert_close(o, torch.relu(torch.tanh(torch.tanh(q @ k.transpose(1, 2) * 0.5) @ v)))
-    # FakeTensor uses the table on symbolic sizes: with dropout and a mask, the outputs match the op's fake ones.
-    decomposed = avexport.DECOMPOSITIONS[torch.ops.avkernels.tanh_attention.default]
-    o, mask = decomposed(q, k, v, torch.zeros(1, dtype=torch.int64), 0.5, 0.1, "none", True)
-    assert o.shape == (2, 3, 6) and mask.shape == (2, 3, 5) and mask.dtype == torch.bool
-    assert decomposed(q, k, v, torch.zeros(1, dtype=torch.int64), 0.5, 0.1, "none", False)[1].shape == (0,)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        x = torch.randn(2, 3, 4, dtype=torch.bfloat16)
-        w, b = torch.randn(2, 4, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bfloat16)
-        out, g = avexport.DECOMPOSITIONS[torch.ops.avkernels.gate.default](x, x, w, b, 0.1)
-        assert out.dtype == g.dtype == torch.bfloat16
+        for got, expected in zip(program.module()(*x), model(*x)):
+            torch.testing.assert_close(got, expected)
+
+
+def test_ops_take_the_reference_path_only_while_an_onnx_exporter_traces(monkeypatch):
+    from avkernels.backends import runs_reference
+
+    assert not runs_reference("cpp") and runs_reference("reference")
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert runs_reference("cpp") and runs_reference("triton")
+    with pytest.raises(avexport.ExportError, match=r"tanh_attention: dropout_p=0.4 at ONNX export; call model.eval"):
+        runs_reference("cpp", 0.4, "tanh_attention")
+    model = _fusion("dca", "dense").train()  # dropout on: the exporter must be told, not given a wrong graph
+    with pytest.raises(avexport.ExportError, match="call model.eval"):
+        model(*_features(2))
 
 
 def test_compile_with_dynamic_shapes_still_runs_the_fused_op():
-    # Dynamic sizes route FakeTensor through the decompositions; training (dropout) and eval must both compile.
+    # Dynamic sizes: FakeTensor runs the ops' fakes on symbolic sizes; training (dropout) and eval both compile.
     model = _fusion("grjca", "dense")
     compiled = torch.compile(model, dynamic=True, backend="aot_eager")
     for batch in (2, 3):

@@ -17,15 +17,12 @@ the inputs' gradients. From that one declaration this module registers:
 
 A public function calls ``DECLARATION.op(backend)(*args)``: the op that runs the chosen backend's kernels. What
 dispatch decides (:func:`avkernels.backends.resolve`) is unchanged; only where the kernels are registered differs.
-
-Other modules that need every op of a declaration (ONNX export: a decomposition and a TorchScript symbolic per op)
-subscribe with :func:`on_define`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -98,31 +95,15 @@ class OpDeclaration:
         backward_op = _overload(backward_name)
         setup_context, backward = self._autograd(backward_op)
         torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
-        _defined(self, _overload(forward_name))
 
 
 _DECLARATIONS: Dict[str, OpDeclaration] = {}
-_LISTENERS: List[Callable[[OpDeclaration, torch._ops.OpOverload], None]] = []
-_DEFINED: List[Tuple[OpDeclaration, torch._ops.OpOverload]] = []
 _LIBRARY_OPS_DEFINED = False
 
 
 def _overload(qualname: str) -> torch._ops.OpOverload:
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name).default
-
-
-def _defined(declaration: OpDeclaration, op: torch._ops.OpOverload) -> None:
-    _DEFINED.append((declaration, op))
-    for listener in _LISTENERS:
-        listener(declaration, op)
-
-
-def on_define(listener: Callable[[OpDeclaration, torch._ops.OpOverload], None]) -> None:
-    """Calls ``listener(declaration, forward_op)`` for every op defined so far and every op defined later."""
-    _LISTENERS.append(listener)
-    for declaration, op in list(_DEFINED):
-        listener(declaration, op)
 
 
 def declare(declaration: OpDeclaration) -> OpDeclaration:
@@ -197,5 +178,4 @@ def seed_int(seed: torch.Tensor) -> int:
     return int(seed.item()) if seed.numel() else 0
 
 
-__all__ = ["OpDeclaration", "declare", "declarations", "define_library_ops", "library_schema_mismatch", "on_define",
-           "seed_int"]
+__all__ = ["OpDeclaration", "declare", "declarations", "define_library_ops", "library_schema_mismatch", "seed_int"]

@@ -22,7 +22,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve
+from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
 from avkernels.ops.declaration import OpDeclaration, declare
 
 
@@ -88,7 +88,7 @@ def gate(
     check_same([attended, unattended, weight, bias], ["attended", "unattended", "weight", "bias"], autocast_may_mix=False)
     batch, length, d = attended.shape
     name = resolve(backend, Inputs("gate", attended.device, attended.dtype, {"B": batch, "L": length, "d": d}))
-    if name == "reference" or attended.numel() == 0:
+    if runs_reference(name) or attended.numel() == 0:
         with outside_autocast(attended.device):
             return reference.gate(attended, unattended, weight, bias, tau)
     return DECLARATION.op(name)(attended, unattended, weight, bias, tau)

@@ -29,7 +29,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve
+from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
 from avkernels.ops.declaration import OpDeclaration, declare, seed_int
 
 ACTIVATIONS = (None, "tanh_relu")
@@ -156,7 +156,7 @@ def tanh_attention(
          "activation": activation},
     )
     name = resolve(backend, inputs)
-    if name == "reference" or min(q.shape + k.shape + v.shape[1:]) == 0:
+    if runs_reference(name, p, "tanh_attention") or min(q.shape + k.shape + v.shape[1:]) == 0:
         with outside_autocast(q.device):
             o, mask = reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask)
     else:
