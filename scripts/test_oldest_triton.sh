@@ -3,9 +3,9 @@
 # own: the main environment keeps the newest (torch 2.13's 3.9). `make test` runs this after the main suite.
 #
 # The venv (.venv-triton36, git-ignored) sees the main environment's packages (torch, numpy, pytest) and adds only
-# triton; it is reused while it holds the right triton. Runs the interpreter tests of the kernels and the default
-# (subset) ahead-of-time compile tests, stopping at the first failure: about 4 minutes on 2 cores. Not the model-level
-# tests (tests/test_triton_modules.py: the same kernels through the nn modules, 3 more minutes) nor
+# triton; it is reused while it holds the right triton. Runs the interpreter tests of the kernels (the Triton files
+# and the conformance suite's triton cases) and the default (subset) ahead-of-time compile tests, stopping at the
+# first failure: about 3 minutes on 2 cores once the venv exists. Not the model-level tests (tests/test_triton_modules.py: the same kernels through the nn modules, 3 more minutes) nor
 # AVKERNELS_AOT_FULL.
 #
 # Without network, triton cannot be installed: that is an error under CI=true, otherwise a loud skip (exit 0).
@@ -43,4 +43,4 @@ fi
 # PYTHONPATH: this checkout, ahead of any editable install of the package that the venv inherits.
 exec env -u AVKERNELS_AOT_FULL PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -m pytest -x -q -p no:cacheprovider \
     tests/test_triton_versions.py tests/test_triton_tanh_attention.py tests/test_triton_gates.py \
-    tests/test_triton_compile.py
+    tests/test_triton_compile.py tests/test_conformance.py -k triton
