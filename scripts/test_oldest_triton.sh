@@ -5,8 +5,8 @@
 # The venv (.venv-triton36, git-ignored) sees the main environment's packages (torch, numpy, pytest) and adds only
 # triton; it is reused while it holds the right triton. Runs the interpreter tests of the kernels (the Triton files
 # and the conformance suite's triton cases) and the default (subset) ahead-of-time compile tests, stopping at the
-# first failure: about 3 minutes on 2 cores once the venv exists. Not the model-level tests (tests/test_triton_modules.py: the same kernels through the nn modules, 3 more minutes) nor
-# AVKERNELS_AOT_FULL.
+# first failure: about 3 minutes on 2 cores once the venv exists. Not the model-level tests
+# (tests/test_triton_modules.py: the same kernels through the nn modules, 3 more minutes) nor AVKERNELS_AOT_FULL.
 #
 # Without network, triton cannot be installed: that is an error under CI=true, otherwise a loud skip (exit 0).
 # Environment: PYTHON (default python3), TRITON_OLDEST (default 3.6.0), TRITON_OLDEST_VENV (default .venv-triton36).
