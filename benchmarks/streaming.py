@@ -32,7 +32,6 @@ Writes ``benchmarks/results/<name>.json`` and ``<name>.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -52,6 +51,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import avkernels  # noqa: E402
+import compare  # noqa: E402
+import harness  # noqa: E402
 from avkernels.models import AVRegressor  # noqa: E402
 
 FPS = 30  # Aff-Wild2's frame rate; RECOLA's 25 Hz labels would give fewer windows per minute
@@ -60,9 +61,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return harness.autocast(torch.device("cpu"), precision)
 
 
 class Provider:
@@ -173,13 +172,6 @@ def time_round(provider: Provider, window: tuple, batches: List[tuple], latency_
     provider.video.append(time.perf_counter() - start)
 
 
-def _iqr(values: List[float]) -> float:
-    if len(values) < 4:
-        return max(values) - min(values)
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
-
-
 def summarise(providers: List[Provider], video_s: float, windows: int) -> List[Dict[str, object]]:
     rows = []
     eager = {p.precision: p for p in providers if p.kind == "eager" and p.error is None}
@@ -188,8 +180,8 @@ def summarise(providers: List[Provider], video_s: float, windows: int) -> List[D
                                   "max_abs_diff_vs_eager_fp32": p.max_abs_diff}
         if p.error is None and p.latency:
             lat, vid = statistics.median(p.latency), statistics.median(p.video)
-            row.update(latency_ms=1e3 * lat, latency_iqr_ms=1e3 * _iqr(p.latency), video_s=vid,
-                       video_iqr_s=_iqr(p.video), windows_per_s=windows / vid, realtime_factor=video_s / vid)
+            row.update(latency_ms=1e3 * lat, latency_iqr_ms=1e3 * compare._iqr(p.latency), video_s=vid,
+                       video_iqr_s=compare._iqr(p.video), windows_per_s=windows / vid, realtime_factor=video_s / vid)
             base = eager.get(p.precision)
             if base is not None and base.latency:
                 # median of per-round ratios: each pair was timed seconds apart, under the same load
@@ -210,11 +202,12 @@ def render(result: Dict[str, object]) -> str:
         f"onnxruntime {result['machine']['onnxruntime']}. Model: dims {cfg['dims']}, L = {cfg['seq_len']}, default "
         f"backends ({result['machine']['backends']}), eval mode, random weights (the timings do not depend on them).",
         "",
-        f"- **latency**: one window (batch 1, {cfg['seq_len']} clips), median of {cfg['latency_calls']} calls per round.",
+        f"- **latency**: one window (batch 1, {cfg['seq_len']} clips), median of {cfg['latency_calls']} calls per "
+        "round.",
         f"- **video**: a {cfg['minutes']}-minute video at {FPS} fps = {result['windows']} windows "
         f"({result['windows'] * cfg['seq_len']} clips), batches of {cfg['batch']}.",
-        f"- {result['rounds']} interleaved rounds; medians (IQR); speedups are medians of per-round ratios against eager "
-        "at the same precision. `build` is the export/compile time paid once, before the first call.",
+        f"- {result['rounds']} interleaved rounds; medians (IQR); speedups are medians of per-round ratios against "
+        "eager at the same precision. `build` is the export/compile time paid once, before the first call.",
         "",
         "| provider | latency ms (IQR) | vs eager | video s (IQR) | windows/s | real-time x | vs eager | build s | "
         "max abs diff vs eager fp32 |",
@@ -226,7 +219,8 @@ def render(result: Dict[str, object]) -> str:
             continue
         lines.append(
             f"| {row['provider']} | {row['latency_ms']:.2f} ({row['latency_iqr_ms']:.2f}) | "
-            f"{row.get('latency_speedup_vs_eager', float('nan')):.2f}x | {row['video_s']:.2f} ({row['video_iqr_s']:.2f}) | "
+            f"{row.get('latency_speedup_vs_eager', float('nan')):.2f}x | "
+            f"{row['video_s']:.2f} ({row['video_iqr_s']:.2f}) | "
             f"{row['windows_per_s']:.0f} | {row['realtime_factor']:.0f} | "
             f"{row.get('video_speedup_vs_eager', float('nan')):.2f}x | {row['build_s']:.1f} | "
             f"{row['max_abs_diff_vs_eager_fp32']:.1e} |"
@@ -252,9 +246,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
-
-    import compare
-    import harness
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

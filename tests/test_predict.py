@@ -35,27 +35,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def affwild2(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("affwild2")
+def _trained(tmp_path_factory, dataset, write_samples, *options):
+    """(data root, checkpoint) of a tiny train_av run on the dataset's sample files."""
+    tmp = tmp_path_factory.mktemp(dataset)
     root = str(tmp / "data")
-    make_samples.write_affwild2(root)
+    write_samples(root)
     args = train_av.build_parser().parse_args(
-        TINY + ["--dataset", "affwild2", "--data-root", root, "--out-dir", str(tmp / "run")])
+        TINY + ["--dataset", dataset, "--data-root", root, *options, "--out-dir", str(tmp / "run")])
     train_av.run(args)
     return root, str(tmp / "run" / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def affwild2(tmp_path_factory):
+    return _trained(tmp_path_factory, "affwild2", make_samples.write_affwild2)
 
 
 @pytest.fixture(scope="module")
 def recola(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("recola")
-    root = str(tmp / "data")
-    make_samples.write_recola(root)
-    args = train_av.build_parser().parse_args(
-        TINY + ["--dataset", "recola", "--data-root", root, "--fusion", "dca", "--form", "additive",
-                "--out-dir", str(tmp / "run")])
-    train_av.run(args)
-    return root, str(tmp / "run" / "last.pt")
+    return _trained(tmp_path_factory, "recola", make_samples.write_recola, "--fusion", "dca", "--form", "additive")
 
 
 def _affwild2_files(out):

@@ -173,9 +173,4 @@ def define_library_ops() -> None:
 on_register_impl(_define_python_ops)
 
 
-def seed_int(seed: torch.Tensor) -> int:
-    """The Python-kernel contracts' seed: the op's seed tensor is empty (no dropout) or holds one int."""
-    return int(seed.item()) if seed.numel() else 0
-
-
-__all__ = ["OpDeclaration", "declare", "declarations", "define_library_ops", "library_schema_mismatch", "seed_int"]
+__all__ = ["OpDeclaration", "declare", "declarations", "define_library_ops", "library_schema_mismatch"]

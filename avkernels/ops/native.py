@@ -286,9 +286,7 @@ def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False
     return path
 
 
-_load("cpp")
-if "cuda" not in _LIBRARIES:  # loaded with cpp's when that one loads
-    _load("cuda")
+_load("cpp")  # and, once its ops are defined, cuda's kernels of them (_loaded)
 register_backend(BackendInfo("cpp", _cpp_unavailable, _cpp_inputs, preference={"cpu": 0}))
 # After triton on CUDA: the Triton kernels are the tuned ones there; these are the no-JIT alternative.
 register_backend(BackendInfo("cuda", _cuda_unavailable, _cuda_inputs, preference={"cuda": 1}))

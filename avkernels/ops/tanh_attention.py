@@ -30,7 +30,7 @@ import torch
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
 from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
-from avkernels.ops.declaration import OpDeclaration, declare, seed_int
+from avkernels.ops.declaration import OpDeclaration, declare
 
 ACTIVATIONS = (None, "tanh_relu")
 SEED_BOUND = 2**31  # Philox keys are 32-bit halves; every backend accepts seeds below this
@@ -58,13 +58,18 @@ def _save(inputs, output):
     return (q, k, v, o if activation != "none" else o.new_empty(0), seed), (scale, dropout_p, activation)
 
 
+def _seed_int(seed: torch.Tensor) -> int:
+    """The Python-kernel contract's seed: the op's seed tensor is empty (no dropout) or holds one int."""
+    return int(seed.item()) if seed.numel() else 0
+
+
 def _kernel_forward(kernel, q, k, v, seed, scale, dropout_p, activation, return_mask):
-    o, mask = kernel(q, k, v, seed_int(seed), scale, dropout_p, activation, return_mask)
+    o, mask = kernel(q, k, v, _seed_int(seed), scale, dropout_p, activation, return_mask)
     return o, torch.empty(0, dtype=torch.bool, device=q.device) if mask is None else mask
 
 
 def _kernel_backward(kernel, do, q, k, v, o, seed, scale, dropout_p, activation):
-    return kernel(do, q, k, v, o, seed_int(seed), scale, dropout_p, activation)
+    return kernel(do, q, k, v, o, _seed_int(seed), scale, dropout_p, activation)
 
 
 # The op returns the mask as an empty tensor when none was asked for or drawn; it saves q, k, v, the seed and, with

@@ -50,6 +50,14 @@ __device__ acc_t<T> weight_at(const SoftmaxMixInputs& in, int k, int64_t column)
   return to_acc<T>(static_cast<const T*>(in.weight)[k * in.weight_stride[0] + column * in.weight_stride[1]]);
 }
 
+// dout where the output's ReLU passed the mix (out > 0), else 0: the gradient reaching the mix at (b, l, f).
+template <typename T>
+__device__ acc_t<T> relu_grad_at(const SoftmaxMixBackwardParams& params, int64_t b, int64_t l, int64_t f) {
+  return strided_at<T>(params.out, params.out_stride, b, l, f) > acc_t<T>(0)
+             ? strided_at<T>(params.dout, params.dout_stride, b, l, f)
+             : acc_t<T>(0);
+}
+
 // softmax((logits + bias) / tau) of row (b, l) into s[0 : C]; warp-collective, every lane gets all C values.
 template <typename T, int kMaxC>
 __device__ void gate_values(const SoftmaxMixInputs& in, int64_t b, int64_t l, int lane, acc_t<T> (&s)[kMaxC]) {
@@ -147,9 +155,7 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
     ds[t] = Acc(0);
   }
   for (int64_t f = lane; f < in.features; f += kWarpSize) {
-    const Acc dy = strided_at<T>(params.out, params.out_stride, b, l, f) > Acc(0)
-                       ? strided_at<T>(params.dout, params.dout_stride, b, l, f)
-                       : Acc(0);
+    const Acc dy = relu_grad_at<T>(params, b, l, f);
 #pragma unroll
     for (int t = 0; t < kMaxC; ++t) {
       if (t < count) ds[t] += dy * candidate_at<T>(in, t, b, l, f);
@@ -175,9 +181,7 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
 
   T* d_candidates = static_cast<T*>(params.d_candidates);
   for (int64_t f = lane; f < in.features; f += kWarpSize) {
-    const Acc dy = strided_at<T>(params.out, params.out_stride, b, l, f) > Acc(0)
-                       ? strided_at<T>(params.dout, params.dout_stride, b, l, f)
-                       : Acc(0);
+    const Acc dy = relu_grad_at<T>(params, b, l, f);
 #pragma unroll
     for (int t = 0; t < kMaxC; ++t) {
       if (t >= count) continue;
