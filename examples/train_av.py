@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import (  # noqa: E402
-    Context, Task, TrainConfig, Trainer, add_precision_argument, seed_everything, setup_context, teardown_context,
+    Context, Task, TrainConfig, Trainer, add_precision_argument, run_or_exit, seed_everything, setup_context,
+    teardown_context,
 )
 
 from avkernels.data import INVALID_LABEL, AffWild2VA, RECOLA, SyntheticAV, SyntheticAVConfig  # noqa: E402
@@ -312,8 +313,8 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    result = run(args)
+    parser = build_parser()
+    result = run_or_exit(parser, run, parser.parse_args(argv))
     if int(os.environ.get("RANK", "0")) == 0 and result["best"] is not None:
         best = result["best"]
         print(f"best epoch {best['epoch'] + 1}: CCC valence {best['ccc_valence']:.4f} "
