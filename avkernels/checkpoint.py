@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections import OrderedDict
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -81,6 +82,16 @@ def _head(source: object, size: int = 8) -> Optional[bytes]:
         return None
 
 
+def _first_line(message: str) -> str:
+    return next((line.strip() for line in message.splitlines() if line.strip()), "")
+
+
+def _weights_only_reason(message: str) -> str:
+    """The unpickler's own reason, out of torch's advice around it."""
+    reason = message.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in message else ""
+    return _first_line(reason) or "an object weights-only loading does not build"
+
+
 def load(source: object, map_location: object = "cpu", *,
          hint: str = "if you trust the file, load it yourself with torch.load(..., weights_only=False) and pass the "
                      "loaded object") -> object:
@@ -114,18 +125,18 @@ def load(source: object, map_location: object = "cpu", *,
             return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
-        if "Unsupported global" in message:
-            detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-            detail = detail.split(" was not an allowed global")[0]
+        if "Weights only load failed" in message:
+            refused = re.search(r"GLOBAL [\w.]+", message)  # the class or function the file asks for
+            detail = refused.group(0) if refused else _weights_only_reason(message)
             raise CheckpointError(
                 f"checkpoint: {where} holds Python objects besides tensors, numbers and strings, which "
                 f"weights_only loading refuses ({detail}); nothing in it was run. {hint[:1].upper()}{hint[1:]}."
             ) from None
-        raise CheckpointError(f"checkpoint: {where} is not a PyTorch checkpoint ({message.strip()})") from None
+        raise CheckpointError(f"checkpoint: {where} is not a PyTorch checkpoint ({_first_line(message)})") from None
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere in the unpickler (IndexError, ...)
-        reason = str(error).strip() or type(error).__name__
+        reason = _first_line(str(error)) or type(error).__name__
         raise CheckpointError(f"checkpoint: {where} is not a PyTorch checkpoint ({reason})") from None
 
 
@@ -157,3 +168,20 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
         "tensors and plain Python values (so that it loads with torch.load(weights_only=True)); convert it first "
         "(a tensor, a list, a dict)"
     )
+
+
+def weights_mismatch(model: torch.nn.Module, weights: Mapping[str, Any]) -> Optional[str]:
+    """``None`` when ``weights`` are exactly ``model``'s tensors (names and shapes), else one line saying what
+    differs: how many are missing, unexpected or of another shape, with the first of each."""
+    expected = model.state_dict()
+
+    def shape(value: object) -> str:
+        return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+    missing = [k for k in expected if k not in weights]
+    unexpected = [str(k) for k in weights if k not in expected]
+    reshaped = [f"{k} {shape(v)}, the model's {shape(expected[k])}" for k, v in weights.items()
+                if k in expected and (not isinstance(v, torch.Tensor) or v.shape != expected[k].shape)]
+    parts = [f"{len(names)} {what} (first: {names[0]})" for what, names in (
+        ("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if names]
+    return "; ".join(parts) or None

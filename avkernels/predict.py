@@ -126,28 +126,17 @@ def build_model(model_config: Mapping[str, Any], backend: Optional[str] = None) 
     return model
 
 
-def _check_weights(model: nn.Module, weights: Mapping[str, Any], path: str, model_config: Mapping[str, Any]) -> None:
-    """The checkpoint's weights are exactly the model's tensors, else an error saying what differs."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [str(k) for k in weights if k not in expected]
-    reshaped = [f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} (the model's: "
-                f"{tuple(expected[k].shape)})" for k, v in weights.items()
-                if k in expected and (not isinstance(v, torch.Tensor) or v.shape != expected[k].shape)]
-    if missing or unexpected or reshaped:
-        fusion = model_config.get("kwargs", {}).get("fusion")
-        described = f"{model_config.get('class')}" + (f" with fusion {fusion!r}" if fusion else "")
-        parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in (
-            ("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if v]
-        raise PredictError(f"{path}: its weights do not fit the model its model_config describes ({described}): "
-                           + "; ".join(parts) + ". Were the weights of another model saved under this configuration?")
-
-
 def load_model(path: str, *, device: str = "cpu", backend: Optional[str] = None):
     """``(model, data_config)`` of a checkpoint, the model in eval mode on ``device``."""
     state = load_checkpoint(path)
     model = build_model(state["model_config"], backend)
-    _check_weights(model, state["model"], resolve_checkpoint(path), state["model_config"])
+    mismatch = checkpoints.weights_mismatch(model, state["model"])
+    if mismatch:
+        config = state["model_config"]
+        fusion = config.get("kwargs", {}).get("fusion")
+        described = f"{config.get('class')}" + (f" with fusion {fusion!r}" if fusion else "")
+        raise PredictError(f"{resolve_checkpoint(path)}: its weights do not fit the model its model_config describes "
+                           f"({described}): {mismatch}. Were another model's weights saved under this configuration?")
     model.load_state_dict(state["model"])
     return model.to(device).eval(), dict(state["data_config"])
 

@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from avkernels.checkpoint import CONVERT_HINT, CheckpointError, plain
+from avkernels.checkpoint import CONVERT_HINT, CheckpointError, plain, weights_mismatch
 from avkernels.checkpoint import load as load_checkpoint
 from avkernels.data.formats import DataFormatError
 from avkernels.precision import PRECISIONS, autocast_dtype  # noqa: F401  (shared with `python -m avkernels predict`)
@@ -451,10 +451,10 @@ class Trainer:
         if state["config"]["batch_size"] != self.cfg.batch_size or state["config"]["seed"] != self.cfg.seed:
             raise CheckpointError(
                 f"{path}: saved with another batch_size or seed; resuming would change the data order")
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as error:  # another model's weights
-            raise CheckpointError(f"{path}: its weights do not fit this run's model ({error})") from None
+        mismatch = weights_mismatch(self.model, state["model"])
+        if mismatch:
+            raise CheckpointError(f"{path}: its weights do not fit this run's model: {mismatch}")
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
