@@ -36,7 +36,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -125,11 +125,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def plain_numpy_state(state: Sequence[Any]) -> List[Any]:
+    """``np.random.get_state()`` in tensors and plain values (its key array as a tensor), as checkpoints hold it."""
+    name, key, position, has_gauss, gauss = state
+    return [name, torch.from_numpy(np.asarray(key).astype(np.int64)), int(position), int(has_gauss), float(gauss)]
+
+
 def rng_state() -> Dict[str, Any]:
-    """Every generator's state, in tensors and plain values (numpy's key array as a tensor), as checkpoints hold."""
-    name, key, position, has_gauss, gauss = np.random.get_state(legacy=True)
-    numpy_state = [name, torch.from_numpy(key.astype(np.int64)), int(position), int(has_gauss), float(gauss)]
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    """Every generator's state, in tensors and plain values."""
+    state = {"torch": torch.get_rng_state(), "numpy": plain_numpy_state(np.random.get_state(legacy=True)),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -372,3 +372,30 @@ def test_a_killed_predict_leaves_complete_results_and_no_debris(run, tmp_path, p
     avpredict.predict(folder, "validation", out, overwrite=True, smooth=True, **common)
     assert sorted(os.listdir(tmp_path)) == ["pred"]
     assert _snapshot(out) == new
+
+
+def test_an_older_checkpoint_converts_with_an_explicit_flag_and_resumes(run, tmp_path, capsys):
+    import numpy as np
+
+    import convert_checkpoint
+
+    root, folder = run
+    state = torch.load(os.path.join(folder, "last.pt"), weights_only=True)
+    state["rng"][0]["numpy"] = np.random.get_state()  # as older training scripts saved it
+    old = str(tmp_path / "old.pt")
+    torch.save(state, old)
+    with pytest.raises(CheckpointError, match=r"numpy.*multiarray.*docs/datasets.md"):
+        avpredict.load_checkpoint(old)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_checkpoint.main([old, old])  # the unsafe read is never implicit
+    assert exit_info.value.code == 2 and "--trust-this-file" in capsys.readouterr().err
+    assert convert_checkpoint.main([old, old, "--trust-this-file"]) == 0
+    assert "warning: unpickling" in capsys.readouterr().err
+    converted = torch.load(old, weights_only=True)
+    assert torch.equal(converted["rng"][0]["numpy"][1], torch.from_numpy(state["rng"][0]["numpy"][1].astype(np.int64)))
+    out = str(tmp_path / "resumed")
+    shutil.copytree(folder, out)
+    shutil.copy(old, os.path.join(out, "last.pt"))
+    train_av.main(TINY + ["--dataset", "affwild2", "--data-root", root, "--out-dir", out, "--resume", "auto",
+                          "--epochs", "2", "--max-steps", "100"])
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 2
