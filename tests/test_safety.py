@@ -29,17 +29,9 @@ from avkernels.checkpoint import CheckpointError, plain
 from avkernels.models import AVRegressor
 from avkernels.prediction_files import foreign_entries, recover, write_iemocap_file, write_recola_files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
+from test_predict import ROOT, TINY, make_samples, train_av, train_iemocap  # the sample data and the tiny model
 
-import make_samples  # noqa: E402
-import train_av  # noqa: E402
-import train_iemocap  # noqa: E402
-
-TINY = ["--seq-len", "4", "--clip-stride", "8", "--batch-size", "4", "--encoder-layers", "1", "--joint-dim", "8",
-        "--joint-layers", "1", "--head-hidden", "4", "--no-progress", "--device", "cpu", "--max-steps", "1",
-        "--fusion", "grjca"]
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 class Payload:
@@ -50,14 +42,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {shlex.quote(self.marker)}",)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +226,8 @@ def test_overwrite_never_replaces_inputs_or_foreign_files(run, tmp_path, capsys)
     assert main(["predict", checkpoint, "--split", "validation", "--data-root", root, "--out", folder,
                  "--overwrite", "--device", "cpu", "--no-progress"]) == 2
     assert "holds the checkpoint" in _error_line(capsys.readouterr().err, "avkernels predict")
+    assert main(["export", folder, checkpoint]) == 2  # the ONNX file would replace the checkpoint it comes from
+    assert "is the checkpoint being exported" in _error_line(capsys.readouterr().err, "avkernels export")
     # A checkpoint elsewhere, the run folder as output: its files are not predictions.
     copy = str(tmp_path / "elsewhere.pt")
     shutil.copy(checkpoint, copy)
