@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from avkernels import checkpoint as checkpoints
-from avkernels.backends import backend_status
+from avkernels.backends import backend_status, registered
 from avkernels.data import RECOLA, AffWild2VA, IEMOCAPFold, SyntheticAV, SyntheticAVConfig
 from avkernels.metrics import SMOOTHING_WINDOWS, smooth_predictions
 from avkernels.models import AVRegressor, CrossAttentionClassifier, SelfAttentionClassifier
@@ -152,11 +152,15 @@ def check_backend(model: nn.Module, backend: Optional[str], device: torch.device
     from avkernels.export import example_inputs
 
     inputs = [x.to(device) for x in example_inputs(model, batch=1)]
+    was_training = model.training
+    model.eval()  # no dropout: the check draws nothing from the random generators
     try:
         with torch.no_grad(), autocast(precision, device):
             model(*inputs)
     except RuntimeError as error:
         raise PredictError(f"--backend {backend}: cannot run this model on {device.type}: {error}") from None
+    finally:
+        model.train(was_training)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -342,7 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype of the forward")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--backend", help="backend of the fused ops (default: the fastest for the device)")
+    parser.add_argument("--backend", help=f"backend of the fused ops, one of {', '.join(registered())} (default: the "
+                                          "fastest for the device)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--drop-no-video", action="store_true",
                         help="IEMOCAP: leave out utterances without video frames, as the paper's protocol does")

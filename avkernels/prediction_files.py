@@ -10,8 +10,8 @@ a previous result.
   the output folder's place in one step: on Linux ``renameat2(RENAME_EXCHANGE)`` swaps it with the previous folder
   (there is no moment without an output folder), elsewhere (or where the filesystem lacks the call) two renames, the
   previous folder moved to ``.<name>.predict-<pid>.old`` in between. An error or Ctrl-C removes the temporary folder
-  at once. A killed process cannot clean up, so every run first clears what dead runs left for the same output
-  folder (:func:`recover`): temporary folders are removed, and a previous folder caught between the two renames is
+  at once. A killed process cannot clean up, so every run first clears what dead runs left in the output folder's
+  parent (:func:`recover`): temporary folders are removed, and a previous folder caught between the two renames is
   put back. Whenever a run stops, the output folder holds either the previous results or the new ones, complete.
 """
 
@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -188,23 +188,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stale(out_dir: str) -> List[Tuple[str, str]]:
-    """``(path, kind)`` of the temporary folders of dead runs into ``out_dir``."""
-    parent, base = os.path.split(out_dir)
-    pattern = re.compile(rf"\.{re.escape(base)}\.predict-(\d+)\.({'|'.join(_TEMP_KINDS)})")
-    if not os.path.isdir(parent):
-        return []
-    found = [pattern.fullmatch(name) for name in os.listdir(parent)]
-    return [(os.path.join(parent, m.group(0)), m.group(2)) for m in found if m and not _alive(int(m.group(1)))]
+_TEMP = re.compile(rf"\.(.+)\.predict-(\d+)\.({'|'.join(_TEMP_KINDS)})")
 
 
 def recover(out_dir: str) -> None:
-    """Clear what killed runs into ``out_dir`` left: a previous folder caught between the two renames of the
-    portable path is put back in place, temporary folders are removed."""
-    out_dir = os.path.abspath(out_dir)
-    for path, kind in sorted(_stale(out_dir), key=lambda entry: entry[1] != "old"):
-        if kind == "old" and not os.path.lexists(out_dir):
-            os.rename(path, out_dir)
+    """Clear what killed runs left beside ``out_dir`` (for it, or for another output folder in the same parent): a
+    previous folder caught between the two renames of the portable path is put back in place, temporary folders
+    are removed. Those of runs still alive are left alone."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        return
+    found = [_TEMP.fullmatch(name) for name in sorted(os.listdir(parent))]
+    stale = [m for m in found if m and not _alive(int(m.group(2)))]
+    for m in sorted(stale, key=lambda m: m.group(3) != "old"):  # put back before removing
+        path, target = os.path.join(parent, m.group(0)), os.path.join(parent, m.group(1))
+        if m.group(3) == "old" and not os.path.lexists(target):
+            os.rename(path, target)
         else:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from avkernels.checkpoint import CONVERT_HINT, CheckpointError, plain, weights_mismatch
 from avkernels.checkpoint import load as load_checkpoint
 from avkernels.data.formats import DataFormatError
+from avkernels.prediction_files import PredictError
 from avkernels.precision import PRECISIONS, autocast_dtype  # noqa: F401  (shared with `python -m avkernels predict`)
 
 logger = logging.getLogger("avkernels.examples")
@@ -150,11 +151,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def run_or_exit(parser, run: Callable[[Any], Any], args: Any) -> Any:
-    """``run(args)``, where a bad input file (a refused or damaged checkpoint, a malformed or missing data file) ends
-    the script as a command-line error, ``<prog>: error: ...`` with exit status 2, rather than a traceback."""
+    """``run(args)``, where a bad input (a refused or damaged checkpoint, a malformed or missing data file, a backend
+    the machine lacks) ends the script as a command-line error, ``<prog>: error: ...`` with exit status 2, rather
+    than a traceback."""
     try:
         return run(args)
-    except (CheckpointError, DataFormatError, FileNotFoundError) as error:
+    except (CheckpointError, DataFormatError, FileNotFoundError, PredictError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 

@@ -37,7 +37,9 @@ from avkernels.data import INVALID_LABEL, AffWild2VA, RECOLA, SyntheticAV, Synth
 from avkernels.losses import CCCLoss  # noqa: E402
 from avkernels.data.synthetic import CONDITIONS, PRESETS, parse_overrides, preset_config  # noqa: E402
 from avkernels.metrics import SMOOTHING_WINDOWS, ccc, grouped_ccc, smooth_predictions  # noqa: E402
+from avkernels.backends import registered  # noqa: E402
 from avkernels.models import AVRegressor  # noqa: E402
+from avkernels.predict import check_backend  # noqa: E402
 
 DATASETS = ("synthetic", "affwild2", "recola")
 FUSIONS = ("jca", "rjca", "dca", "grjca")
@@ -172,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "spatial attention reduces them to C features")
     g.add_argument("--scrambled-reshape", action="store_true",
                    help="with --spatial-attention, the official code's view(N, 49, 512) instead of the correct one")
-    g.add_argument("--backend", help="backend of the fused ops (default: the fastest for the device)")
+    g.add_argument("--backend", choices=registered(),
+                   help="backend of the fused ops (default: the fastest for the device)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -280,6 +283,7 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
         train_set, val_set = build_datasets(args)
         dims = [train_set.feature_dims[m] for m in train_set.modalities]
         model = build_model(args, dims)
+        check_backend(model.to(ctx.device), args.backend, ctx.device, args.precision)  # one it lacks: a CLI error
         out_dir = args.out_dir or os.path.join("runs", args.fusion)
         config = TrainConfig(
             out_dir=out_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

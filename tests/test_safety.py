@@ -354,7 +354,11 @@ def test_a_killed_predict_leaves_complete_results_and_no_debris(run, tmp_path, p
             assert not os.path.exists(out)
             recover(out)  # ... which the next run (or this) undoes
         assert _snapshot(out) == (new if point in ("after-swap", "removing-old") else previous)
-    # The next run clears what the killed one left and writes its results.
+    # The next run clears what the killed one left and writes its results; so does a run into another folder there.
+    if point == "before-swap":
+        avpredict.predict(folder, "validation", str(tmp_path / "other"), **common)
+        assert sorted(os.listdir(tmp_path)) == ["other", "pred"] and _snapshot(out) == previous
+        shutil.rmtree(tmp_path / "other")
     avpredict.predict(folder, "validation", out, overwrite=True, smooth=True, **common)
     assert sorted(os.listdir(tmp_path)) == ["pred"]
     assert _snapshot(out) == new
@@ -385,3 +389,14 @@ def test_an_older_checkpoint_converts_with_an_explicit_flag_and_resumes(run, tmp
     train_av.main(TINY + ["--dataset", "affwild2", "--data-root", root, "--out-dir", out, "--resume", "auto",
                           "--epochs", "2", "--max-steps", "100"])
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_training_with_a_backend_the_machine_lacks_is_a_command_line_error(run, tmp_path, capsys):
+    root, _ = run
+    with pytest.raises(SystemExit) as exit_info:
+        train_av.main(TINY + ["--dataset", "affwild2", "--data-root", root, "--out-dir", str(tmp_path / "r"),
+                              "--backend", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--backend cuda: not usable on this machine" in _error_line(capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "r" / "last.pt")
