@@ -199,9 +199,11 @@ def run_from_args(args) -> int:
 
     import numpy as np
 
-    from avkernels.predict import PredictError, load_model
+    from avkernels.predict import load_model, resolve_checkpoint
 
     try:
+        if os.path.exists(args.output) and os.path.samefile(args.output, resolve_checkpoint(args.checkpoint)):
+            raise ExportError(f"{args.output}: is the checkpoint being exported; choose another output file")
         model, _ = load_model(args.checkpoint)
         export_onnx(model, example_inputs(model, batch=2), args.output, opset_version=args.opset)
         if not args.no_check:
@@ -211,7 +213,7 @@ def run_from_args(args) -> int:
             expected = (expected,) if isinstance(expected, torch.Tensor) else expected
             error = max(float(np.abs(got - e.numpy()).max()) for got, e in zip(run_onnx(args.output, inputs), expected))
             print(f"onnxruntime vs PyTorch at batch 3: max abs difference {error:.2e}")
-    except (ExportError, PredictError, FileNotFoundError) as exc:
+    except (ExportError, ValueError, OSError) as exc:  # PredictError, CheckpointError, a missing file ...
         print(f"avkernels export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")

@@ -14,9 +14,13 @@ and the split are given here. Outputs, per dataset:
 
 Valence and arousal are clipped to [-1, 1], the range of both formats (the heads are unbounded). ``--smooth`` adds the
 SPEC 5 post-processing (:func:`avkernels.metrics.smooth_predictions`: a per-video moving average of 20 frames for
-valence and 50 for arousal). The output folder is written in a temporary sibling folder and renamed into place, so an
-interrupted run leaves either no output folder or a complete one; an existing non-empty folder is replaced only with
-``--overwrite``.
+valence and 50 for arousal).
+
+The output folder is written in a temporary sibling folder and put in place in one step, so an interrupted run
+leaves the previous results or the new ones, complete (:mod:`avkernels.prediction_files`). An existing non-empty
+folder is replaced only with ``--overwrite``, and only when it holds nothing but earlier predictions: never the
+checkpoint, the data or a file predict did not write. The checkpoint is read with ``weights_only=True``
+(:func:`avkernels.checkpoint.load`): a file that could run code is refused, unread.
 """
 
 from __future__ import annotations
@@ -24,25 +28,35 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
+import signal
 import sys
-import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from avkernels import checkpoint as checkpoints
+from avkernels.backends import backend_status, registered
 from avkernels.data import RECOLA, AffWild2VA, IEMOCAPFold, SyntheticAV, SyntheticAVConfig
-from avkernels.data.formats import VA_HEADER
 from avkernels.metrics import SMOOTHING_WINDOWS, smooth_predictions
 from avkernels.models import AVRegressor, CrossAttentionClassifier, SelfAttentionClassifier
 from avkernels.nn.fusion import RecursiveJointCrossAttention
 from avkernels.precision import PRECISIONS, autocast
+from avkernels.prediction_files import (  # noqa: F401  (IEMOCAP_FILE and the writers are part of this module's API)
+    DIMENSIONS,
+    IEMOCAP_FILE,
+    PredictError,
+    check_output_folder,
+    recover,
+    write_folder_atomically,
+    write_iemocap_file,
+    write_recola_files,
+    write_va_files,
+)
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (AVRegressor, SelfAttentionClassifier, CrossAttentionClassifier)}
-DIMENSIONS = ("valence", "arousal")
 SPLITS = {
     "synthetic": {"train": "train", "val": "val", "validation": "val"},
     "affwild2": {"train": "Train_Set", "val": "Validation_Set", "validation": "Validation_Set", "test": "test",
@@ -50,34 +64,33 @@ SPLITS = {
     "recola": {"train": "train", "dev": "dev", "val": "dev", "validation": "dev"},
     "iemocap": {"train": "train", "dev": "dev", "val": "dev", "validation": "dev", "test": "test"},
 }
-IEMOCAP_FILE = "predictions.csv"
-
-
-class PredictError(ValueError):
-    """The checkpoint, the data or the output folder does not allow the run (the message says why)."""
-
 
 # -- checkpoint -> model ------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The checkpoint file ``path`` names: itself, or for a run folder its ``best.pt``, else its ``last.pt``."""
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"{path}: a folder without best.pt or last.pt")
+        return found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return path
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint's dict; it must hold ``model``, ``model_config`` and ``data_config``.
 
-    ``path`` may also be a run folder: its ``best.pt``, else its ``last.pt``.
-
-    Checkpoints also hold optimizer and RNG states (numpy objects), so they are unpickled in full: load only files
-    you trust.
+    ``path`` may also be a run folder (:func:`resolve_checkpoint`). The file is read with ``weights_only=True``
+    (:func:`avkernels.checkpoint.load`): one that holds other Python objects is refused before any of it runs.
     """
-    if os.path.isdir(path):
-        found = [os.path.join(path, n) for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            raise FileNotFoundError(f"{path}: a folder without best.pt or last.pt")
-        path = found[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state:
-        raise PredictError(f"{path}: not a checkpoint of the training scripts (no 'model' entry)")
+    path = resolve_checkpoint(path)
+    state = checkpoints.load(path, hint=checkpoints.CONVERT_HINT)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping):
+        found = f"top-level keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else type(state).__name__
+        raise PredictError(f"{path}: not a checkpoint of the training scripts (no 'model' state dict; found {found})")
     missing = [key for key in ("model_config", "data_config") if key not in state]
     if missing:
         raise PredictError(
@@ -85,6 +98,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
             "the predict command. Train with the current examples/train_av.py or train_iemocap.py, whose checkpoints "
             "hold the model and data configuration"
         )
+    for key in ("model_config", "data_config"):
+        if not isinstance(state[key], dict):
+            raise PredictError(f"{path}: {key} should be a dict, got {type(state[key]).__name__}")
     return state
 
 
@@ -100,7 +116,10 @@ def build_model(model_config: Mapping[str, Any], backend: Optional[str] = None) 
     kwargs = copy.deepcopy(dict(model_config.get("kwargs", {})))
     if isinstance(kwargs.get("fusion_kwargs"), dict):
         kwargs["fusion_kwargs"].pop("backend", None)
-    model = MODEL_CLASSES[name](**kwargs)
+    try:
+        model = MODEL_CLASSES[name](**kwargs)
+    except (TypeError, ValueError) as error:
+        raise PredictError(f"model_config: does not describe a {name} this version builds ({error})") from None
     for module in model.modules():
         if isinstance(module, RecursiveJointCrossAttention):
             module.set_backend(backend)
@@ -111,8 +130,37 @@ def load_model(path: str, *, device: str = "cpu", backend: Optional[str] = None)
     """``(model, data_config)`` of a checkpoint, the model in eval mode on ``device``."""
     state = load_checkpoint(path)
     model = build_model(state["model_config"], backend)
+    mismatch = checkpoints.weights_mismatch(model, state["model"])
+    if mismatch:
+        config = state["model_config"]
+        fusion = config.get("kwargs", {}).get("fusion")
+        described = f"{config.get('class')}" + (f" with fusion {fusion!r}" if fusion else "")
+        raise PredictError(f"{resolve_checkpoint(path)}: its weights do not fit the model its model_config describes "
+                           f"({described}): {mismatch}. Were another model's weights saved under this configuration?")
     model.load_state_dict(state["model"])
     return model.to(device).eval(), dict(state["data_config"])
+
+
+def check_backend(model: nn.Module, backend: Optional[str], device: torch.device, precision: str = "fp32") -> None:
+    """A backend named by the user can run ``model`` on ``device`` (tried on one example input), else an error
+    saying why; found before any data is read."""
+    if backend is None:
+        return
+    status = backend_status().get(backend, "available")  # an unknown name is refused by build_model already
+    if status != "available":
+        raise PredictError(f"--backend {backend}: not usable on this machine: {status}")
+    from avkernels.export import example_inputs
+
+    inputs = [x.to(device) for x in example_inputs(model, batch=1)]
+    was_training = model.training
+    model.eval()  # no dropout: the check draws nothing from the random generators
+    try:
+        with torch.no_grad(), autocast(precision, device):
+            model(*inputs)
+    except RuntimeError as error:
+        raise PredictError(f"--backend {backend}: cannot run this model on {device.type}: {error}") from None
+    finally:
+        model.train(was_training)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -214,98 +262,6 @@ def postprocess(per_video: Mapping[str, List[np.ndarray]], smooth: bool) -> Dict
     return {d: [np.clip(v, -1.0, 1.0) for v in values] for d, values in per_video.items()}
 
 
-# -- writers ------------------------------------------------------------------------------------------------------
-
-
-def _number(x: float) -> str:
-    return f"{x:.6f}"
-
-
-def write_va_files(folder: str, names: Sequence[str], per_video: Mapping[str, List[np.ndarray]]) -> List[str]:
-    """One ABAW annotation-format file per video."""
-    paths = []
-    for i, name in enumerate(names):
-        path = os.path.join(folder, name + ".txt")
-        rows = zip(per_video["valence"][i], per_video["arousal"][i])
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(VA_HEADER + "\n")
-            f.writelines(f"{_number(v)},{_number(a)}\n" for v, a in rows)
-        paths.append(path)
-    return paths
-
-
-def write_recola_files(folder: str, names: Sequence[str], per_video: Mapping[str, List[np.ndarray]]) -> List[str]:
-    """``valence/<subject>.csv`` and ``arousal/<subject>.csv``: one value per 40 ms frame."""
-    paths = []
-    for d in DIMENSIONS:
-        os.makedirs(os.path.join(folder, d))
-        for i, name in enumerate(names):
-            path = os.path.join(folder, d, name + ".csv")
-            with open(path, "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(_number(x) + "\n" for x in per_video[d][i])
-            paths.append(path)
-    return paths
-
-
-def write_iemocap_file(folder: str, utterances: Sequence[int], probabilities: np.ndarray) -> List[str]:
-    path = os.path.join(folder, IEMOCAP_FILE)
-    header = ["utterance", "class"] + [f"prob_{c}" for c in range(probabilities.shape[1])]
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(",".join(header) + "\n")
-        for index, p in zip(utterances, probabilities):
-            f.write(",".join([str(int(index)), str(int(np.argmax(p)))] + [_number(x) for x in p]) + "\n")
-    return [path]
-
-
-# -- atomic output folder -----------------------------------------------------------------------------------------
-
-
-def check_output_folder(out_dir: str, overwrite: bool) -> None:
-    """Refuse before any work when the run could not write ``out_dir``."""
-    if os.path.lexists(out_dir):
-        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-            raise PredictError(f"{out_dir}: exists and is not a folder; predictions are written to a folder")
-        if os.listdir(out_dir) and not overwrite:
-            raise PredictError(f"{out_dir}: the output folder exists and is not empty; pass --overwrite to replace it")
-
-
-def write_folder_atomically(out_dir: str, overwrite: bool, write: Callable[[str], List[str]]) -> List[str]:
-    """Run ``write(folder)`` on a temporary sibling of ``out_dir``, then rename it to ``out_dir``.
-
-    Returns the written paths as they are under ``out_dir``. On any error (or Ctrl-C) the temporary folder is removed
-    and ``out_dir`` is left as it was.
-    """
-    out_dir = os.path.abspath(out_dir)
-    check_output_folder(out_dir, overwrite)
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    old = None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output folder's mode
-        paths = write(tmp)
-        check_output_folder(out_dir, overwrite)  # another process may have written there meanwhile
-        if os.path.lexists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-            os.replace(out_dir, old)  # over the empty placeholder folder
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out_dir)
-                old = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in paths]
-
-
 # -- the command --------------------------------------------------------------------------------------------------
 
 
@@ -343,10 +299,16 @@ def predict(
         raise PredictError(f"precision: expected one of {tuple(PRECISIONS)}, got {precision!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"batch_size: expected a positive int, got {batch_size!r}")
-    check_output_folder(os.path.abspath(out_dir), overwrite)
+    inputs = dict(checkpoint=resolve_checkpoint(checkpoint), data_root=data_root)  # what out_dir must not destroy
+    recover(out_dir)
+    check_output_folder(out_dir, overwrite, **inputs)
     dev = _device(device)
     model, data_config = load_model(checkpoint, device=str(dev), backend=backend)
-    dataset = build_dataset(data_config, split, data_root, drop_no_video=drop_no_video)
+    check_backend(model, backend, dev, precision)
+    try:
+        dataset = build_dataset(data_config, split, data_root, drop_no_video=drop_no_video)
+    except KeyError as key:
+        raise PredictError(f"{inputs['checkpoint']}: its data_config has no {key} entry") from None
     options = dict(device=dev, precision=precision, batch_size=batch_size, num_workers=num_workers,
                    progress=progress)
     result: Dict[str, Any] = {"out_dir": os.path.abspath(out_dir), "dataset": data_config["dataset"], "frames": {}}
@@ -354,14 +316,15 @@ def predict(
         probabilities = predict_classes(model, dataset, **options)
         utterances = dataset._keep  # indices into the split's files, also when utterances without video were left out
         result["files"] = write_folder_atomically(
-            out_dir, overwrite, lambda folder: write_iemocap_file(folder, utterances, probabilities))
+            out_dir, overwrite, lambda folder: write_iemocap_file(folder, utterances, probabilities), **inputs)
         result["utterances"] = len(utterances)
         return result
     _check_inputs(model, dataset)
     per_video = postprocess(predict_frames(model, dataset, **options), smooth)
     names = [video.name for video in dataset.videos]
     writer = write_recola_files if data_config["dataset"] == "recola" else write_va_files
-    result["files"] = write_folder_atomically(out_dir, overwrite, lambda folder: writer(folder, names, per_video))
+    result["files"] = write_folder_atomically(out_dir, overwrite, lambda folder: writer(folder, names, per_video),
+                                              **inputs)
     result["frames"] = {video.name: video.n_frames for video in dataset.videos}
     return result
 
@@ -383,14 +346,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype of the forward")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--backend", help="backend of the fused ops (default: the fastest for the device)")
+    parser.add_argument("--backend", help=f"backend of the fused ops, one of {', '.join(registered())} (default: the "
+                                          "fastest for the device)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--drop-no-video", action="store_true",
                         help="IEMOCAP: leave out utterances without video frames, as the paper's protocol does")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so that a temporary folder being written is removed
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    handler = signal.signal(signal.SIGTERM, _terminated)
     try:
         result = predict(
             args.checkpoint, args.split, args.out, data_root=args.data_root, smooth=args.smooth,
@@ -398,9 +367,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, progress=not args.no_progress, num_workers=args.num_workers,
             drop_no_video=args.drop_no_video,
         )
-    except (PredictError, FileNotFoundError, ValueError) as exc:
+    except (ValueError, OSError) as exc:  # PredictError, CheckpointError, DataFormatError, a missing file ...
         print(f"avkernels predict: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     what = f"{result['utterances']} utterances" if "utterances" in result else (
         f"{len(result['frames'])} videos, {sum(result['frames'].values())} frames")
     print(f"wrote {len(result['files'])} files ({what}) to {result['out_dir']}")

@@ -14,7 +14,9 @@ What it does, once for every script:
   validation score) are written to a temporary file and moved into place with ``os.replace``, so a crash never
   leaves a truncated checkpoint. They hold the model, optimizer, scheduler and scaler states, the epoch and the
   step within it, the early-stopping state and the RNG states of every rank (torch, CUDA, numpy, python), plus the
-  script's ``extra_state`` (the model and data configuration that ``python -m avkernels predict`` rebuilds from).
+  script's ``extra_state`` (the model and data configuration that ``python -m avkernels predict`` rebuilds from),
+  all as tensors and plain Python values, so that they load with ``weights_only=True`` as every reader of them does
+  (:mod:`avkernels.checkpoint`): resuming from a file that would run code refuses it before it runs.
 * **Exact resume**: the data order is a function of ``(seed, epoch)`` (the sampler's own generator; the loader has
   its own generator too, so iterating never draws from the global RNG), and a resumed epoch skips the batches
   already done. Resuming from step ``n`` and taking one step gives bitwise the parameters of an uninterrupted run.
@@ -34,7 +36,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,9 +45,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from avkernels.checkpoint import CONVERT_HINT, CheckpointError, plain, weights_mismatch
+from avkernels.checkpoint import load as load_checkpoint
+from avkernels.data.formats import DataFormatError
+from avkernels.prediction_files import PredictError
 from avkernels.precision import PRECISIONS, autocast_dtype  # noqa: F401  (shared with `python -m avkernels predict`)
 
 logger = logging.getLogger("avkernels.examples")
+
+# What a checkpoint must hold to be resumed from (besides the script's extra_state).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "step", "best", "bad_evals",
+               "history", "rng", "world_size", "config")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,8 +126,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def plain_numpy_state(state: Sequence[Any]) -> List[Any]:
+    """``np.random.get_state()`` in tensors and plain values (its key array as a tensor), as checkpoints hold it."""
+    name, key, position, has_gauss, gauss = state
+    return [name, torch.from_numpy(np.asarray(key).astype(np.int64)), int(position), int(has_gauss), float(gauss)]
+
+
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state, in tensors and plain values."""
+    state = {"torch": torch.get_rng_state(), "numpy": plain_numpy_state(np.random.get_state(legacy=True)),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -125,10 +143,21 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), position, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_or_exit(parser, run: Callable[[Any], Any], args: Any) -> Any:
+    """``run(args)``, where a bad input (a refused or damaged checkpoint, a malformed or missing data file, a backend
+    the machine lacks) ends the script as a command-line error, ``<prog>: error: ...`` with exit status 2, rather
+    than a traceback."""
+    try:
+        return run(args)
+    except (CheckpointError, DataFormatError, FileNotFoundError, PredictError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,7 +195,11 @@ class ResumableSampler(DistributedSampler):
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` without ever leaving a partial file there (write a temp file, then rename)."""
+    """``torch.save`` to ``path`` without ever leaving a partial file there (write a temp file, then rename).
+
+    ``obj`` may hold only tensors and plain Python values (:func:`avkernels.checkpoint.plain`), so that the file loads
+    with ``weights_only=True``."""
+    obj = plain(obj)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -413,14 +446,21 @@ class Trainer:
             atomic_save(state, os.path.join(self.cfg.out_dir, name))
 
     def _load(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path, hint=CONVERT_HINT)  # weights_only: a file that would run code is refused
+        missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+        if missing:
+            raise CheckpointError(f"{path}: not a checkpoint of the training scripts (no {', '.join(missing)})")
         if state["world_size"] != self.ctx.world_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: saved by {state['world_size']} processes, resumed by {self.ctx.world_size}; the data order "
                 "and RNG streams would differ (resume with the same number of processes)"
             )
         if state["config"]["batch_size"] != self.cfg.batch_size or state["config"]["seed"] != self.cfg.seed:
-            raise ValueError(f"{path}: saved with another batch_size or seed; resuming would change the data order")
+            raise CheckpointError(
+                f"{path}: saved with another batch_size or seed; resuming would change the data order")
+        mismatch = weights_mismatch(self.model, state["model"])
+        if mismatch:
+            raise CheckpointError(f"{path}: its weights do not fit this run's model: {mismatch}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:

@@ -29,14 +29,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import (  # noqa: E402
-    Context, Task, TrainConfig, Trainer, add_precision_argument, seed_everything, setup_context, teardown_context,
+    Context, Task, TrainConfig, Trainer, add_precision_argument, run_or_exit, seed_everything, setup_context,
+    teardown_context,
 )
 
 from avkernels.data import INVALID_LABEL, AffWild2VA, RECOLA, SyntheticAV, SyntheticAVConfig  # noqa: E402
 from avkernels.losses import CCCLoss  # noqa: E402
 from avkernels.data.synthetic import CONDITIONS, PRESETS, parse_overrides, preset_config  # noqa: E402
 from avkernels.metrics import SMOOTHING_WINDOWS, ccc, grouped_ccc, smooth_predictions  # noqa: E402
+from avkernels.backends import registered  # noqa: E402
 from avkernels.models import AVRegressor  # noqa: E402
+from avkernels.predict import check_backend  # noqa: E402
 
 DATASETS = ("synthetic", "affwild2", "recola")
 FUSIONS = ("jca", "rjca", "dca", "grjca")
@@ -171,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "spatial attention reduces them to C features")
     g.add_argument("--scrambled-reshape", action="store_true",
                    help="with --spatial-attention, the official code's view(N, 49, 512) instead of the correct one")
-    g.add_argument("--backend", help="backend of the fused ops (default: the fastest for the device)")
+    g.add_argument("--backend", choices=registered(),
+                   help="backend of the fused ops (default: the fastest for the device)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -279,6 +283,7 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
         train_set, val_set = build_datasets(args)
         dims = [train_set.feature_dims[m] for m in train_set.modalities]
         model = build_model(args, dims)
+        check_backend(model.to(ctx.device), args.backend, ctx.device, args.precision)  # one it lacks: a CLI error
         out_dir = args.out_dir or os.path.join("runs", args.fusion)
         config = TrainConfig(
             out_dir=out_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
@@ -312,8 +317,8 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    result = run(args)
+    parser = build_parser()
+    result = run_or_exit(parser, run, parser.parse_args(argv))
     if int(os.environ.get("RANK", "0")) == 0 and result["best"] is not None:
         best = result["best"]
         print(f"best epoch {best['epoch'] + 1}: CCC valence {best['ccc_valence']:.4f} "

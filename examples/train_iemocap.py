@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import (  # noqa: E402
-    Context, Task, TrainConfig, Trainer, add_precision_argument, seed_everything, setup_context, teardown_context,
+    Context, Task, TrainConfig, Trainer, add_precision_argument, load_checkpoint, run_or_exit, seed_everything,
+    setup_context, teardown_context,
 )
 
 from avkernels.data import IEMOCAPFold  # noqa: E402
@@ -133,7 +134,7 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
         result: Dict[str, Any] = {"history": history, "trainer": trainer, "stopped_early": trainer.stopped_early}
         if ctx.is_main:
             best_path = os.path.join(args.out_dir, "best.pt")
-            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+            model.load_state_dict(load_checkpoint(best_path)["model"])
             loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False)
             model.eval()
             with torch.no_grad():
@@ -153,8 +154,8 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    result = run(args)
+    parser = build_parser()
+    result = run_or_exit(parser, run, parser.parse_args(argv))
     if "test" in result:
         print(json.dumps({"best_val": result["best"], "test": result["test"],
                           "stopped_early": result["stopped_early"]}, indent=1))

@@ -49,6 +49,7 @@ import train_av  # noqa: E402  (puts the repository on sys.path)
 from avkernels.data.synthetic import (  # noqa: E402
     AUDIO_CORRUPTED, CONDITIONS, PRESETS, VIDEO_CORRUPTED,
 )
+from avkernels.checkpoint import load as load_checkpoint  # noqa: E402
 from avkernels.metrics import mean_interval  # noqa: E402
 
 MODELS = ("jca", "rjca", "dca", "grjca")
@@ -154,7 +155,7 @@ def train_one(args, name: str, seed: int, run_dir: str) -> Dict[str, object]:
                           "--out-dir", run_dir, "--device", "cpu", "--precision", args.precision]
     result = train_av.run(train_av.build_parser().parse_args(flags))
     model = result["trainer"].model
-    best = torch.load(os.path.join(run_dir, "best.pt"), map_location="cpu", weights_only=False)
+    best = load_checkpoint(os.path.join(run_dir, "best.pt"))
     model.load_state_dict(best["model"])
     return {
         "best": result["best"],

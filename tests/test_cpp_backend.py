@@ -211,7 +211,7 @@ def test_every_isa_variant(ext, isa, tmp_path):
             env = {**os.environ, "AVKERNELS_CPU_ISA": isa_name}
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr
-        return [torch.load(path + str(dtype)) for dtype in (torch.float64, torch.float32)]
+        return [torch.load(path + str(dtype), weights_only=True) for dtype in (torch.float64, torch.float32)]
 
     for ours, widest in zip(run(isa), run(None)):
         assert torch.equal(ours, widest)

@@ -279,7 +279,7 @@ def test_weights_only_refuses_python_objects(tmp_path):
 
 
 def test_numpy_scalars_are_rebuilt_from_bytes_only():
-    from avkernels.models.official import _numpy_scalar, _NumpyDtype
+    from avkernels.checkpoint import _numpy_scalar, _NumpyDtype
 
     assert _numpy_scalar(_NumpyDtype("f8"), np.float64(0.25).tobytes()) == 0.25
     with pytest.raises(pickle.UnpicklingError):

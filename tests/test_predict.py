@@ -175,7 +175,7 @@ def test_output_folder_is_never_half_written(affwild2, tmp_path, monkeypatch):
 
 def test_checkpoint_without_configuration_is_explained(affwild2, tmp_path):
     _, checkpoint = affwild2
-    state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint, weights_only=True)
     del state["model_config"]
     old = str(tmp_path / "old.pt")
     torch.save(state, old)
@@ -221,7 +221,7 @@ def test_spatial_attention_checkpoint_and_a_training_backend_that_is_not_used(tm
         TINY + ["--dataset", "affwild2", "--data-root", root, "--spatial-attention", "--backend", "reference",
                 "--out-dir", str(tmp_path / "run")])
     train_av.run(args)
-    state = torch.load(str(tmp_path / "run" / "last.pt"), weights_only=False)
+    state = torch.load(str(tmp_path / "run" / "last.pt"), weights_only=True)
     assert state["model_config"]["kwargs"]["fusion_kwargs"]["backend"] == "reference"
     assert state["data_config"] == {"dataset": "affwild2", "modalities": ["video", "audio"], "seq_len": 4,
                                     "clip_stride": 8}

@@ -136,7 +136,7 @@ def test_early_stopping_and_plateau_scheduler(tmp_path):
 def test_resume_refuses_another_world_size_or_batch_size(tmp_path):
     out = str(tmp_path / "run")
     train_av.run(_args("--fusion", "jca", "--max-steps", "2", "--out-dir", out))
-    state = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     state["world_size"] = 2
     engine.atomic_save(state, os.path.join(out, "other.pt"))
     with pytest.raises(ValueError, match="saved by 2 processes, resumed by 1"):
@@ -165,7 +165,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert len(config) == 1 and config[0]["world_size"] == 2  # only rank 0 writes the log
     # 32 samples over 2 processes at batch 4: 4 steps per epoch; step 6 stops inside epoch 2.
     assert [r["step"] for r in _records(out, "val")] == [4]
-    state = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2
     # Each rank draws its own dropout masks: the two RNG streams differ.
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -321,7 +321,7 @@ def test_the_demo_reports_over_seeds_and_draws_the_gates(tmp_path, monkeypatch, 
             [a - b for a, b in zip(by_condition["dca"][c], by_condition["rjca"][c])])
     # Seed k of every model trained on the synthetic data of seed k.
     for k in (0, 1):
-        state = torch.load(os.path.join(out, f"seed{k}", "dca", "best.pt"), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(out, f"seed{k}", "dca", "best.pt"), map_location="cpu", weights_only=True)
         assert state["data_config"]["synthetic"]["seed"] == k
     with open(os.path.join(out, "gates.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

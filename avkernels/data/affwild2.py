@@ -75,7 +75,7 @@ class AffWild2VA(AVWindowDataset):
             labels = {}
             for n in names:
                 path = require_file(feature_files[first][n], f"Aff-Wild2 {first} features of {n!r}")
-                rows = load_array(path, f"Aff-Wild2 {first} features", ndim=2).shape[0]
+                rows = load_array(path, f"Aff-Wild2 {first} features", ndim=2, check_values=False).shape[0]
                 labels[n] = np.full((rows, 2), INVALID_LABEL, dtype=np.float32)
         else:
             labels = {n: read_va_annotation(os.path.join(os.fspath(annotation_dir), n + ".txt")) for n in names}

@@ -7,6 +7,7 @@ index (arrays) of the first offending entry.
 
 from __future__ import annotations
 
+import codecs
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -32,9 +33,28 @@ def require_file(path: PathLike, what: str) -> str:
     return path
 
 
+def _decode(raw: bytes, path: str) -> str:
+    """UTF-8 text (an optional byte-order mark is dropped), else an error naming the line of the first bad byte."""
+    raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        text = raw.decode("utf-8")
+        bad = raw.find(b"\x00")  # valid UTF-8, but the mark of UTF-16 or a binary file
+        reason = "a NUL byte (UTF-16 text or a binary file?)"
+    except UnicodeDecodeError as error:
+        text, bad = "", error.start
+        reason = f"byte 0x{raw[bad]:02x} is not UTF-8" + (
+            " (the file starts with a UTF-16 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+    if bad < 0:
+        return text
+    line, column = raw.count(b"\n", 0, bad) + 1, bad - raw.rfind(b"\n", 0, bad)
+    raise DataFormatError(f"{path}, line {line}, column {column}: {reason}; the file must be UTF-8 (or ASCII) text: "
+                          "save it with that encoding")
+
+
 def _read_lines(path: str) -> list:
-    with open(path, "r", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     # One trailing newline (or several) ends the file; an empty line anywhere else would shift every later frame.
     while lines and lines[-1].strip() == "":
         lines.pop()
@@ -143,8 +163,10 @@ def load_array(
     ndim: Optional[int] = None,
     kind: str = "float",
     mmap: bool = True,
+    check_values: bool = True,
 ) -> np.ndarray:
-    """Load a ``.npy`` array and check its rank, trailing shape and dtype kind.
+    """Load a ``.npy`` array and check its rank, trailing shape and dtype kind, that it has rows, and (floats) that
+    every value is finite and within float32's range (:func:`check_finite_rows`).
 
     Args:
         path: the ``.npy`` file.
@@ -153,6 +175,8 @@ def load_array(
         ndim: expected rank when ``trailing_shape`` is not given.
         kind: ``"float"`` (any floating dtype) or ``"int"`` (any integer dtype, or floats holding whole numbers).
         mmap: memory-map the file (feature files can be far larger than memory).
+        check_values: check the values of a float array (``False`` when only the shape is wanted and the values are
+            checked where the file is loaded for use).
     """
     path = require_file(path, what)
     try:
@@ -169,8 +193,12 @@ def load_array(
             raise DataFormatError(f"{path}: {what} must have shape {shape}, got {tuple(array.shape)}")
     elif ndim is not None and array.ndim != ndim:
         raise DataFormatError(f"{path}: {what} must be a {ndim}-d array, got shape {tuple(array.shape)}")
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise DataFormatError(f"{path}: {what} holds no rows (shape {tuple(array.shape)})")
     if kind == "float" and not np.issubdtype(array.dtype, np.floating):
         raise DataFormatError(f"{path}: {what} must hold floating-point values, got dtype {array.dtype}")
+    if kind == "float" and check_values:
+        check_finite_rows(array, path, what)
     if kind == "int":
         if np.issubdtype(array.dtype, np.floating):
             whole = np.isfinite(array) & (np.floor(array) == array)
@@ -181,6 +209,46 @@ def load_array(
         elif not np.issubdtype(array.dtype, np.integer):
             raise DataFormatError(f"{path}: {what} must hold integers, got dtype {array.dtype}")
     return array
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_CHECK_CHUNK_BYTES = 32 << 20  # bounds the memory of the check of a memory-mapped file
+
+
+def _good_rows(rows: np.ndarray) -> np.ndarray:
+    """``(n, k)`` float rows -> ``(n,)`` bool: every value finite and within float32's range."""
+    if rows.dtype == np.float16:  # numpy's float16 isfinite is slow; a non-finite half has all exponent bits set
+        return ((np.ascontiguousarray(rows).view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+    if rows.dtype == np.float32:
+        return np.isfinite(rows).all(axis=1)
+    return (np.abs(rows) <= _FLOAT32_MAX).all(axis=1)  # False for NaN too
+
+
+def check_finite_rows(array: np.ndarray, path: str, what: str) -> None:
+    """Every value of a float array finite and within float32's range (items are float32), else an error naming the
+    first bad row (index on axis 0), its first bad value, and how many rows are bad.
+
+    The array is read once, in chunks of about 32 MB, so a memory-mapped file is never loaded whole.
+    """
+    n = array.shape[0]
+    step = max(1, _CHECK_CHUNK_BYTES // max(1, array[0].nbytes))
+    bad_rows, first = 0, None
+    for start in range(0, n, step):
+        chunk = np.asarray(array[start:start + step])
+        good = _good_rows(chunk.reshape(len(chunk), -1))
+        if not good.all():
+            bad_rows += int(len(good) - good.sum())
+            if first is None:
+                first = start + int(np.argmin(good))
+    if first is None:
+        return
+    row = np.asarray(array[first], dtype=np.float64)
+    where = _first_index(~(np.abs(row) <= _FLOAT32_MAX))
+    value = float(row[where])
+    raise DataFormatError(
+        f"{path}: {what} holds NaN, inf or values beyond float32's range in {bad_rows} of {n} rows; the first is row "
+        f"{first} ({value!r} at index {(first,) + (where if isinstance(where, tuple) else (where,))}). Fix or drop "
+        "those rows where the file is written")
 
 
 def check_int_range(array: np.ndarray, low: int, high: int, path: str, what: str) -> None:

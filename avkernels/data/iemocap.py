@@ -98,6 +98,10 @@ class IEMOCAPFold(Dataset):
                 "IEMOCAP %s %s: dropped %d of %d utterances with no video frames (video_seqN == 0)",
                 folder, split, self.n_dropped_no_video, n,
             )
+        if len(keep) == 0:
+            raise DataFormatError(
+                f"{seq_path}: every one of the {n} utterances of the {split} split has video_seqN == 0, so "
+                "drop_no_video=True leaves none (pass drop_no_video=False to keep them)")
         self._keep = keep
         self.labels = np.asarray(labels[keep], dtype=np.int64)
 

@@ -23,14 +23,13 @@ official ``PositionAttn`` reads the visual map with the scrambled ``view(-1, 49,
 
 from __future__ import annotations
 
-import os
-import pickle
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
+
+from avkernels.checkpoint import describe, load
 
 OFFICIAL_REPOS = ("jca", "rjca", "dca")
 
@@ -152,97 +151,7 @@ def key_map(repo: str, iterations: Optional[int] = None) -> "OrderedDict[str, st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading a checkpoint
-
-
-class _NumpyDtype:
-    """Stands in for ``numpy.dtype`` while unpickling: numeric dtypes only (see :func:`_numpy_scalar`)."""
-
-    def __init__(self, spec: object, align: object = False, copy: object = True):
-        dtype = np.dtype(spec) if isinstance(spec, str) else None
-        if dtype is None or dtype.kind not in "biuf":
-            raise pickle.UnpicklingError(f"only numeric numpy scalars are accepted, not dtype {spec!r}")
-        self.dtype = dtype
-
-    def __setstate__(self, state: object) -> None:
-        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">"):
-            self.dtype = self.dtype.newbyteorder(state[1])
-
-
-def _numpy_scalar(dtype: object, data: object = None) -> Union[int, float]:
-    """The official training code stores its validation CCCs as numpy scalars next to ``"net"``, which
-    ``weights_only=True`` refuses. Numeric scalars are plain bytes, so they are rebuilt here from their bytes alone
-    (as Python numbers); object scalars, whose bytes would be a pointer, are refused."""
-    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
-        raise pickle.UnpicklingError("only numeric numpy scalars are accepted")
-    return np.frombuffer(data, dtype=dtype.dtype, count=1)[0].item()
-
-
-_NUMPY_SCALAR_GLOBALS = [
-    (_numpy_scalar, "numpy._core.multiarray.scalar"),  # pickled under numpy >= 2
-    (_numpy_scalar, "numpy.core.multiarray.scalar"),  # pickled under numpy 1.x
-    (_NumpyDtype, "numpy.dtype"),
-    _NumpyDtype,  # so that the unpickler may set its state
-]
-
-
-def _describe(checkpoint: object) -> str:
-    return repr(os.fspath(checkpoint)) if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
-
-
-def _torch_load(source: object, map_location: object) -> object:
-    with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
-        return torch.load(source, map_location=map_location, weights_only=True)
-
-
-def _head(checkpoint: object, size: int = 8) -> Optional[bytes]:
-    """The first bytes of a file or seekable file object (left where it was); None when they cannot be read."""
-    try:
-        if isinstance(checkpoint, (str, os.PathLike)):
-            with open(checkpoint, "rb") as f:
-                return f.read(size)
-        position = checkpoint.tell()
-        head = checkpoint.read(size)
-        checkpoint.seek(position)
-        return head if isinstance(head, bytes) else None
-    except (OSError, AttributeError, ValueError):
-        return None
-
-
-def load_checkpoint(checkpoint: object, map_location: object = "cpu") -> object:
-    """``torch.load(checkpoint, weights_only=True)`` with errors that say what is wrong with the file."""
-    if isinstance(checkpoint, (str, os.PathLike)):
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint: no such file {path!r}")
-    elif not (hasattr(checkpoint, "read") and hasattr(checkpoint, "seek")):
-        return checkpoint  # already loaded
-    where = _describe(checkpoint)
-    head = _head(checkpoint)
-    # torch.save writes a zip archive, or (before PyTorch 1.6, or with _use_new_zipfile_serialization=False) a
-    # pickle, which starts with the PROTO opcode. Anything else would fail inside the unpickler with a message
-    # about opcodes.
-    if head is not None and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
-        shown = repr(head[:8]) if head else "an empty file"
-        raise ValueError(f"checkpoint: {where} is not a PyTorch checkpoint (it starts with {shown})")
-    try:
-        return _torch_load(checkpoint, map_location)
-    except pickle.UnpicklingError as error:
-        message = str(error)
-        if "Unsupported global" in message:
-            detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-            detail = detail.split(" was not an allowed global")[0]
-            raise ValueError(
-                f"checkpoint: {where} holds Python objects besides tensors, numbers and strings, which "
-                f"weights_only loading refuses ({detail}). If you trust the file, load it yourself with "
-                f"torch.load(..., weights_only=False) and pass the loaded object."
-            ) from None
-        raise ValueError(f"checkpoint: {where} is not a PyTorch checkpoint ({message.strip()})") from None
-    except MemoryError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere in the unpickler (IndexError, ...)
-        reason = str(error).strip() or type(error).__name__
-        raise ValueError(f"checkpoint: {where} is not a PyTorch checkpoint ({reason})") from None
+# Reading a checkpoint (the file itself is read by avkernels.checkpoint.load)
 
 
 def _state_dict_of(loaded: object, where: str) -> "OrderedDict[str, torch.Tensor]":
@@ -305,8 +214,8 @@ def from_official(
     """See :meth:`AVRegressor.from_official`."""
     repo = check_repo(repo)
     iterations = _check_iterations(repo, iterations)
-    where = _describe(checkpoint)
-    state = _state_dict_of(load_checkpoint(checkpoint, map_location), where)
+    where = describe(checkpoint)
+    state = _state_dict_of(load(checkpoint, map_location), where)
     names = key_map(repo, iterations)
 
     missing = [k for k in names if k not in state]

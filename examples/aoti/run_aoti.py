@@ -21,7 +21,7 @@ def main(argv) -> int:
     tolerance = float(argv[3]) if len(argv) == 4 else 1e-4
     torch.ops.load_library(library)
     runner = torch._inductor.aoti_load_package(package)
-    sample = torch.load(sample_path)
+    sample = torch.load(sample_path, weights_only=True)  # tensors only: a file that would run code is refused
     with torch.no_grad():
         outputs = runner(*sample["inputs"])
     outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
