@@ -34,6 +34,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -252,7 +253,9 @@ def _compile(lib: NativeLibrary, root: str, directory: str, why: str, verbose: b
         print(f" failed after {seconds:.0f} s (log: {log})", file=sys.stderr, flush=True)
         with open(log) as f:
             lines = [line.strip() for line in f if line.strip()]
-        first = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")
+        # The compiler's or linker's first error, not the Python traceback around it.
+        first = next((line for line in lines if re.search(r"(^|: )(fatal )?error: ", line)),
+                     lines[-1] if lines else "no output")
         raise RuntimeError(f"its build failed: {first} (whole log: {log})")
     temporary = _built_file(lib, directory) + f".{os.getpid()}"
     shutil.copyfile(_built_file(lib, work), temporary)
@@ -343,8 +346,8 @@ def _from_cache(lib: NativeLibrary, why: str, *, compile: bool, force: bool = Fa
     if lib.backend in _LIBRARIES:
         return target  # rebuilt while loaded: used from the next process on
     if lib.backend in _IN_PROCESS:
-        raise RuntimeError(f"built {target}, but this process has loaded {_IN_PROCESS[lib.backend]}, which it "
-                           "refused; the new build is used from the next process on")
+        raise RuntimeError(f"{target} is built, but this process has loaded {_IN_PROCESS[lib.backend]}, which it "
+                           "refused; the build is used from the next process on")
     _load_file(lib, target)
     return target
 
@@ -411,10 +414,11 @@ def build(backend: str = "cpp", *, force: bool = False, verbose: bool = False) -
 
 
 def _unavailable(lib: NativeLibrary) -> Optional[str]:
+    """Runs on every dispatch, inside traced regions too: it only reads what import settled."""
     if lib.backend not in _LIBRARIES:
-        return _REASONS.get(lib.backend, f"{_module(lib)} was not built")
+        return _REASONS.get(lib.backend) or f"the {lib.backend} library is not loaded"
     missing = lib.device_missing()
-    return None if missing is None else f"{_module(lib)} is built but {missing}"
+    return None if missing is None else f"{_LIBRARIES[lib.backend]} is loaded but {missing}"
 
 
 def _input_reason(lib: NativeLibrary, inputs: Inputs) -> Optional[str]:
