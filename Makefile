@@ -6,7 +6,7 @@ PYTHON ?= python3
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,examples]"
 
 demo: install
 	$(PYTHON) examples/train_synthetic.py

@@ -2,7 +2,8 @@
 
 A non-editable install (a wheel, ``pip install .``, ``pip install git+URL``) also carries ``csrc/`` inside the package
 (``avkernels/csrc/``): pip's default isolated build has no torch, so no extension is built there, and the library then
-compiles the CPU extension against the installed torch on first use (``avkernels/ops/native.py``).
+compiles the CPU extension against the installed torch when it is first imported, once per sources and torch (a build
+cache keyed by their content: ``avkernels/ops/native.py``).
 
 The extensions are built with ``torch.utils.cpp_extension`` when a compiler is there (and, for CUDA, when torch has
 CUDA and nvcc is found). A missing toolchain or a failed compile never fails the install: the library then runs on
@@ -13,6 +14,8 @@ import glob
 import importlib.machinery
 import os
 import runpy
+import sys
+import time
 import warnings
 
 from setuptools import find_packages, setup
@@ -31,7 +34,7 @@ def _sources(patterns):
 
 class BuildPyWithSources(build_py):
     """Also copies the kernel sources into the package, so that an install whose build had no torch (or whose
-    prebuilt extension does not match the torch installed later) can compile them on first use."""
+    prebuilt extension does not match the torch installed later) can compile them when it is imported."""
 
     def run(self):
         super().run()
@@ -51,7 +54,7 @@ def _extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
         warnings.warn(f"avkernels: torch is not importable at build time ({exc}); building without extensions "
-                      "(avkernels compiles the CPU one against the installed torch on first use)")
+                      "(avkernels compiles the CPU one against the installed torch when first imported)")
         return [], {}
 
     class OptionalBuildExtension(BuildExtension):
@@ -62,11 +65,16 @@ def _extensions():
         """
 
         def build_extension(self, ext):
+            started = time.monotonic()
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any compiler failure must leave a usable install
                 self._failed = getattr(self, "_failed", set()) | {ext.name}
                 warnings.warn(f"avkernels: could not build {ext.name}; its backend will be unavailable: {exc}")
+                return
+            # Like every build of the kernels (avkernels/ops/native.py), one line: why, and how long it took.
+            print(f"avkernels: built {ext.name} for torch {torch.__version__} (the install's build had torch) in "
+                  f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
 
         def build_extensions(self):
             super().build_extensions()
@@ -135,7 +143,9 @@ setup(
     # (scripts/test_oldest_triton.sh).
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
-        "plot": ["matplotlib"],
+        # What the example scripts need beyond the library (make demo installs it; each script that needs a missing
+        # one says so in one line, examples/prelude.py).
+        "examples": ["matplotlib"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "triton==3.9.0", "onnx", "onnxscript", "onnxruntime"],
     },

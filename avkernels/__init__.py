@@ -2,10 +2,12 @@
 
 Functional ops: :func:`tanh_attention`, :func:`gate`, :func:`stage_gate`. Fusion modules: :class:`JCA`,
 :class:`RJCA`, :class:`DCA`, :class:`GRJCA`. Full models: :mod:`avkernels.models`. Metrics and losses:
-:mod:`avkernels.metrics`, :mod:`avkernels.losses`. Backends available here: :func:`backends`.
+:mod:`avkernels.metrics`, :mod:`avkernels.losses`. Backends available here: :func:`backends`; compiling the C++
+ones: :func:`build`.
 """
 
 from avkernels.backends import backend_status, backends
+from avkernels.ops.native import build
 from avkernels.ops import gate, stage_gate, tanh_attention
 from avkernels.nn import DCA, GRJCA, JCA, RJCA
 from avkernels import data, losses, metrics, models
@@ -23,6 +25,7 @@ __all__ = [
     "GRJCA",
     "backends",
     "backend_status",
+    "build",
     "models",
     "data",
     "metrics",

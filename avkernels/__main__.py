@@ -15,8 +15,22 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from avkernels.ops import native
+
+    for backend in args.backend or ["cpp"]:
+        try:
+            path = native.build(backend, force=args.force, verbose=args.verbose)
+        except (ValueError, RuntimeError) as exc:
+            print(f"python -m avkernels build: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{backend}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from avkernels import export, predict
+    from avkernels.ops import native
 
     parser = argparse.ArgumentParser(prog="python -m avkernels",
                                      description="avkernels: fused kernels for audio-visual joint cross-attention")
@@ -36,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("backends", help="the fused-op backends of this install and why any is unavailable")
     p.add_argument("--op", choices=("tanh_attention", "gate", "stage_gate"), default=None)
     p.set_defaults(handler=_backends)
+    p = commands.add_parser(
+        "build", help="compile the native backends' libraries for this torch (once per sources and torch)",
+        description="Load each backend's library, compiling it into the build cache first if it has none for these "
+                    "sources, this torch and these flags (avkernels/ops/native.py). Prints the library's file.",
+    )
+    p.add_argument("backend", nargs="*", metavar="BACKEND",
+                   help=f"the backends to build, of {', '.join(lib.backend for lib in native.LIBRARIES)} (default: cpp)")
+    p.add_argument("--force", action="store_true", help="compile again even if the cache has a build")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    p.set_defaults(handler=_build)
     return parser
 
 

@@ -1,10 +1,11 @@
 """How the optional native extensions are compiled: one place read by ``setup.py`` (the install build) and by
-:func:`avkernels.ops.native.build_jit` (the development build). Plain constants and no imports, so that
-``setup.py`` can read this file without importing the package.
+:func:`avkernels.ops.native.build` (the build at import and ``python -m avkernels build``). Plain constants and no
+imports, so that ``setup.py`` can read this file without importing the package. The build cache's key includes
+every value here that changes the binary (the flags).
 
 Paths are relative to the repository root. A non-editable install also carries ``csrc/`` inside the package
 (``avkernels/csrc/``, copied by ``setup.py``), so the same patterns resolve against the installed package directory:
-an install without a prebuilt extension (pip's isolated build has no torch) compiles it on first use.
+an install without a prebuilt extension (pip's isolated build has no torch) compiles it when first imported.
 """
 
 INCLUDE_DIR = "csrc"  # holds common/philox.h, shared by both extensions

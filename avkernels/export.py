@@ -29,13 +29,14 @@ to run or check the file, onnxruntime).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from avkernels.backends import ExportError
 
 ONNX_REQUIREMENTS = ("onnx", "onnxscript")
+AV_MODALITIES = ("video", "audio")  # the order of the features a regressor or fusion takes (then any others)
 
 
 # -- the helper ---------------------------------------------------------------------------------------------------
@@ -99,12 +100,28 @@ def export_program(
         model.train(was_training)
 
 
-def _output_names(model: torch.nn.Module) -> Optional[Sequence[str]]:
+def _graph_names(model: torch.nn.Module, n_inputs: int,
+                 input_names: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[str]]]:
+    """The names of the ONNX graph's inputs and outputs: modalities in, and valence and arousal (a regressor), one
+    fused sequence per modality (a fusion) or the logits (a classifier) out; ``input_i`` and the exporter's own
+    output names for any other module."""
     from avkernels.models import AVRegressor
+    from avkernels.nn.fusion import RecursiveJointCrossAttention
 
+    if isinstance(model, (AVRegressor, RecursiveJointCrossAttention)):
+        default = [AV_MODALITIES[i] if i < len(AV_MODALITIES) else f"modality_{i}" for i in range(n_inputs)]
+    elif hasattr(model, "specs") and hasattr(model, "modalities"):  # an IEMOCAP classifier, as in example_inputs
+        default = list(model.modalities)
+    else:
+        default = [f"input_{i}" for i in range(n_inputs)]
+    inputs = list(input_names) if input_names is not None else default
     if isinstance(model, AVRegressor):
-        return ["valence", "arousal"]
-    return None
+        return inputs, ["valence", "arousal"]
+    if isinstance(model, RecursiveJointCrossAttention):
+        return inputs, [f"{name}_fused" for name in inputs]
+    if hasattr(model, "specs") and hasattr(model, "modalities"):
+        return inputs, ["logits"]
+    return inputs, None
 
 
 def export_onnx(
@@ -127,8 +144,10 @@ def export_onnx(
         inputs: example inputs, one tensor per positional argument (batch first).
         path: the ``.onnx`` file to write (the weights are stored inside it).
         dynamic_batch: axis 0 of every input (and so of every output) is a free dimension in the file.
-        input_names, output_names: names in the ONNX graph (default ``input_0, ...``; ``valence, arousal`` for an
-            :class:`~avkernels.models.AVRegressor`).
+        input_names, output_names: names in the ONNX graph. Default inputs: the modalities (``video, audio``, then
+            ``modality_2, ...`` for a regressor or fusion; the classifier's ``modalities``), else ``input_0, ...``.
+            Default outputs: ``valence, arousal`` for an :class:`~avkernels.models.AVRegressor`, ``<modality>_fused``
+            per modality for a fusion module, ``logits`` for a classifier.
         opset_version: ONNX opset (default: the exporter's).
         **kwargs: passed to ``torch.onnx.export`` (``dynamo=True`` is used).
     Returns:
@@ -136,10 +155,8 @@ def export_onnx(
     """
     _require(ONNX_REQUIREMENTS)
     inputs, dynamic_shapes = _free_batch(model, inputs, dynamic_batch)
-    if input_names is None:
-        input_names = [f"input_{i}" for i in range(len(inputs))]
-    if output_names is None:
-        output_names = _output_names(model)
+    input_names, default_outputs = _graph_names(model, len(inputs), input_names)
+    output_names = default_outputs if output_names is None else output_names
     was_training = model.training
     model.eval()
     try:

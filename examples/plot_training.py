@@ -18,6 +18,8 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+import prelude
+
 SKIPPED_KEYS = {"event", "epoch", "step", "lr", "time"}
 CONDITION_PREFIX = "ccc_mean/"
 MODALITY_COLOURS = {"video": "tab:blue", "audio": "tab:orange"}
@@ -133,6 +135,7 @@ def main(argv=None) -> None:
     p.add_argument("logs", nargs="+", help="log.jsonl file(s)")
     p.add_argument("-o", "--output", help="PNG path (default: curves.png next to the first log)")
     args = p.parse_args(argv)
+    prelude.require("matplotlib", "plotting")
     out = args.output or os.path.join(os.path.dirname(args.logs[0]) or ".", "curves.png")
     print(plot_log(args.logs, out))
 

@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other examples, when imported as a module
+
+import prelude  # noqa: E402  (first: the installed avkernels, else the checkout's)
 
 from engine import (  # noqa: E402
     Context, Task, TrainConfig, Trainer, add_precision_argument, run_or_exit, seed_everything, setup_context,
@@ -275,6 +276,8 @@ def data_config(args, train_set) -> Dict[str, Any]:
 def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
     """Train as ``args`` says; returns ``{"history", "best", "trainer", "val_set"}`` (the trainer holds the model)."""
     own_ctx = ctx is None
+    if args.plot:
+        prelude.require("matplotlib", "--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = ctx or setup_context(args.device)

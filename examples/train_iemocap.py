@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other examples, when imported as a module
+
+import prelude  # noqa: E402  (first: the installed avkernels, else the checkout's)
 
 from engine import (  # noqa: E402
     Context, Task, TrainConfig, Trainer, add_precision_argument, load_checkpoint, run_or_exit, seed_everything,
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
     """Train, then evaluate the best checkpoint on the test split; returns history, best and test metrics."""
     own_ctx = ctx is None
+    if args.plot:
+        prelude.require("matplotlib", "--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = ctx or setup_context(args.device)

@@ -44,7 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import train_av  # noqa: E402  (puts the repository on sys.path)
+import prelude  # noqa: E402  (first: the installed avkernels, else the checkout's)
+import train_av  # noqa: E402
 
 from avkernels.data.synthetic import (  # noqa: E402
     AUDIO_CORRUPTED, CONDITIONS, PRESETS, VIDEO_CORRUPTED,
@@ -63,7 +64,7 @@ DEMO_FLAGS = [
     "--dataset", "synthetic", "--synthetic-train-videos", "48", "--synthetic-val-videos", "16",
     "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "10",
     "--encoder-layers", "1", "--joint-dim", "64", "--joint-layers", "1", "--head-hidden", "32",
-    "--fusion-dropout", "0.1", "--head-dropout", "0.1", "--no-progress", "--log-every", "4", "--plot",
+    "--fusion-dropout", "0.1", "--head-dropout", "0.1", "--no-progress", "--log-every", "4",
 ]
 
 
@@ -153,6 +154,7 @@ def train_one(args, name: str, seed: int, run_dir: str) -> Dict[str, object]:
                           "--synthetic-seed", str(seed), "--synthetic-preset", args.preset,
                           "--synthetic-set", *args.synthetic_set,
                           "--out-dir", run_dir, "--device", "cpu", "--precision", args.precision]
+    flags += [] if args.no_plots else ["--plot"]
     result = train_av.run(train_av.build_parser().parse_args(flags))
     model = result["trainer"].model
     best = load_checkpoint(os.path.join(run_dir, "best.pt"))
@@ -250,7 +252,8 @@ def main(argv=None) -> None:
     p.add_argument("--synthetic-set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override fields of the preset (SyntheticAVConfig), e.g. corrupt_share=0.5")
     p.add_argument("--results", help="also write every number (per seed) to this JSON file")
-    p.add_argument("--no-gate-plot", action="store_true", help="do not write out-dir/gates.png")
+    p.add_argument("--no-plots", "--no-gate-plot", dest="no_plots", action="store_true",
+                   help="write no PNG (neither gates.png nor the runs' curves.png): then matplotlib is not needed")
     train_av.add_precision_argument(p)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; these models are so small that one thread is fastest (more threads "
@@ -258,6 +261,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: expected a positive count, got {args.seeds}")
+    if not args.no_plots:
+        prelude.require("matplotlib", "drawing gates.png and curves.png (--no-plots skips them)")
     args.seeds_used = list(range(args.seed, args.seed + args.seeds))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -271,7 +276,7 @@ def main(argv=None) -> None:
     results = report(runs, args)
 
     gated = [name for name in GATED if name in runs]
-    if gated and not args.no_gate_plot:
+    if gated and not args.no_plots:
         from plot_training import plot_gates
 
         val_set = runs[gated[0]][0]["val_set"]
@@ -286,8 +291,8 @@ def main(argv=None) -> None:
     if args.results:
         with open(args.results, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
-    print(f"\nTotal wall time: {time.time() - started:.1f} s. "
-          f"Curves: {os.path.join(args.out_dir, 'seed<k>', '<model>', 'curves.png')}")
+    curves = "" if args.no_plots else f" Curves: {os.path.join(args.out_dir, 'seed<k>', '<model>', 'curves.png')}"
+    print(f"\nTotal wall time: {time.time() - started:.1f} s.{curves}")
 
 
 if __name__ == "__main__":

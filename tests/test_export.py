@@ -74,12 +74,17 @@ def test_the_default_cpu_backend_is_what_gets_exported():
 @pytest.mark.parametrize("form", ["dense", "additive"])
 @pytest.mark.parametrize("name", list(FUSIONS))
 def test_fusion_exports_and_runs_in_onnxruntime(tmp_path, name, form):
+    import onnx
+
     model = _fusion(name, form)
     path = str(tmp_path / f"{name}.onnx")
     avexport.export_onnx(model, _features(3), path)
     assert model.training, "export_onnx must restore training mode"
     model.eval()
     _assert_standard_onnx(path)
+    graph = onnx.load(path).graph
+    assert [i.name for i in graph.input] == ["video", "audio"]
+    assert [o.name for o in graph.output] == ["video_fused", "audio_fused"]
     _assert_matches_torch(model, path)
 
 
@@ -114,6 +119,10 @@ def test_iemocap_classifiers_export(tmp_path, cls):
     path = str(tmp_path / "classifier.onnx")
     avexport.export_onnx(model, x, path)
     _assert_standard_onnx(path)
+    import onnx
+
+    graph = onnx.load(path).graph
+    assert ([i.name for i in graph.input], [o.name for o in graph.output]) == (["video", "audio"], ["logits"])
     x = (torch.randn(2, 6, 5), torch.randn(2, 8, 4))
     with torch.no_grad():
         expected = model(*x)

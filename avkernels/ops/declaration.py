@@ -7,7 +7,7 @@ the inputs' gradients. From that one declaration this module registers:
 * for the ops defined in C++ (``TORCH_LIBRARY(avkernels, ...)`` in ``csrc/cpu/library.cpp``, whose CPU and CUDA
   kernels the ``cpp`` and ``cuda`` libraries register): the fakes and the autograd formula, on
   ``avkernels::<op>`` and ``avkernels::<op>_backward``, when :mod:`avkernels.ops.native` has loaded the library
-  (:func:`define_library_ops`; also after a build on first use). The C++ schemas must be the declared ones: a
+  (:func:`define_library_ops`; at import, after a build if one was needed). The C++ schemas must be the declared ones: a
   library built from other sources is refused, with both schemas in the reason;
 * for a backend whose kernels are Python callables (an :class:`~avkernels.backends.OpImpl` with ``forward`` and
   ``backward``: ``triton``, a test's stand-in): the backend's own pair of custom ops, ``avkernels::<backend>_<op>``

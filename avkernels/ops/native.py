@@ -1,33 +1,48 @@
-"""The compiled backends: ``"cpp"`` (``avkernels._C_cpu``, CPU tensors) and ``"cuda"`` (``avkernels._C_cuda``).
+"""The compiled backends: libraries of torch ops built from ``csrc/``, one record of :data:`LIBRARIES` each.
 
-Both libraries are optional and built from ``csrc/`` by ``pip install`` (see ``setup.py``). They are libraries of
-torch ops, not Python bindings: ``avkernels._C_cpu`` defines the schema of every op (``TORCH_LIBRARY(avkernels,
-...)`` in ``csrc/cpu/library.cpp``) and registers its CPU kernels; ``avkernels._C_cuda`` registers the CUDA kernels
-of the same ops, so it is loaded after it. Importing one runs those registrations, nothing more. This module loads
-whichever were built, registers fakes and autograd on the ops from their declarations
-(:func:`avkernels.ops.declaration.define_library_ops`), and registers the two backends with a precise reason when
-one cannot run. A backend's :class:`~avkernels.backends.OpImpl` carries no Python kernels: the public functions call
-``torch.ops.avkernels.<op>`` and torch's dispatcher picks the CPU or CUDA kernel.
+``"cpp"`` (``avkernels._C_cpu``) defines the schema of every op (``TORCH_LIBRARY(avkernels, ...)`` in
+``csrc/cpu/library.cpp``) and registers its CPU kernels; ``"cuda"`` (``avkernels._C_cuda``) registers CUDA kernels
+of the same ops, so it needs the first. They are libraries of torch ops, not Python bindings: loading one runs its
+registrations, nothing more. This module loads them, registers fakes and autograd on the ops from their declarations
+(:func:`avkernels.ops.declaration.define_library_ops`), and registers each backend with a precise reason when it
+cannot run. Everything it does for a backend comes from the backend's record; no code here names one.
 
-:func:`build_jit` compiles a library in-process with ``torch.utils.cpp_extension.load`` (for development: no
-reinstall needed after editing ``csrc/``) and makes its backend available at once. The cpp backend calls it by itself
-the first time dispatch asks whether it can run (never at import) when no prebuilt ``avkernels._C_cpu`` imports, as
-after ``pip install .`` with build isolation: one line on stderr while it compiles, a cache shared by later processes,
-and on failure a warning, once, that CPU calls run on the reference backend. ``AVKERNELS_JIT_BUILD=0`` turns it off.
+**When a library is settled: once, at import**, in the order of :data:`LIBRARIES`:
+
+1. the build of these sources in the build cache (``$TORCH_EXTENSIONS_DIR``, default
+   ``~/.cache/torch_extensions/<python>_<device>``), a folder named by the content of ``csrc/``, the torch version and
+   the build flags, never by a path: every install, reinstall and checkout of the same sources shares one build;
+2. else the prebuilt module the install compiled (``pip install --no-build-isolation``, ``make install``), if it
+   imports (after the cache, because a prebuilt library cannot tell whether it was built from these sources);
+3. else, for a record with ``build_on_import`` (cpp), :func:`build` compiles it now (one line on stderr saying why
+   and how long it took), unless ``$AVKERNELS_JIT_BUILD=0`` or the machine has no compiler or ninja: then the backend
+   is unavailable with that reason, and one warning says that its calls run on the reference backend.
+
+After import, whether a backend can run is a dictionary lookup that never builds, so ``torch.compile(...,
+fullgraph=True)`` and ``torch.export`` can trace dispatch from the very first call. :func:`build` (also
+``avkernels.build`` and ``python -m avkernels build``) is the explicit entry point, for the cuda library or after
+``$AVKERNELS_JIT_BUILD=0``. torch registers a namespace's ops once per process, so a library loaded in a process
+stays loaded: a new build takes effect in a new process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import hashlib
 import importlib
+import json
 import os
+import re
 import runpy
 import shutil
+import subprocess
 import sys
-import threading
+import time
 import warnings
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
@@ -39,256 +54,389 @@ _BUILD_CONFIG = os.path.join(_PACKAGE_DIR, "_build_config.py")
 # Where csrc/ is: inside the package in a non-editable install (setup.py copies it there), beside it in a checkout.
 _SOURCE_ROOTS = (_PACKAGE_DIR, os.path.dirname(_PACKAGE_DIR))
 JIT_ENV_VAR = "AVKERNELS_JIT_BUILD"
-
-# backend name -> the file of its loaded op library, or the reason it could not be loaded.
-_LIBRARIES: Dict[str, str] = {}
-_IMPORT_ERRORS: Dict[str, str] = {}
-_MODULE_NAMES = {"cpp": "avkernels._C_cpu", "cuda": "avkernels._C_cuda"}
-# Why the build on first use of the cpp backend did not give a module; None until it has been tried.
-_JIT_FAILURE: Optional[str] = None
-_JIT_TRIED = False
-_JIT_LOCK = threading.Lock()
+# The dtypes the kernels compute in: csrc/cpu checks them again (checks.h), csrc/cuda in binding.cpp.
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CUDA_MAX_STAGES = 8  # kMaxGateCandidates in csrc/cuda/softmax_mix.cuh
 
 
-def _load(backend: str) -> None:
-    """Imports a prebuilt library: the import runs its op registrations (the module itself is empty)."""
-    if backend == "cuda" and "cpp" not in _LIBRARIES:
-        return  # it registers kernels of the ops that avkernels._C_cpu defines (_not_built says so)
-    try:
-        module = importlib.import_module(_MODULE_NAMES[backend])
-    except ImportError as exc:  # not built here, built against another torch, or a failed build
-        _IMPORT_ERRORS[backend] = str(exc)
-        return
-    _loaded(backend, module.__file__)
+def _nothing_missing() -> Optional[str]:
+    return None
 
 
-def _loaded(backend: str, path: str) -> None:
-    """A library's ops are registered in torch now: register what Python adds to them, and use the backend."""
-    if backend == "cpp":
-        mismatch = declaration.library_schema_mismatch()
-        if mismatch is not None:
-            _IMPORT_ERRORS[backend] = (
-                f"{path} does not define the ops this avkernels declares ({mismatch}): it was built from other "
-                "sources; rebuild it (`python setup.py build_ext --inplace` also removes older builds beside it)"
-            )
-            return
-        declaration.define_library_ops()
-    _LIBRARIES[backend] = path
-    _IMPORT_ERRORS.pop(backend, None)
-    if backend == "cpp" and "cuda" not in _LIBRARIES:
-        _load("cuda")  # its kernels could not be registered without the schemas
-
-
-def _not_built(backend: str) -> Optional[str]:
-    if backend in _LIBRARIES:
-        return None
-    if backend == "cuda" and torch.version.cuda is None:
-        return "avkernels._C_cuda was not built: this torch has no CUDA support"
-    if backend == "cuda" and "cpp" not in _LIBRARIES:
-        return "avkernels._C_cuda needs avkernels._C_cpu, which defines the ops, and the cpp backend is unavailable"
-    reason = f"{_MODULE_NAMES[backend]} was not built ({_IMPORT_ERRORS.get(backend, 'unknown reason')})"
-    if backend == "cpp" and _JIT_FAILURE is not None:
-        return f"{reason}, and {_JIT_FAILURE}"
-    return (
-        f"{reason}; reinstall with a C++ compiler (`pip install --no-build-isolation -e .`) or call "
-        f"avkernels.ops.native.build_jit({backend!r})"
-    )
-
-
-def _cpp_unavailable() -> Optional[str]:
-    if "cpp" not in _LIBRARIES and not _JIT_TRIED:
-        if torch.compiler.is_compiling():
-            # Dynamo must not trace a compiler run: run it eagerly, once, behind a graph break.
-            torch.compiler.disable(_build_on_first_use)()
-        else:
-            _build_on_first_use()
-    return _not_built("cpp")
-
-
-def _build_on_first_use() -> None:
-    """Compiles avkernels._C_cpu against the installed torch when no prebuilt one imports (an install from pip's
-    isolated build, which has no torch, or a wheel built for another torch). Tried once per process; a failure
-    leaves the reason in backend_status() and a warning, and the reference backend runs the calls."""
-    global _JIT_FAILURE, _JIT_TRIED
-    with _JIT_LOCK:
-        if _JIT_TRIED or "cpp" in _LIBRARIES:
-            return
-        try:
-            _JIT_FAILURE = _jit_obstacle()
-            if _JIT_FAILURE is None:
-                try:
-                    build_jit("cpp", verbose=False, announce=True)
-                except Exception as exc:  # noqa: BLE001 - a failed compile must leave the reference usable
-                    detail = str(exc).strip().splitlines()
-                    _JIT_FAILURE = f"its build on first use failed ({detail[0] if detail else type(exc).__name__})"
-        finally:
-            _JIT_TRIED = True
-    if "cpp" not in _LIBRARIES:
-        warnings.warn(
-            f"avkernels: the fused cpp backend is unavailable: {_not_built('cpp')}. CPU calls fall back to the "
-            "slower reference backend (avkernels.backend_status() says why).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-
-def _jit_obstacle() -> Optional[str]:
-    """Why the build on first use cannot be tried here, or None."""
-    if os.environ.get(JIT_ENV_VAR, "1") == "0":
-        return f"the build on first use is turned off (${JIT_ENV_VAR}=0)"
-    if _source_root("cpp", _config()) is None:
-        return "its sources are not installed (no csrc/ in the package or beside it)"
+def _cxx_missing() -> Optional[str]:
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler.split()[0] if compiler.strip() else "c++") is None:
-        return f"its build on first use needs a C++ compiler, and {compiler!r} was not found (set $CXX)"
+        return f"a C++ compiler ({compiler!r} was not found; set $CXX)"
     if not cpp_extension.is_ninja_available():
-        return "its build on first use needs ninja, which is not installed (`pip install ninja`)"
+        return "ninja (not installed: `pip install ninja`)"
     return None
 
 
+def _cuda_toolkit_missing() -> Optional[str]:
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "the CUDA toolkit (not found: set CUDA_HOME or put nvcc on PATH)"
+    return _cxx_missing()
+
+
+def _torch_without_cuda() -> Optional[str]:
+    return "this torch has no CUDA support" if torch.version.cuda is None else None
+
+
+def _no_cuda_device() -> Optional[str]:
+    return None if torch.cuda.is_available() else "no CUDA device is visible"
+
+
+def _at_most_cuda_stages(inputs: Inputs) -> Optional[str]:
+    if inputs.sizes["T"] > _CUDA_MAX_STAGES:
+        return f"the cuda stage gate takes at most {_CUDA_MAX_STAGES} stages, got {inputs.sizes['T']}"
+    return None
+
+
+@dataclass(frozen=True)
+class NativeLibrary:
+    """One compiled backend: where its library comes from, what it needs, what it runs.
+
+    Attributes:
+        backend: the backend's name.
+        config: the prefix of its entries in ``avkernels/_build_config.py`` (``CPU`` -> ``CPU_MODULE``,
+            ``CPU_SOURCES``, ``CPU_CXX_FLAGS``, ...), which ``setup.py`` reads too.
+        device_type: the tensors it runs; ``preference`` its rank there for ``backend=None``.
+        needs: the backend whose library defines the ops this one registers kernels of (settled first).
+        build_on_import: compile it at import when neither a prebuilt nor a cached build exists.
+        toolchain_missing: what compiling it needs that this machine lacks, or ``None``.
+        torch_lacks: why this torch cannot run it at all (then nothing is loaded or built), or ``None``.
+        device_missing: why it is loaded but cannot run in this process, or ``None``.
+        limits: op -> :attr:`OpImpl.supports`, for the ops whose sizes it limits.
+    """
+
+    backend: str
+    config: str
+    device_type: str
+    preference: int
+    needs: Optional[str] = None
+    build_on_import: bool = False
+    toolchain_missing: Callable[[], Optional[str]] = _cxx_missing
+    torch_lacks: Callable[[], Optional[str]] = _nothing_missing
+    device_missing: Callable[[], Optional[str]] = _nothing_missing
+    limits: Mapping[str, Callable[[Inputs], Optional[str]]] = field(default_factory=dict)
+
+
+LIBRARIES = (
+    NativeLibrary("cpp", "CPU", "cpu", preference=0, build_on_import=True),
+    # After triton on CUDA (rank 1): the Triton kernels are the tuned ones there; these are the no-JIT alternative.
+    NativeLibrary("cuda", "CUDA", "cuda", preference=1, needs="cpp", toolchain_missing=_cuda_toolkit_missing,
+                  torch_lacks=_torch_without_cuda, device_missing=_no_cuda_device,
+                  limits={"stage_gate": _at_most_cuda_stages}),
+)
+
+# backend -> the file of its library in use; -> every library loaded into this process, refused ones included
+# (torch keeps a library's registrations: another of the same backend cannot be loaded after it); -> why it has none;
+# -> why the install's prebuilt library did not import.
+_LIBRARIES: Dict[str, str] = {}
+_IN_PROCESS: Dict[str, str] = {}
+_REASONS: Dict[str, str] = {}
+_NO_PREBUILT: Dict[str, str] = {}
+
+
+@functools.lru_cache(maxsize=None)
 def _config() -> dict:
     return runpy.run_path(_BUILD_CONFIG)
+
+
+def _record(backend: str) -> NativeLibrary:
+    for lib in LIBRARIES:
+        if lib.backend == backend:
+            return lib
+    raise ValueError(f"backend: expected one of {', '.join(repr(lib.backend) for lib in LIBRARIES)}, got {backend!r}")
+
+
+def _module(lib: NativeLibrary) -> str:
+    return _config()[f"{lib.config}_MODULE"]
 
 
 def _sources(root: str, patterns) -> List[str]:
     return sorted({p for pattern in patterns for p in glob.glob(os.path.join(root, pattern), recursive=True)})
 
 
-def _source_root(backend: str, cfg: dict) -> Optional[str]:
-    patterns = cfg["CPU_SOURCES" if backend == "cpp" else "CUDA_SOURCES"]
-    return next((root for root in _SOURCE_ROOTS if _sources(root, patterns)), None)
+def _source_root(lib: NativeLibrary) -> Optional[str]:
+    return next((root for root in _SOURCE_ROOTS if _sources(root, _config()[f"{lib.config}_SOURCES"])), None)
 
 
-def _build_directory(backend: str, root: str, cfg: dict) -> str:
-    """One cache folder per install, sources, flags, torch and Python: a match is a finished build, reused as it is,
-    and an upgrade of torch or of avkernels compiles into a new folder instead of loading a stale binary."""
+def _flags(lib: NativeLibrary, kind: str) -> List[str]:
+    return list(_config().get(f"{lib.config}_{kind}_FLAGS", ()))
+
+
+def build_directory(backend: str = "cpp", root: Optional[str] = None) -> str:
+    """The cache folder of ``backend``'s build of the sources under ``root`` (default: this install's), named by
+    what the binary depends on: the content of every shipped source file (by its path inside ``csrc/``), the torch
+    version, the Python ABI and the build flags. A different copy of the same sources has the same folder."""
     from torch.utils import cpp_extension
 
-    # The root too: ninja's build file names the sources by absolute path, so two installs sharing a folder would
-    # take turns recompiling.
-    digest = hashlib.sha256(f"{torch.__version__}\0{os.path.abspath(root)}".encode())
-    for path in _sources(root, cfg["SHIPPED_SOURCES"]):
-        digest.update(os.path.relpath(path, root).encode())
+    lib = _record(backend)
+    root = root or _source_root(lib)
+    if root is None:
+        raise RuntimeError(f"{_module(lib)}: no sources in {' or '.join(_SOURCE_ROOTS)} (csrc/ missing)")
+    digest = hashlib.sha256(f"{torch.__version__}\0{sys.implementation.cache_tag}".encode())
+    for path in _sources(root, _config()["SHIPPED_SOURCES"]):
+        digest.update(f"\0{os.path.relpath(path, root).replace(os.sep, '/')}\0".encode())
         with open(path, "rb") as f:
             digest.update(f.read())
-    prefix = "CPU" if backend == "cpp" else "CUDA"
-    for key in (f"{prefix}_CXX_FLAGS", f"{prefix}_LINK_FLAGS", f"{prefix}_NVCC_FLAGS"):
-        digest.update(repr(cfg.get(key)).encode())
-    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{digest.hexdigest()[:12]}"
+    for kind in ("CXX", "LINK", "NVCC"):
+        digest.update(repr(_flags(lib, kind)).encode())
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    return os.path.join(cache, f"avkernels_{backend}-{tag}".replace("+", "_"))
+    name = f"avkernels-{lib.backend}-torch{torch.__version__}-{digest.hexdigest()[:16]}".replace("+", "_")
+    return os.path.join(cache, name)
 
 
-# The dtypes the kernels compute in: csrc/cpu checks them again (checks.h), csrc/cuda in binding.cpp.
-_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_CUDA_MAX_STAGES = 8  # kMaxGateCandidates in csrc/cuda/softmax_mix.cuh
+def _built_file(lib: NativeLibrary, directory: str) -> str:
+    from torch.utils import cpp_extension
+
+    return os.path.join(directory, _module(lib).replace(".", "_") + cpp_extension.LIB_EXT)
 
 
-def _cpp_inputs(inputs: Inputs) -> Optional[str]:
-    if inputs.device.type != "cpu":
-        return f"the cpp backend runs on CPU tensors, got {inputs.device.type} tensors"
-    return dtype_reason(inputs.dtype, _NATIVE_DTYPES, "cpp")
+@contextlib.contextmanager
+def _exclusive(directory: str) -> Iterator[None]:
+    """One process at a time builds into ``directory``; the others wait, then find the build (a lock the system
+    drops if the holder dies, unlike a lock file)."""
+    os.makedirs(directory, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(os.path.join(directory, "lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cuda_unavailable() -> Optional[str]:
-    reason = _not_built("cuda")
-    if reason is None and not torch.cuda.is_available():
-        reason = "avkernels._C_cuda is built but no CUDA device is visible"
-    return reason
+# Run in a child process: it compiles (and loads, which is harmless there), while this process loads the finished
+# file from the cache folder, and can rebuild a library it has loaded already.
+_COMPILE = "import json, sys\nfrom torch.utils import cpp_extension\ncpp_extension.load(**json.loads(sys.argv[1]))\n"
 
 
-def _cuda_inputs(inputs: Inputs) -> Optional[str]:
-    if inputs.device.type != "cuda":
-        return f"the cuda backend runs on CUDA tensors, got {inputs.device.type} tensors"
-    return dtype_reason(inputs.dtype, _NATIVE_DTYPES, "cuda")
+def _compile(lib: NativeLibrary, root: str, directory: str, why: str, verbose: bool) -> None:
+    """Compiles into ``directory/build`` and moves the library to ``directory``, printing one line: why, how long."""
+    work = os.path.join(directory, "build")
+    os.makedirs(work, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(work, "lock"))  # torch's own lock, left by a killed build (we hold ours)
+    name = _module(lib).replace(".", "_")
+    options = dict(
+        name=name,
+        sources=_sources(root, _config()[f"{lib.config}_SOURCES"]),
+        extra_include_paths=[os.path.join(root, _config()["INCLUDE_DIR"])],
+        extra_cflags=_flags(lib, "CXX"),
+        # load() links libtorch_python into every build; the library uses none of it (only torch ops), and without
+        # the dependency a C++ program can load it too.
+        extra_ldflags=(["-Wl,--as-needed"] if sys.platform.startswith("linux") else []) + _flags(lib, "LINK"),
+        extra_cuda_cflags=_flags(lib, "NVCC") or None,
+        build_directory=work,
+        verbose=verbose,
+        is_python_module=False,
+    )
+    log = os.path.join(directory, "build.log")
+    print(f"avkernels: building {_module(lib)} for torch {torch.__version__} ({why}) ...", end="",
+          file=sys.stderr, flush=True)
+    started = time.monotonic()
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(options)], stdin=subprocess.DEVNULL,
+                              stdout=None if verbose else out, stderr=None if verbose else subprocess.STDOUT)
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        print(f" failed after {seconds:.0f} s (log: {log})", file=sys.stderr, flush=True)
+        with open(log) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        # The compiler's or linker's first error, not the Python traceback around it.
+        first = next((line for line in lines if re.search(r"(^|: )(fatal )?error: ", line)),
+                     lines[-1] if lines else "no output")
+        raise RuntimeError(f"its build failed: {first} (whole log: {log})")
+    temporary = _built_file(lib, directory) + f".{os.getpid()}"
+    shutil.copyfile(_built_file(lib, work), temporary)
+    os.replace(temporary, _built_file(lib, directory))  # atomic: a library in the cache folder is a finished one
+    print(f" done in {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
-def _cuda_stage_gate(inputs: Inputs) -> Optional[str]:
-    if inputs.sizes["T"] > _CUDA_MAX_STAGES:
-        return f"the cuda stage gate takes at most {_CUDA_MAX_STAGES} stages, got {inputs.sizes['T']}"
+def _loaded(lib: NativeLibrary, path: str) -> None:
+    """A library's ops are registered in torch now: register what Python adds to them, and use the backend."""
+    _IN_PROCESS[lib.backend] = path
+    if lib.needs is None:  # it defines the ops
+        mismatch = declaration.library_schema_mismatch()
+        if mismatch is not None:
+            _REASONS[lib.backend] = (
+                f"{path} does not define the ops this avkernels declares ({mismatch}): it was built from other "
+                f"sources; rebuild it (`python -m avkernels build {lib.backend}`, or `python setup.py build_ext "
+                "--inplace` in a checkout)"
+            )
+            return
+        declaration.define_library_ops()
+    _LIBRARIES[lib.backend] = path
+    _REASONS.pop(lib.backend, None)
+
+
+def _load_file(lib: NativeLibrary, path: str) -> None:
+    try:
+        torch.ops.load_library(path)
+    except OSError as exc:
+        raise RuntimeError(f"{path} does not load ({exc.__cause__ or exc}); rebuild it with "
+                           f"`python -m avkernels build {lib.backend} --force`") from None
+    _loaded(lib, path)
+    if lib.backend not in _LIBRARIES:
+        raise RuntimeError(_REASONS[lib.backend])
+
+
+def _blocker(lib: NativeLibrary) -> Optional[str]:
+    """Why ``lib`` cannot be loaded in this process whatever is built: its torch, or the library it needs."""
+    if lib.torch_lacks() is not None:
+        return lib.torch_lacks()
+    if lib.needs is not None and lib.needs not in _LIBRARIES:
+        needed = _record(lib.needs)
+        return f"it needs {_module(needed)}, which defines the ops, and the {needed.backend} backend is unavailable"
     return None
 
 
-def _register_impls(backend: str) -> None:
-    """The kernels are the ops' own (TORCH_LIBRARY_IMPL), looked up by torch at call time, so that
-    :func:`build_jit` can supply them later; only the size limits are the backend's."""
-    for op in OPS:
-        supports = _cuda_stage_gate if (backend, op) == ("cuda", "stage_gate") else None
-        register_impl(op, backend, OpImpl(supports=supports))
+def _load_cached(lib: NativeLibrary) -> bool:
+    """Loads the cached build of exactly these sources if there is one: it comes first, since a prebuilt library
+    may have been built from other sources (an edited checkout) and cannot say so before it is loaded."""
+    root = _source_root(lib)
+    if root is None or not os.path.exists(_built_file(lib, build_directory(lib.backend, root))):
+        return False
+    _load_file(lib, _built_file(lib, build_directory(lib.backend, root)))
+    return True
 
 
-def build_jit(backend: str = "cpp", verbose: bool = True, announce: bool = False) -> str:
-    """Compile ``backend``'s extension from ``csrc/`` with ``torch.utils.cpp_extension.load`` and use it.
+def _import_prebuilt(lib: NativeLibrary) -> bool:
+    """Imports the install's prebuilt library (the import runs its op registrations); records why not."""
+    try:
+        module = importlib.import_module(_module(lib))
+    except ImportError as exc:  # not built by the install, built against another torch, or a failed build
+        if isinstance(exc, ModuleNotFoundError) and exc.name == _module(lib):
+            _NO_PREBUILT[lib.backend] = "no prebuilt library in the package"
+        else:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            _NO_PREBUILT[lib.backend] = f"the prebuilt one does not import ({detail})"
+        return False
+    _loaded(lib, module.__file__)
+    return True
 
-    The same sources and flags as ``setup.py`` (both read ``avkernels/_build_config.py``), from a checkout's
-    ``csrc/`` or the copy a non-editable install carries in the package. The build is cached under
-    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one folder per sources, flags and torch version;
-    a cached one is loaded without compiling. The cpp backend calls this by itself on first use when no prebuilt
-    extension imports (``$AVKERNELS_JIT_BUILD=0`` turns that off).
+
+def _from_cache(lib: NativeLibrary, why: str, *, compile: bool, force: bool = False, verbose: bool = False) -> str:
+    """The cached build of these sources, compiled first (saying ``why``) if there is none or ``force``, and loaded
+    unless this process has loaded the backend's library already. Raises RuntimeError saying what is missing."""
+    root = _source_root(lib)
+    if root is None:
+        raise RuntimeError("its sources are not installed (no csrc/ in the package or beside it)")
+    directory = build_directory(lib.backend, root)
+    target = _built_file(lib, directory)
+    if force or not os.path.exists(target):
+        if not compile:
+            raise RuntimeError(f"no build of these sources for this torch in {directory}")
+        missing = lib.toolchain_missing()
+        if missing is not None:
+            raise RuntimeError(f"building it needs {missing}")
+        with _exclusive(directory):
+            if force or not os.path.exists(target):  # another process may have built it while this one waited
+                _compile(lib, root, directory, why, verbose)
+    if lib.backend in _LIBRARIES:
+        return target  # rebuilt while loaded: used from the next process on
+    if lib.backend in _IN_PROCESS:
+        raise RuntimeError(f"{target} is built, but this process has loaded {_IN_PROCESS[lib.backend]}, which it "
+                           "refused; the build is used from the next process on")
+    _load_file(lib, target)
+    return target
+
+
+def _settle(lib: NativeLibrary) -> None:
+    """Loads ``lib``'s library at import, from the first of the places in the module docstring that has it."""
+    module = _module(lib)
+    blocker = _blocker(lib)
+    if blocker is not None:
+        _REASONS[lib.backend] = f"{module} was not built: {blocker}"
+        return
+    enabled = os.environ.get(JIT_ENV_VAR, "1") != "0"
+    try:
+        if not (_load_cached(lib) or _import_prebuilt(lib)):
+            why = f"{_NO_PREBUILT[lib.backend]}, and no build of these sources in the cache"
+            _from_cache(lib, why, compile=lib.build_on_import and enabled)
+    except RuntimeError as exc:
+        off = f"; the build at import is turned off (${JIT_ENV_VAR}=0)" if lib.build_on_import and not enabled else ""
+        _REASONS[lib.backend] = (f"{module} was not built: {_NO_PREBUILT.get(lib.backend, 'no library')}, and "
+                                 f"{exc}{off}; build it with `python -m avkernels build {lib.backend}`")
+    if lib.build_on_import and lib.backend not in _LIBRARIES:
+        warnings.warn(
+            f"avkernels: the fused {lib.backend} backend is unavailable: {_REASONS[lib.backend]}. "
+            f"{lib.device_type.upper()} calls fall back to the slower reference backend "
+            "(avkernels.backend_status() says why).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def build(backend: str = "cpp", *, force: bool = False, verbose: bool = False) -> str:
+    """Make ``backend``'s library available in this process, compiling it if needed; returns its file.
+
+    The explicit form of what import does for the cpp backend (see the module docstring): a loaded library is
+    returned as it is; otherwise the cached build of these sources is loaded, or first compiled with
+    ``torch.utils.cpp_extension`` from the same sources and flags as ``setup.py`` (``avkernels/_build_config.py``),
+    printing one line to stderr with the reason and the time it took. Also ``python -m avkernels build``.
 
     Args:
         backend: ``"cpp"`` or ``"cuda"``.
-        verbose: print the compiler commands.
-        announce: print one line to stderr before a compile that is not cached.
+        force: compile again even if the cache has a build, replacing it. A library loaded in this process stays
+            loaded (torch registers the ops once per process): the new build is used from the next process on.
+        verbose: show the compiler's commands and output.
     Returns:
-        The file of the loaded library; from now on the backend is available in this process (a library of torch
-        ops: ``torch.ops.load_library`` loads it, and a C++ program can dlopen it).
+        The library's file: a library of torch ops, which ``torch.ops.load_library`` loads and a C++ program can
+        ``dlopen`` (with ``force``, the new build in the cache).
     Raises:
-        ValueError: unknown backend.  RuntimeError: no sources here, the compiler failed, or (``"cuda"``) the
-        ``cpp`` library, which defines the ops, is not loaded.
+        ValueError: unknown backend.  RuntimeError: this torch cannot run it, no sources, no compiler, or the
+        compiler failed.
     """
-    if backend not in _MODULE_NAMES:
-        raise ValueError(f"backend: expected 'cpp' or 'cuda', got {backend!r}")
-    from torch.utils import cpp_extension
-
-    cfg = _config()
-    prefix = "CPU" if backend == "cpp" else "CUDA"
-    root = _source_root(backend, cfg)
-    if root is None:
-        raise RuntimeError(f"build_jit({backend!r}): no sources in {' or '.join(_SOURCE_ROOTS)} (csrc/ missing)")
-    if backend == "cuda" and cpp_extension.CUDA_HOME is None:
-        raise RuntimeError("build_jit('cuda'): no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
-    if backend == "cuda" and "cpp" not in _LIBRARIES:
-        raise RuntimeError("build_jit('cuda'): the cpp library defines the ops; build or install it first")
-    if backend in _LIBRARIES:
-        # torch registers a namespace's ops once per process: a new build takes effect in a new process.
-        raise RuntimeError(f"build_jit({backend!r}): {_LIBRARIES[backend]} is already loaded in this process")
-    name = cfg[f"{prefix}_MODULE"].replace(".", "_")
-    build_directory = _build_directory(backend, root, cfg)
-    os.makedirs(build_directory, exist_ok=True)
-    if announce and not glob.glob(os.path.join(build_directory, f"{name}*.so")):
-        what = "C++ CPU" if backend == "cpp" else "CUDA"
-        print(
-            f"avkernels: compiling the {what} kernels for torch {torch.__version__} (first use, ~1-2 min; cached in "
-            f"{build_directory})",
-            file=sys.stderr,
-            flush=True,
-        )
-    path = cpp_extension.load(
-        name=name,
-        sources=_sources(root, cfg[f"{prefix}_SOURCES"]),
-        extra_include_paths=[os.path.join(root, cfg["INCLUDE_DIR"])],
-        extra_cflags=list(cfg[f"{prefix}_CXX_FLAGS"]),
-        # load() links libtorch_python into every build; the library uses none of it (only torch ops), and without
-        # the dependency a C++ program can load it too.
-        extra_ldflags=(["-Wl,--as-needed"] if sys.platform.startswith("linux") else [])
-        + list(cfg.get(f"{prefix}_LINK_FLAGS", ())),
-        extra_cuda_cflags=list(cfg.get("CUDA_NVCC_FLAGS", ())) if backend == "cuda" else None,
-        build_directory=build_directory,
-        verbose=verbose,
-        is_python_module=False,  # loaded with torch.ops.load_library: a library of ops, not a module
-    )
-    _loaded(backend, path)
-    if backend not in _LIBRARIES:
-        raise RuntimeError(f"build_jit({backend!r}): {_IMPORT_ERRORS[backend]}")
-    return path
+    lib = _record(backend)
+    if backend in _LIBRARIES and not force:
+        return _LIBRARIES[backend]
+    blocker = _blocker(lib)
+    if blocker is not None:
+        raise RuntimeError(f"avkernels.build({backend!r}): {blocker}")
+    why = "asked to rebuild" if force else f"{_NO_PREBUILT.get(backend, 'no library')} and none in the cache"
+    try:
+        return _from_cache(lib, why, compile=True, force=force, verbose=verbose)
+    except RuntimeError as exc:
+        if backend not in _LIBRARIES:
+            _REASONS[backend] = f"{_module(lib)} was not built: {exc}"
+        raise RuntimeError(f"avkernels.build({backend!r}): {exc}") from None
 
 
-_load("cpp")  # and, once its ops are defined, cuda's kernels of them (_loaded)
-register_backend(BackendInfo("cpp", _cpp_unavailable, _cpp_inputs, preference={"cpu": 0}))
-# After triton on CUDA: the Triton kernels are the tuned ones there; these are the no-JIT alternative.
-register_backend(BackendInfo("cuda", _cuda_unavailable, _cuda_inputs, preference={"cuda": 1}))
-_register_impls("cpp")
-_register_impls("cuda")
+def _unavailable(lib: NativeLibrary) -> Optional[str]:
+    """Runs on every dispatch, inside traced regions too: it only reads what import settled."""
+    if lib.backend not in _LIBRARIES:
+        return _REASONS.get(lib.backend) or f"the {lib.backend} library is not loaded"
+    missing = lib.device_missing()
+    return None if missing is None else f"{_LIBRARIES[lib.backend]} is loaded but {missing}"
+
+
+def _input_reason(lib: NativeLibrary, inputs: Inputs) -> Optional[str]:
+    if inputs.device.type != lib.device_type:
+        return (f"the {lib.backend} backend runs on {lib.device_type.upper()} tensors, got {inputs.device.type} "
+                "tensors")
+    return dtype_reason(inputs.dtype, _NATIVE_DTYPES, lib.backend)
+
+
+def _register(lib: NativeLibrary) -> None:
+    """The kernels are the ops' own (TORCH_LIBRARY_IMPL), looked up by torch at call time: only the limits are the
+    backend's."""
+    register_backend(BackendInfo(lib.backend, functools.partial(_unavailable, lib),
+                                 functools.partial(_input_reason, lib), preference={lib.device_type: lib.preference}))
+    for op in OPS:
+        register_impl(op, lib.backend, OpImpl(supports=lib.limits.get(op)))
+
+
+for _lib in LIBRARIES:
+    _settle(_lib)
+    _register(_lib)

@@ -30,9 +30,9 @@ import zipfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/
 
+import prelude  # noqa: E402,F401  (first: the installed avkernels, else the checkout's)
 import avkernels  # noqa: E402
 from avkernels.export import export_program  # noqa: E402
 from avkernels.ops import native  # noqa: E402
