@@ -5,9 +5,10 @@
 //   vdpbf16ps  acc[l] += a.hi[l] * b.hi[l], then acc[l] += a.lo[l] * b.lo[l], lane l of 16 fp32 lanes, where each
 //              32-bit lane of a and b holds a pair of bf16 (lo = bits 0-15, hi = bits 16-31). Each step is one fused
 //              multiply-add rounded to nearest even, with denormal inputs read as zero (the bf16 operands and acc)
-//              and a denormal result flushed to a zero of its sign; MXCSR is neither read nor written. NaN: the
-//              first NaN among a, b, acc of the step (in that order) comes out quieted; an invalid step (inf * 0,
-//              inf - inf) with no NaN operand gives the default NaN 0xFFC00000.
+//              and a tiny result flushed to a zero of its sign (tiny after rounding to 24 bits with an unbounded
+//              exponent, which flushes some results fmaf would round up to 2^-126); MXCSR is neither read nor
+//              written. NaN: the first NaN among a, b, acc of the step (in that order) comes out quieted; an
+//              invalid step (inf * 0, inf - inf) with no NaN operand gives the default NaN 0xFFC00000.
 //   vcvtne2ps2bf16  32 fp32 -> 32 bf16 (round to nearest even; denormal -> zero of its sign; NaN -> its top half,
 //              quieted), the first 16 from the second operand: one vector of consecutive pairs.
 // `Bf16Native` issues them (GCC builtins: the kernel templates that call them carry no target attribute, and only
@@ -20,11 +21,16 @@
 // x cols: word [t/2][c] holds rows t, t+1 of column c) for the right operand, read 16 columns per vector.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
 #include "simd.h"
+
+#if AVK_X86_DISPATCH
+#include <immintrin.h>  // declares the GCC builtins used below
+#endif
 
 namespace avk {
 namespace cpu {
@@ -89,14 +95,29 @@ inline uint16_t round_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// Whether x * y + c is tiny in IEEE's "after rounding" sense: rounded to 24 bits with an unbounded exponent, it lies
+// below 2^-126, i.e. |x * y + c| < 2^-126 - 2^-151 exactly. The unit flushes such a result even where fmaf rounds
+// it up to 2^-126 (measured: the boundary sits at 2^-126 - 2^-151, ties kept). x * y is exact in a double (8-bit
+// significands) and TwoSum gives the double sum's rounding error, so the comparison is exact.
+inline bool exact_sum_is_tiny(float x, float y, float c) {
+  const double p = static_cast<double>(x) * static_cast<double>(y), cd = c;
+  const double s = p + cd, t = s - p, err = (p - (s - t)) + (cd - t);
+  const double limit = std::ldexp(1.0, -126) - std::ldexp(1.0, -151);
+  return std::fabs(s) < limit || (std::fabs(s) == limit && err != 0 && (err > 0) != (s > 0));
+}
+
 // One step of vdpbf16ps: acc + x * y, x and y bf16 bits.
 inline float dot_step(float acc, uint16_t x, uint16_t y) {
   const uint32_t xb = static_cast<uint32_t>(x) << 16, yb = static_cast<uint32_t>(y) << 16, cb = float_bits(acc);
   if (is_nan_bits(xb)) return bits_float(xb | 0x00400000u);
   if (is_nan_bits(yb)) return bits_float(yb | 0x00400000u);
   if (is_nan_bits(cb)) return bits_float(cb | 0x00400000u);
-  const float r = __builtin_fmaf(bits_float(flush_bits(xb)), bits_float(flush_bits(yb)), bits_float(flush_bits(cb)));
-  return r != r ? bits_float(0xFFC00000u) : bits_float(flush_bits(float_bits(r)));
+  const float xf = bits_float(flush_bits(xb)), yf = bits_float(flush_bits(yb)), cf = bits_float(flush_bits(cb));
+  const float r = __builtin_fmaf(xf, yf, cf);
+  if (r != r) return bits_float(0xFFC00000u);
+  const uint32_t rb = float_bits(r);
+  if ((rb & 0x7FFFFFFFu) == 0x00800000u && exact_sum_is_tiny(xf, yf, cf)) return bits_float(rb & 0x80000000u);
+  return bits_float(flush_bits(rb));
 }
 
 // vdpbf16ps on one lane.
@@ -149,11 +170,19 @@ struct Bf16Emulated {
   static AVK_INLINE VI flush(VI x) { return (x & 0x7F800000) == 0 ? x & (int32_t)0x80000000 : x; }
   static AVK_INLINE VI nan(VI x) { return (x & 0x7FFFFFFF) > 0x7F800000; }
   static AVK_INLINE VI step(VI c, VI x, VI y) {  // dot_step on bf16 values already in the top halves of x and y
-    const VF r = __builtin_ia32_vfmaddps512_mask((VF)flush(x), (VF)flush(y), (VF)flush(c), -1, 8);  // 8: round to nearest even, whatever MXCSR says
+    // rounding 8: to nearest even with exceptions suppressed, whatever MXCSR says
+    const VF r = __builtin_ia32_vfmaddps512_mask((VF)flush(x), (VF)flush(y), (VF)flush(c), -1, 8);
     const VI ri = (VI)r;
-    const VI out = nan(ri) ? VI{} + (int32_t)0xFFC00000 : flush(ri);
+    VI out = nan(ri) ? VI{} + (int32_t)0xFFC00000 : flush(ri);
     const VI quiet = VI{} + 0x00400000;
-    return nan(x) ? x | quiet : nan(y) ? y | quiet : nan(c) ? c | quiet : out;
+    out = nan(x) ? x | quiet : nan(y) ? y | quiet : nan(c) ? c | quiet : out;
+    const VI at_smallest_normal = (out & 0x7FFFFFFF) == 0x00800000;  // rare: decided by the definition
+    for (int l = 0; l < 16; ++l)
+      if (at_smallest_normal[l])
+        out[l] = static_cast<int32_t>(float_bits(dot_step(bits_float(static_cast<uint32_t>(c[l])),
+                                                          static_cast<uint16_t>(static_cast<uint32_t>(x[l]) >> 16),
+                                                          static_cast<uint16_t>(static_cast<uint32_t>(y[l]) >> 16))));
+    return out;
   }
   static AVK_INLINE VF dot(VF acc, VU a, VU b) {
     const VI hi_mask = VI{} + (int32_t)0xFFFF0000;
@@ -196,16 +225,17 @@ AVK_INLINE VU interleave_rows(VF row0, VF row1) {
 template <typename Unit, int R, int G>
 AVK_INLINE void rows_times_panel(const uint32_t* a, int64_t lda2, const uint32_t* panel, int64_t width,
                                  int64_t pairs, VF (&acc)[R][G]) {
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < G; ++c) acc[r][c] = VF{};
+  VF sum[R][G] = {};  // local, so that GCC keeps it in registers (writing acc in the loop made it store every step)
   for (int64_t t = 0; t < pairs; ++t) {
     VU y[G];
     for (int c = 0; c < G; ++c) y[c] = load<uint32_t, 64>(panel + t * width + 16 * c);
     for (int r = 0; r < R; ++r) {
       const VU ar = VU{} + a[r * lda2 + t];
-      for (int c = 0; c < G; ++c) acc[r][c] = Unit::dot(acc[r][c], ar, y[c]);
+      for (int c = 0; c < G; ++c) sum[r][c] = Unit::dot(sum[r][c], ar, y[c]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < G; ++c) acc[r][c] = sum[r][c];
 }
 
 // out[r * ldo + x] += sum_t a[r * a_row + t * a_inner] . y[t * ldy + x] for r < R, x < n_cols (a multiple of 16),

@@ -61,9 +61,14 @@ AVK_INLINE VF clear_padding16(VF x, bool padded_row, int64_t col, int64_t n_keys
   return (dot16::VI)(lane + static_cast<int32_t>(col)) < static_cast<int32_t>(n_keys) ? x : VF{};
 }
 
+// Rows per step of dot16::accumulate_rows: each row's sum is one chain of dependent vdpbf16ps (latency ~6 cycles),
+// so 8 independent rows keep the unit busy where 4 did not.
+constexpr int kAccRows16 = 8;
+static_assert(Tile<float>::kBM % kAccRows16 == 0 && Tile<float>::kBN % kAccRows16 == 0, "row steps");
+
 template <typename Unit>
 AVK_INLINE void forward_tasks16(const Problem<BF16>& P, BF16* o, bool* mask, int64_t begin, int64_t end) {
-  constexpr int VB = 64, BN = Tile<float>::kBN, BM = Tile<float>::kBM, R = Tile<float>::kAccRows;
+  constexpr int VB = 64, BN = Tile<float>::kBN, BM = Tile<float>::kBM, R = kAccRows16;
   constexpr int W = 16, G = Blocking<float, VB>::kGroup, RF = Blocking<float, VB>::kFwdRows;
   static_assert(G % 2 == 0, "columns are rounded to pairs two vectors at a time");
   const int64_t D = P.head, Dp = P.head_pad, Ep = P.value_pad, D2 = (D + 1) / 2;
@@ -119,7 +124,7 @@ AVK_INLINE void forward_tasks16(const Problem<BF16>& P, BF16* o, bool* mask, int
 
 template <typename Unit>
 AVK_INLINE void backward_tasks16(const Problem<BF16>& P, const Gradients<BF16>& G, int64_t begin, int64_t end) {
-  constexpr int VB = 64, BN = Tile<float>::kBN, BM = Tile<float>::kBM, R = Tile<float>::kAccRows;
+  constexpr int VB = 64, BN = Tile<float>::kBN, BM = Tile<float>::kBM, R = kAccRows16;
   constexpr int W = 16, NG = Blocking<float, VB>::kGroup, RB = Blocking<float, VB>::kBwdRows;
   static_assert(RB == 2 && NG % 2 == 0, "rows are paired two at a time, columns two vectors at a time");
   const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad, D2 = (D + 1) / 2, E2 = (E + 1) / 2;
