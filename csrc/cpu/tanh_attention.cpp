@@ -12,8 +12,9 @@
 //
 // bf16 / fp16 inputs are widened to fp32 as they are packed and computed exactly as fp32 inputs are (same tiles, same
 // task partition, same Philox offsets, so the same dropout mask); o, dq and the summed dk / dv are rounded to the
-// input dtype on their final store only (convert.h). A 16-bit kernel body would gain nothing on CPUs without 16-bit
-// arithmetic and would lose the accuracy of the fp32 sums over the keys.
+// input dtype on their final store only (convert.h). Where the CPU has AVX-512 BF16 (or AVKERNELS_CPU_16BIT=emulated
+// asks for its stand-in), bf16 inputs take the bodies of tanh_attention16.h instead: the same tiles and draws, with
+// the matrix products on bf16 pairs (dot16.h) and fp32 sums.
 //
 // Determinism: forward tasks write disjoint output rows. Backward tasks own their dq rows and accumulate dk/dv into
 // a private buffer; the buffers are then summed in task order. The task partition depends on the shapes only (not
