@@ -91,10 +91,10 @@ def measure(rows, batches, modes, rounds: int):
                     times[row].append(time.perf_counter() - start)
             for row in rows:
                 peak, _ = _cpu_peak(*built[row])
-                results.append({"row": row, "batch": batch, "mode": mode, "median_ms": 1e3 * statistics.median(times[row]),
+                median = 1e3 * statistics.median(times[row])
+                results.append({"row": row, "batch": batch, "mode": mode, "median_ms": median,
                                 "times_ms": [1e3 * t for t in times[row]], "peak_mib": peak / 2**20})
-                print(f"B={batch:3d} {mode:9s} {row:13s} {results[-1]['median_ms']:9.2f} ms  peak {peak / 2**20:8.1f} MiB",
-                      flush=True)
+                print(f"B={batch:3d} {mode:9s} {row:13s} {median:9.2f} ms  peak {peak / 2**20:8.1f} MiB", flush=True)
     return results
 
 

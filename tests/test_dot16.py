@@ -64,7 +64,8 @@ def random_words(n, generator):
 
 def random_acc(n, generator, a, b):
     bits = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int64, generator=generator).to(torch.int32)
-    special = torch.tensor(FP32_SPECIALS, dtype=torch.int64)[torch.randint(len(FP32_SPECIALS), (n,), generator=generator)]
+    pick = torch.randint(len(FP32_SPECIALS), (n,), generator=generator)
+    special = torch.tensor(FP32_SPECIALS, dtype=torch.int64)[pick]
     special = torch.where(special >= 2**31, special - 2**32, special).to(torch.int32)
     # minus the high product: the step's sum cancels, exposing its rounding and flushing
     hi = lambda w: ((w.to(torch.int64) >> 16) << 16).to(torch.int32).view(torch.float32)  # noqa: E731
@@ -215,8 +216,8 @@ def test_conformance_suite_on_every_16bit_path(unit):
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "test_conformance.py"),
-         "-k", "cpp and bfloat16 and tanh_attention"],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         os.path.join(HERE, "test_conformance.py"), "-k", "cpp and bfloat16 and tanh_attention"],
         env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

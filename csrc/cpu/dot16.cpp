@@ -102,7 +102,8 @@ at::Tensor dot16_round(const at::Tensor& x, c10::string_view unit) {
   uint32_t* o = reinterpret_cast<uint32_t*>(out.data_ptr<int16_t>());
   const float* px = x.data_ptr<float>();
   if (u == Unit::kScalar) {
-    for (int64_t i = 0; i < x.numel(); i += 2) o[i / 2] = dot16::pair(dot16::round_bf16(px[i]), dot16::round_bf16(px[i + 1]));
+    for (int64_t i = 0; i < x.numel(); i += 2)
+      o[i / 2] = dot16::pair(dot16::round_bf16(px[i]), dot16::round_bf16(px[i + 1]));
   }
 #if AVK_X86_DISPATCH && !defined(__clang__)
   if (u == Unit::kEmulated) round_emulated(o, px, x.numel());
