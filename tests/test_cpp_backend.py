@@ -314,9 +314,12 @@ def test_half_precision_dropout_masks_do_not_depend_on_the_dtype(ext, activation
 def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
     """One kernel body: on contiguous inputs, every 16-bit output is bit for bit the fp32 kernel's output on the
     widened inputs, rounded to nearest even by torch. So no intermediate is rounded to 16 bits, and the F16C (AVX2)
-    and c10::Half (baseline) conversions round as torch does."""
+    and c10::Half (baseline) conversions round as torch does. Except bf16 attention on a 16-bit unit
+    (cpu_features()["compute_16bit"] != "fp32"), which rounds the map to bf16: test_half_precision_on_every_isa_variant
+    reruns this with AVKERNELS_CPU_16BIT=fp32."""
     q, k, v, do = _attention_inputs((3, 37, 71, 13, 19), "contiguous", dtype)
     wide = [t.float() for t in (q, k, v, do)]
+    unit_rounds_the_map = dtype == torch.bfloat16 and ext.cpu_features()["compute_16bit"] != "fp32"
     for activation, p in ((None, 0.0), ("tanh_relu", 0.3)):
         (o, *grads), _ = _ext_attention(ext, q, k, v, do, 0.4, activation, p, seed=5)
         act = int(activation == "tanh_relu")
@@ -325,6 +328,8 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
         grads32 = deterministic_call(ext.tanh_attention_backward, wide[3], *wide[:3], o.float(), seed_tensor(5), 0.4, p,
                                 ACTIVATION[act])
         for name, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (o32, *grads32)):
+            if unit_rounds_the_map:  # the map and its gradient are rounded to bf16 for the unit: tested in test_dot16
+                break
             assert torch.equal(a, b.to(dtype)), (activation, name)
 
     attended, unattended = torch.randn(2, 37, 19, dtype=dtype), torch.randn(2, 37, 19, dtype=dtype)
@@ -387,15 +392,16 @@ def test_half_precision_mixed_dtypes_are_refused(ext):
                                 torch.randn(2, 3, 2, dtype=torch.float16), a, 0.1)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx2", "baseline", "avx512-fp32"])
 def test_half_precision_on_every_isa_variant(ext, isa):
     """The 16-bit tests above rerun with AVKERNELS_CPU_ISA lowered: each ISA variant widens and rounds on its own
-    path (fp16: F16C from AVX2 up, c10::Half in the baseline build)."""
+    path (fp16: F16C from AVX2 up, c10::Half in the baseline build); "avx512-fp32" keeps the widest variant and
+    widens bf16 to fp32 (AVKERNELS_CPU_16BIT=fp32) instead of using a 16-bit unit."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "AVKERNELS_CPU_ISA": isa}
+    env = {**os.environ, "AVKERNELS_CPU_ISA": isa.split("-")[0], "AVKERNELS_CPU_16BIT": "fp32"}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
          "half_precision and not every_isa"],
@@ -522,3 +528,8 @@ def test_cpu_features_report_the_16bit_path(ext):
     if flags is not None:  # the extension's detection agrees with the kernel's view of this CPU
         for name in ("f16c", "avx512_bf16", "amx_bf16"):
             assert features[name] == ("true" if name in flags else "false"), name
+    # bf16 products run on AVX-512 BF16 wherever the AVX-512 variant runs and the CPU has it (tests/test_dot16.py
+    # forces the other paths)
+    unit = "avx512_bf16" if features["isa"] == "avx512" and features["avx512_bf16"] == "true" else "fp32"
+    if "AVKERNELS_CPU_16BIT" not in os.environ:
+        assert features["compute_16bit"] == unit

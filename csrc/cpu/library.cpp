@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "dot16.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -61,9 +62,10 @@ std::string cpu_isa() {
   return isa == cpu::Isa::kAvx512 ? "avx512" : isa == cpu::Isa::kAvx2 ? "avx2" : "baseline";
 }
 
-// What the 16-bit path can and does use, so that a user (or a benchmark) can tell a machine with bfloat16 matrix
-// units from one without: the kernels widen 16-bit inputs to fp32 on load on every CPU today. Flags are "true" or
-// "false" (an op returns one value type per dict).
+// What the 16-bit path can and does use, so that a user (or a benchmark) can tell a machine with bfloat16 units from
+// one without. compute_16bit names what computes tanh_attention's bf16 products: "avx512_bf16" (vdpbf16ps),
+// "emulated" (its stand-in, AVKERNELS_CPU_16BIT=emulated) or "fp32" (bf16 widened on load, fp32 FMA); float16 and the
+// gates always take the fp32 path. Flags are "true" or "false" (an op returns one value type per dict).
 c10::Dict<std::string, std::string> cpu_features() {
   c10::Dict<std::string, std::string> features;
   const auto flag = [](bool on) { return std::string(on ? "true" : "false"); };
@@ -76,7 +78,7 @@ c10::Dict<std::string, std::string> cpu_features() {
 #else
   for (const char* name : {"f16c", "avx512_bf16", "amx_bf16"}) features.insert(name, flag(false));
 #endif
-  features.insert("compute_16bit", "fp32: bf16/fp16 inputs are widened on load, products run as fp32 FMA");
+  features.insert("compute_16bit", cpu::compute_16bit_name(cpu::compute_16bit()));
   return features;
 }
 
@@ -103,6 +105,9 @@ TORCH_LIBRARY(avkernels, m) {
   // the keep flags drawn the way the kernels draw them.
   m.def("dropout_uniform(int seed, int first_row, int rows, int keys) -> Tensor", &cpu::dropout_uniform);
   m.def("dropout_keep(int seed, int first_row, int rows, int keys, float dropout_p) -> Tensor", &cpu::dropout_keep);
+  // One instruction of the 16-bit unit, by unit "scalar", "emulated" or "avx512_bf16" (ops.h).
+  m.def("dot16_dot(Tensor acc, Tensor a, Tensor b, str unit) -> Tensor", &cpu::dot16_dot);
+  m.def("dot16_round(Tensor x, str unit) -> Tensor", &cpu::dot16_round);
 }
 
 TORCH_LIBRARY_IMPL(avkernels, CPU, m) {

@@ -32,6 +32,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
 at::Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_t keys);
 at::Tensor dropout_keep(int64_t seed, int64_t first_row, int64_t rows, int64_t keys, double dropout_p);
 
+// For tests: one instruction of the 16-bit unit over every lane (dot16.h), computed by `unit` = "scalar" (the
+// definition), "emulated" (the stand-in's vector code) or "avx512_bf16" (the instruction): acc + a . b with a, b
+// int32 words holding bf16 pairs (vdpbf16ps), and x rounded to bf16 pairs (vcvtne2ps2bf16, returned as int16).
+at::Tensor dot16_dot(const at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, c10::string_view unit);
+at::Tensor dot16_round(const at::Tensor& x, c10::string_view unit);
+
 std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
                                                 const at::Tensor& weight, const at::Tensor& bias, double tau);
 

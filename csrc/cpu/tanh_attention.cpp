@@ -12,8 +12,9 @@
 //
 // bf16 / fp16 inputs are widened to fp32 as they are packed and computed exactly as fp32 inputs are (same tiles, same
 // task partition, same Philox offsets, so the same dropout mask); o, dq and the summed dk / dv are rounded to the
-// input dtype on their final store only (convert.h). A 16-bit kernel body would gain nothing on CPUs without 16-bit
-// arithmetic and would lose the accuracy of the fp32 sums over the keys.
+// input dtype on their final store only (convert.h). Where the CPU has AVX-512 BF16 (or AVKERNELS_CPU_16BIT=emulated
+// asks for its stand-in), bf16 inputs take the bodies of tanh_attention16.h instead: the same tiles and draws, with
+// the matrix products on bf16 pairs (dot16.h) and fp32 sums.
 //
 // Determinism: forward tasks write disjoint output rows. Backward tasks own their dq rows and accumulate dk/dv into
 // a private buffer; the buffers are then summed in task order. The task partition depends on the shapes only (not
@@ -442,6 +443,34 @@ struct KeyValuePanels {
   }
 };
 
+// The keep flags of R map rows from query row i (the first rows_left of them real) against the key block at j0, into
+// the returned (B, Mq, N) mask if there is one.
+template <int R, typename S>
+void store_mask_rows(const Problem<S>& P, bool* mask, const float* keep, int64_t b, int64_t i, int64_t rows_left,
+                     int64_t j0, int64_t n_keys) {
+  constexpr int BN = Tile<compute_t<S>>::kBN;
+  for (int r = 0; r < R && mask != nullptr && r < rows_left; ++r) {
+    bool* m = mask + (b * P.rows + i + r) * P.keys + j0;
+    for (int64_t j = 0; j < n_keys; ++j) m[j] = keep[r * BN + j] != 0.0f;
+  }
+}
+
+// The finished output rows i0 .. i0 + n_rows of batch element b: the epilogue, then one rounding store to o.
+template <typename T, int VB, typename S>
+AVK_INLINE void finish_output_rows(const Problem<S>& P, T* o_tile, S* o, int64_t b, int64_t i0, int64_t n_rows) {
+  const int64_t Ep = P.value_pad;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    T* row = o_tile + r * Ep;
+    if (P.tanh_relu) {
+      for (int64_t x = 0; x < Ep; x += kLanes<T, VB>) {
+        const Vec<T, VB> t = tanh_vec<VB>(load<T, VB>(row + x));
+        store<T, VB>(row + x, t > T(0) ? t : Vec<T, VB>{});
+      }
+    }
+    narrow_row(o + (b * P.rows + i0 + r) * P.value, row, P.value);
+  }
+}
+
 // Forward tasks [begin, end): task = (batch element, chunk of kBM-row blocks).
 //
 // Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
@@ -486,26 +515,14 @@ AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t beg
               }
             }
           }
-          for (int r = 0; r < RF && mask != nullptr && i + r < n_rows; ++r) {
-            bool* m = mask + (b * P.rows + i0 + i + r) * P.keys + j0;
-            for (int64_t j = 0; j < n_keys; ++j) m[j] = keep[r * BN + j] != 0.0f;
-          }
+          store_mask_rows<RF>(P, mask, keep.data(), b, i0 + i, n_rows - i, j0, n_keys);
         }
         clear_padding(c_tile, n_rows, n_keys);
         for (int64_t i = 0; i < BM; i += R)
           accumulate_rows<T, VB>(o_tile + i * Ep, Ep, c_tile + i * BN, BN, 1, v_block, Ep, BN, Ep);
       }
 
-      for (int64_t r = 0; r < n_rows; ++r) {
-        T* row = o_tile + r * Ep;
-        if (P.tanh_relu) {
-          for (int64_t x = 0; x < Ep; x += W) {
-            const Vt t = tanh_vec<VB>(load<T, VB>(row + x));
-            store<T, VB>(row + x, t > T(0) ? t : Vt{});
-          }
-        }
-        narrow_row(o + (b * P.rows + i0 + r) * P.value, row, P.value);
-      }
+      finish_output_rows<T, VB>(P, o_tile, o, b, i0, n_rows);
     }
   }
 }
@@ -525,6 +542,25 @@ struct Gradients {
   T* dk_part;  // (tasks, Npad, Dp): each task's private dk accumulator, in the compute type
   T* dv_part;  // (tasks, Npad, Ep)
 };
+
+// The q rows and the output-gradient rows i0 .. i0 + n_rows of batch element b as (BM, Dp) and (BM, Ep) tiles;
+// the output gradient goes through the tanh_relu epilogue: d ReLU(tanh(x)) = [y > 0] (1 - y^2), y the saved output.
+template <typename S, typename T = compute_t<S>>
+void pack_gradient_rows(const Problem<S>& P, const Gradients<S>& G, T* q_tile, T* do_tile, int64_t b, int64_t i0,
+                        int64_t n_rows) {
+  constexpr int BM = Tile<T>::kBM;
+  const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
+  pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
+  pack(do_tile, Ep, BM, G.dout + b * G.sdo[0] + i0 * G.sdo[1], G.sdo[1], G.sdo[2], n_rows, E);
+  if (!P.tanh_relu) return;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const S* y = G.out + b * G.so[0] + (i0 + r) * G.so[1];
+    for (int64_t e = 0; e < E; ++e) {
+      const T ye = widen<T>(y[e * G.so[2]]);
+      do_tile[r * Ep + e] *= ye > T(0) ? T(1) - ye * ye : T(0);
+    }
+  }
+}
 
 // Backward tasks [begin, end): task = (batch element b, chunk of row blocks). Writes the task's dq rows and adds
 // its dk and dv contributions into its own slices of dk_part / dv_part (zeroed by the caller).
@@ -555,17 +591,7 @@ AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64
     T* dv_acc = G.dv_part + task * P.keys_pad * Ep;
     for (int64_t block = P.first_block(task); block < P.end_block(task); ++block) {
       const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
-      pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
-      pack(do_tile, Ep, BM, G.dout + b * G.sdo[0] + i0 * G.sdo[1], G.sdo[1], G.sdo[2], n_rows, E);
-      if (P.tanh_relu) {  // d ReLU(tanh(x)) = [y > 0] (1 - y^2) with y the saved output
-        for (int64_t r = 0; r < n_rows; ++r) {
-          const S* y = G.out + b * G.so[0] + (i0 + r) * G.so[1];
-          for (int64_t e = 0; e < E; ++e) {
-            const T ye = widen<T>(y[e * G.so[2]]);
-            do_tile[r * Ep + e] *= ye > T(0) ? T(1) - ye * ye : T(0);
-          }
-        }
-      }
+      pack_gradient_rows(P, G, q_tile, do_tile, b, i0, n_rows);
       std::fill(dq_tile, dq_tile + BM * Dp, T(0));
 
       for (int64_t kb = 0; kb < P.key_blocks; ++kb) {
@@ -624,6 +650,53 @@ AVK_DEFINE_ISA_ENTRY(AVK_TARGET_AVX512, avx512, 64)
 #endif
 #undef AVK_DEFINE_ISA_ENTRY
 
+}  // namespace
+}  // namespace cpu
+}  // namespace avk
+
+#include "tanh_attention16.h"  // the bf16 bodies: matrix products on bf16 pairs
+
+namespace avk {
+namespace cpu {
+namespace {
+
+// Runs the bf16 forward tasks on the 16-bit unit (or its stand-in) compute_16bit() picks; false for fp32, where
+// the caller widens bf16 to fp32 instead, and for every other dtype.
+template <typename S>
+bool forward_on_16bit_unit(const Problem<S>&, S*, bool*) {
+  return false;
+}
+template <typename S>
+bool backward_on_16bit_unit(const Problem<S>&, const Gradients<S>&) {
+  return false;
+}
+
+bool forward_on_16bit_unit(const Problem<c10::BFloat16>& P, c10::BFloat16* o, bool* mask) {
+#if AVK_HAVE_DOT16
+  const Compute16 unit = compute_16bit();
+  if (unit == Compute16::kFp32) return false;
+  parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
+    (unit == Compute16::kAvx512Bf16 ? forward_tasks16_native : forward_tasks16_emulated)(P, o, mask, begin, end);
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool backward_on_16bit_unit(const Problem<c10::BFloat16>& P, const Gradients<c10::BFloat16>& G) {
+#if AVK_HAVE_DOT16
+  const Compute16 unit = compute_16bit();
+  if (unit == Compute16::kFp32) return false;
+  parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
+    (unit == Compute16::kAvx512Bf16 ? backward_tasks16_native : backward_tasks16_emulated)(P, G, begin, end);
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
 // out[g, j, :width] = sum over t < parts of part[g * parts + t, j, :width], added in the order t = 0, 1, ...
 // part is (groups * parts, keys_pad, ld): the tasks' private accumulators. The sum stays in T (no rounding to a
 // 16-bit S between partials); only the total is rounded.
@@ -674,6 +747,7 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
     const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, seed, scale, dropout_p, activation);
     scalar_t* o_ptr = o.data_ptr<scalar_t>();
     bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
+    if (forward_on_16bit_unit(P, o_ptr, mask_ptr)) return;
     parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
       AVK_DISPATCH_ISA(forward_tasks, scalar_t, P, o_ptr, mask_ptr, begin, end);
     });
@@ -718,9 +792,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
     using T = compute_t<S>;
     G.dk_part = dk_part.data_ptr<T>();
     G.dv_part = dv_part.data_ptr<T>();
-    parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      AVK_DISPATCH_ISA(backward_tasks, S, P, G, begin, end);
-    });
+    if (!backward_on_16bit_unit(P, G)) {
+      parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        AVK_DISPATCH_ISA(backward_tasks, S, P, G, begin, end);
+      });
+    }
 
     // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch.
     sum_partials(dk.data_ptr<S>(), P.batch, P.keys, P.head, G.dk_part, P.chunks, P.keys_pad, P.head_pad);
