@@ -1,0 +1,80 @@
+"""Per-sample sequence lengths (``lengths=``) and the padding masks the modules build from them (SPEC 3.1).
+
+``lengths[b]`` is the number of valid time steps of sample ``b``; steps ``t >= lengths[b]`` are padding. The modules
+turn it into a ``(B, L)`` boolean mask, ``True`` at padded steps, and treat those steps as absent in everything that
+mixes time steps (``masked_fill``, not a product, so that NaN or inf in the padding cannot leak either).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def check_seq_len(x: torch.Tensor, name: str, seq_len: int, axis: int = 1) -> None:
+    """A shape error for a time axis of the wrong length that says how to fix it."""
+    if x.dim() > axis and x.shape[axis] != seq_len:
+        raise ValueError(
+            f"{name}: expected {seq_len} time steps on axis {axis} (the module was built with seq_len={seq_len}), got "
+            f"shape {tuple(x.shape)}. Pad shorter sequences to seq_len={seq_len} and pass lengths= (the valid steps "
+            f"of each sample), or build the module with seq_len={x.shape[axis]}"
+        )
+
+
+def check_lengths(
+    lengths: object, batch: int, seq_len: int, device: torch.device, name: str = "lengths"
+) -> Optional[int]:
+    """``lengths``: a ``(batch,)`` integer tensor on ``device`` with values in ``[0, seq_len]``.
+
+    Returns the smallest length, or ``None`` when it was not read (an empty batch, or while ``torch.compile`` traces).
+    """
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{name}: expected None or a ({batch},) integer torch.Tensor, got {type(lengths).__name__}")
+    if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+        raise TypeError(
+            f"{name}: expected an integer tensor (e.g. torch.int64) of valid steps per sample, got {lengths.dtype}"
+        )
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one length per sample), got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} like the features, got one on {lengths.device}")
+    if batch and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(lengths))
+        if low < 0 or high > seq_len:
+            raise ValueError(f"{name}: expected values in [0, seq_len={seq_len}], got values in [{low}, {high}]")
+        return low
+    return None
+
+
+def padding_mask(
+    lengths: Optional[torch.Tensor], batch: int, seq_len: int, device: torch.device, name: str = "lengths"
+) -> Optional[torch.Tensor]:
+    """The ``(batch, seq_len)`` mask of padded steps, after :func:`check_lengths`; ``None`` without padding.
+
+    ``None`` also when every length is ``seq_len`` (seen in the range check), so that such a call runs exactly the
+    code of a call without ``lengths`` and gives bit-identical results. While ``torch.compile`` traces, the mask is
+    always built (reading the values would break the graph); masking nothing is exact as well.
+    """
+    if lengths is None:
+        return None
+    shortest = check_lengths(lengths, batch, seq_len, device, name)
+    if batch == 0 or shortest == seq_len:
+        return None
+    return torch.arange(seq_len, device=device) >= lengths.unsqueeze(1)
+
+
+def zero_padded(x: torch.Tensor, padded: Optional[torch.Tensor], time_axis: int = 1) -> torch.Tensor:
+    """``x`` with its padded steps set to 0; ``padded`` is ``(B, L)`` and ``x`` has ``L`` on ``time_axis``."""
+    if padded is None:
+        return x
+    shape = [1] * x.dim()
+    shape[0], shape[time_axis] = padded.shape
+    return x.masked_fill(padded.view(shape), 0)
+
+
+def lengths_from_mask(padded: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The CPU int64 lengths of a prefix-valid padding mask (for ``pack_padded_sequence``), or ``None``."""
+    if padded is None:
+        return None
+    return (~padded).sum(dim=1).cpu()
