@@ -12,13 +12,14 @@ from typing import Optional
 import torch
 
 
-def check_seq_len(x: torch.Tensor, name: str, seq_len: int, axis: int = 1) -> None:
-    """A shape error for a time axis of the wrong length that says how to fix it."""
+def check_seq_len(x: torch.Tensor, name: str, seq_len: int, argument: str = "seq_len", axis: int = 1) -> None:
+    """A shape error for a time axis of the wrong length that says how to fix it; ``argument`` names the module's
+    argument that fixed the length."""
     if x.dim() > axis and x.shape[axis] != seq_len:
         raise ValueError(
-            f"{name}: expected {seq_len} time steps on axis {axis} (the module was built with seq_len={seq_len}), got "
-            f"shape {tuple(x.shape)}. Pad shorter sequences to seq_len={seq_len} and pass lengths= (the valid steps "
-            f"of each sample), or build the module with seq_len={x.shape[axis]}"
+            f"{name}: expected {seq_len} time steps on axis {axis} (the module was built with {argument}={seq_len}), "
+            f"got shape {tuple(x.shape)}. Pad shorter sequences to {argument}={seq_len} and pass lengths= (the valid "
+            f"steps of each sample), or build the module with {argument}={x.shape[axis]}"
         )
 
 
