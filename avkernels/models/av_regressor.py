@@ -55,6 +55,7 @@ class ResidualBiLSTM(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, dropout: float = 0.1):
+        """See the class docstring for the arguments."""
         super().__init__()
         check_positive_int(input_size, "input_size")
         _check_even(hidden_size, "hidden_size")
@@ -156,6 +157,7 @@ class AudioGuidedSpatialAttention(nn.Module):
         *,
         scrambled_reshape: bool = False,
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         for name, value in (
             ("channels", channels), ("positions", positions), ("guide_dim", guide_dim), ("hidden", hidden),
@@ -247,6 +249,7 @@ class AVRegressor(nn.Module):
         scrambled_reshape: bool = False,
         normalize_inputs: bool = True,
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         dims = tuple(dims) if isinstance(dims, (list, tuple)) else dims
         if not isinstance(dims, tuple) or len(dims) < 2 or not all(

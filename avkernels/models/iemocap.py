@@ -75,6 +75,7 @@ class ModalityEncoder(nn.Module):
     """Input dropout, optional kernel-1 convolution over the time axis, BiGRU: ``(B, T, dim) -> (B, T', 2h)``."""
 
     def __init__(self, spec: ModalitySpec, hidden: int):
+        """See the class docstring for the arguments."""
         super().__init__()
         self.input_dropout = spec.input_dropout
         # (B, T, dim) is read by Conv1d as T channels of length dim: each output step mixes every input step.
@@ -116,6 +117,7 @@ class _AttentionClassifier(nn.Module):
         fc_hidden: int = 60,
         pooling: str = "statistics",
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
         specs = {**IEMOCAP_MODALITIES, **dict(specs or {})}

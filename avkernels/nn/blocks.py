@@ -42,6 +42,7 @@ class DenseJointCrossAttention(nn.Module):
     """
 
     def __init__(self, dims: Sequence[int], seq_len: int, dropout: float = 0.6, backend: Optional[str] = None):
+        """See the class docstring for the arguments."""
         super().__init__()
         joint = sum(dims)
         self.dropout_p = dropout
@@ -89,6 +90,7 @@ class AdditiveJointCrossAttention(nn.Module):
     def __init__(
         self, dims: Sequence[int], seq_len: int, dropout: float = 0.6, hidden: int = 32, backend: Optional[str] = None
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         joint = sum(dims)
         self.dropout_p = dropout

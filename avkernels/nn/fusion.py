@@ -69,6 +69,7 @@ class RecursiveJointCrossAttention(nn.Module):
         stage_include_input: bool = False,
         backend: Optional[str] = None,
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         dims = tuple(dims) if isinstance(dims, (list, tuple)) else dims
         if not isinstance(dims, tuple) or len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims):
