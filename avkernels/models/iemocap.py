@@ -222,7 +222,7 @@ class _AttentionClassifier(nn.Module):
             ``(B, num_classes)`` logits (and the embedding when ``return_embedding``).
         """
         shapes = [(self.specs[m].length or "T", self.specs[m].dim) for m in self.modalities]
-        check_features(features, self.modalities, shapes, self, length_argument="length (its ModalitySpec)")
+        check_features(features, self.modalities, shapes, self, length_argument="specs['{name}'].length")
         padded = self._padding(features, lengths)
         lengths = {m: None if padded[m] is None else (~padded[m]).sum(dim=1) for m in self.modalities}
         encoded = {m: self.encoders[m](x, lengths[m]) for m, x in zip(self.modalities, features)}

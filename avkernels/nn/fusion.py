@@ -12,11 +12,11 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from avkernels._validation import check_float_tensor, check_positive, check_probability, check_same, check_shape
+from avkernels._validation import check_float_tensor, check_positive, check_probability, check_same
 from avkernels.backends import registered
 from avkernels.nn.blocks import AdditiveJointCrossAttention, DenseJointCrossAttention
 from avkernels.nn.gates import Gate, StageGate
-from avkernels.nn.lengths import check_seq_len, padding_mask, zero_padded
+from avkernels.nn.lengths import check_time_shape, padding_mask, zero_padded
 
 FORMS = ("dense", "additive")
 GATINGS = (None, "final", "recursive")
@@ -135,8 +135,7 @@ class RecursiveJointCrossAttention(nn.Module):
             check_float_tensor(x, name)
         batch = features[0].shape[0] if features[0].dim() == 3 else "B"
         for name, x, d in zip(names, features, self.dims):
-            check_seq_len(x, name, self.seq_len)
-            check_shape(x, name, (batch, self.seq_len, d))
+            check_time_shape(x, name, (batch, self.seq_len, d))
         param = next(self.parameters())
         check_same(list(features), names)
         if features[0].device != param.device:

@@ -7,20 +7,24 @@ mixes time steps (``masked_fill``, not a product, so that NaN or inf in the padd
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
+from avkernels._validation import Dim, check_shape, shape_str
 
-def check_seq_len(x: torch.Tensor, name: str, seq_len: int, argument: str = "seq_len", axis: int = 1) -> None:
-    """A shape error for a time axis of the wrong length that says how to fix it; ``argument`` names the module's
-    argument that fixed the length."""
-    if x.dim() > axis and x.shape[axis] != seq_len:
+
+def check_time_shape(x: torch.Tensor, name: str, expected: Sequence[Dim], argument: str = "seq_len") -> None:
+    """``check_shape(x, name, expected)`` for ``(B, L, ...)`` features whose ``L`` was fixed by the module's
+    ``argument``: a wrong ``L`` is an error that says how to fix it."""
+    seq_len = expected[1]
+    if isinstance(seq_len, int) and x.dim() == len(expected) and x.shape[1] != seq_len:
         raise ValueError(
-            f"{name}: expected {seq_len} time steps on axis {axis} (the module was built with {argument}={seq_len}), "
-            f"got shape {tuple(x.shape)}. Pad shorter sequences to {argument}={seq_len} and pass lengths= (the valid "
-            f"steps of each sample), or build the module with {argument}={x.shape[axis]}"
+            f"{name}: expected shape {shape_str(expected)}, got {tuple(x.shape)}: the module was built with "
+            f"{argument}={seq_len}. Pad shorter sequences to {seq_len} steps and pass lengths= (the valid steps of "
+            f"each sample), or build the module with {argument}={x.shape[1]}"
         )
+    check_shape(x, name, expected)
 
 
 def check_lengths(
