@@ -353,3 +353,24 @@ def test_training_task_passes_the_windows_lengths():
     assert seen["lengths"] is batch["lengths"]
     VARegressionTask(("video", "audio"), use_lengths=False).predict(model, batch)
     assert seen["lengths"] is None
+
+
+def test_iemocap_lengths_from_the_marks_in_the_files(tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+    import make_samples
+    from avkernels.data import IEMOCAPFold
+
+    fold = str(tmp_path / "fold01")
+    written = make_samples.write_iemocap_fold(fold)
+    tokens = written["train"]["nlp_trans"].copy()
+    tokens[0, 7:] = 0  # utterance 0: 7 tokens, then padding
+    tokens[2, :] = 0  # utterance 2: no token at all
+    np.save(os.path.join(fold, "train_nlp_trans.npy"), tokens)
+    dataset = IEMOCAPFold(fold, "train", modalities=("text", "video"), drop_no_video=False)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [int(item["text_length"]) for item in items][:3] == [7, 128, 0]
+    assert [int(item["video_length"]) for item in items] == written["train"]["video_seqN"].tolist()
+    assert "audio_length" not in items[0]
