@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         f"{os.getloadavg()[0]:.1f} at the end, {args.threads} thread(s).",
         "",
         "| model | all frames, before | all frames, after | padded-window frames, before | padded-window frames, "
-        "after | padded-window frames |",
+        "after | labelled frames in padded windows (seed 0) |",
         "|---|---|---|---|---|---|",
     ]
     for model_name in args.models:
