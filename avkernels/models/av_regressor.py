@@ -26,7 +26,7 @@ from torch import nn
 from avkernels._validation import check_probability
 from avkernels.models._checks import check_features, check_positive_int
 from avkernels.nn.fusion import DCA, GRJCA, JCA, RJCA, RecursiveJointCrossAttention
-from avkernels.nn.lengths import lengths_from_mask, padding_mask, zero_padded
+from avkernels.nn.lengths import drop_exporter_defaults, lengths_from_mask, padding_mask, zero_padded
 from avkernels.nn.linear import Linear
 
 FUSIONS = {"jca": JCA, "rjca": RJCA, "dca": DCA, "grjca": GRJCA}
@@ -326,6 +326,7 @@ class AVRegressor(nn.Module):
         Returns:
             ``(valence, arousal)``, each ``(B, L)`` (and the gate dict when ``return_gates``).
         """
+        features = drop_exporter_defaults(features)
         names = [("video", "audio")[m] if m < 2 else f"features[{m}]" for m in range(len(self.dims))]
         check_features(features, names, [(self.seq_len, d) for d in self.input_dims], self)
         padded = padding_mask(lengths, features[0].shape[0], self.seq_len, features[0].device)

@@ -28,7 +28,7 @@ from torch import nn
 from avkernels._validation import check_probability
 from avkernels.models._checks import check_features, check_positive_int
 from avkernels.models.av_regressor import run_outside_autocast
-from avkernels.nn.lengths import lengths_from_mask, padding_mask, zero_padded
+from avkernels.nn.lengths import drop_exporter_defaults, lengths_from_mask, padding_mask, zero_padded
 
 POOLINGS = ("statistics", "concat")
 
@@ -221,6 +221,7 @@ class _AttentionClassifier(nn.Module):
         Returns:
             ``(B, num_classes)`` logits (and the embedding when ``return_embedding``).
         """
+        features = drop_exporter_defaults(features)
         shapes = [(self.specs[m].length or "T", self.specs[m].dim) for m in self.modalities]
         check_features(features, self.modalities, shapes, self, length_argument="specs['{name}'].length")
         padded = self._padding(features, lengths)

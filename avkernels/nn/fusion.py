@@ -16,7 +16,7 @@ from avkernels._validation import check_float_tensor, check_positive, check_prob
 from avkernels.backends import registered
 from avkernels.nn.blocks import AdditiveJointCrossAttention, DenseJointCrossAttention
 from avkernels.nn.gates import Gate, StageGate
-from avkernels.nn.lengths import check_time_shape, padding_mask, zero_padded
+from avkernels.nn.lengths import check_time_shape, drop_exporter_defaults, padding_mask, zero_padded
 
 FORMS = ("dense", "additive")
 GATINGS = (None, "final", "recursive")
@@ -158,6 +158,7 @@ class RecursiveJointCrossAttention(nn.Module):
         Returns:
             A tuple of ``(B, L, d_m)`` tensors, one per modality (and the gate dict when ``return_gates``).
         """
+        features = drop_exporter_defaults(features)
         self._check_features(features)
         padded = padding_mask(lengths, features[0].shape[0], self.seq_len, features[0].device)
         lengths = None if padded is None else lengths  # all full: the blocks run exactly as without lengths

@@ -83,3 +83,19 @@ def lengths_from_mask(padded: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if padded is None:
         return None
     return (~padded).sum(dim=1).cpu()
+
+
+def drop_exporter_defaults(features: tuple) -> tuple:
+    """``features`` less the keyword defaults that torch.onnx's TorchScript exporter appends while it traces.
+
+    That exporter (``dynamo=False``, ``_decide_input_format``) counts ``*features`` as one parameter and passes the
+    default of every keyword-only parameter past the number of inputs as one more positional input: with two
+    modalities, ``forward(*features, lengths=None, return_gates=False)`` receives ``(video, audio, tensor(False))``
+    (the tracer turns the bool into a 0-d tensor). Outside tracing nothing is dropped, so a stray positional argument
+    stays an error.
+    """
+    if torch.jit.is_tracing():
+        while features and not (isinstance(features[-1], torch.Tensor) and features[-1].is_floating_point()
+                                and features[-1].dim() > 0):
+            features = features[:-1]
+    return features
