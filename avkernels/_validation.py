@@ -57,7 +57,19 @@ def check_same(
         return
     for t, n in zip(tensors, names):
         if t.dtype != want:
-            raise TypeError(f"{n}: expected dtype {want} like {want_from}, got {t.dtype}")
+            fix = _dtype_fix(want, t.dtype, t.device, module=dtype is not None)
+            raise TypeError(f"{n}: expected dtype {want} like {want_from}, got {t.dtype}; {fix}")
+
+
+def _dtype_fix(want: torch.dtype, got: torch.dtype, device: torch.device, module: bool) -> str:
+    """How to reconcile two dtypes, for the message of a dtype mismatch."""
+    cast = f"cast it with .to({want})"
+    if module:
+        cast += f", or convert the module with module.to({got})"
+    if got in (torch.float16, torch.bfloat16) and want in (torch.float32, torch.float64):
+        effect = f"computes in {got} while the parameters stay {want}" if module else f"casts every input to {got}"
+        cast += f", or run the call under torch.autocast({device.type!r}, dtype={got}), which {effect}"
+    return cast
 
 
 def _autocast_enabled(device: torch.device) -> bool:

@@ -228,7 +228,8 @@ def predict_frames(model: nn.Module, dataset, *, device: torch.device, precision
     with torch.no_grad():
         for batch in _batches(loader, progress, f"predict {dataset.name}"):
             with autocast(precision, device):
-                valence, arousal = model(*(batch[m].to(device) for m in dataset.modalities))
+                valence, arousal = model(*(batch[m].to(device) for m in dataset.modalities),
+                                         lengths=batch["lengths"].to(device))
             windows.append(batch["window"])
             outputs["valence"].append(valence.float().cpu())
             outputs["arousal"].append(arousal.float().cpu())
@@ -250,7 +251,8 @@ def predict_classes(model: nn.Module, dataset, *, device: torch.device, precisio
     with torch.no_grad():
         for batch in _batches(loader, progress, f"predict IEMOCAP {dataset.split}"):
             with autocast(precision, device):
-                logits = model(*(batch[m].to(device) for m in dataset.modalities))
+                lengths = {m: batch[f"{m}_length"].to(device) for m in dataset.modalities if f"{m}_length" in batch}
+                logits = model(*(batch[m].to(device) for m in dataset.modalities), lengths=lengths)
             probabilities.append(torch.softmax(logits.double().cpu(), dim=-1))
     return torch.cat(probabilities).numpy()
 

@@ -53,12 +53,15 @@ class VARegressionTask(Task):
 
     monitor = "ccc_mean"
 
-    def __init__(self, modalities: Sequence[str]):
+    def __init__(self, modalities: Sequence[str], use_lengths: bool = True):
         self.modalities = tuple(modalities)
+        self.use_lengths = use_lengths
         self.criterion = CCCLoss()
 
     def predict(self, model, batch, **kwargs):
-        return model(*(batch[m] for m in self.modalities), **kwargs)
+        # The windows' lengths keep the padding clips past a video's end out of every real clip's prediction.
+        lengths = batch["lengths"] if self.use_lengths else None
+        return model(*(batch[m] for m in self.modalities), lengths=lengths, **kwargs)
 
     def loss(self, model, batch):
         total = 0.0
@@ -177,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --spatial-attention, the official code's view(N, 49, 512) instead of the correct one")
     g.add_argument("--backend", choices=registered(),
                    help="backend of the fused ops (default: the fastest for the device)")
+    g.add_argument("--no-lengths", action="store_true",
+                   help="feed the padding clips of a video's last windows to the model as if they were real (the "
+                        "behaviour before lengths=; for comparison only)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -296,7 +302,7 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, Any]:
         )
         total_steps = args.epochs * (len(train_set) // (args.batch_size * ctx.world_size))
         trainer = Trainer(
-            VARegressionTask(train_set.modalities), model,
+            VARegressionTask(train_set.modalities, use_lengths=not args.no_lengths), model,
             lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(args.warmup_steps, total_steps)),
             train_set, val_set, config, ctx, resume=args.resume,

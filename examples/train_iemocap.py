@@ -52,7 +52,9 @@ class ClassificationTask(Task):
         self.modalities = tuple(modalities)
 
     def logits(self, model, batch):
-        return model(*(batch[m] for m in self.modalities))
+        # The valid steps the fold's files mark (text and video; the MFCCs mark none).
+        lengths = {m: batch[f"{m}_length"] for m in self.modalities if f"{m}_length" in batch}
+        return model(*(batch[m] for m in self.modalities), lengths=lengths)
 
     def loss(self, model, batch):
         return F.cross_entropy(self.logits(model, batch).float(), batch["label"])

@@ -96,7 +96,7 @@ def gate_statistics(model, dataset, batch_size: int = 64) -> List[Dict[str, obje
     modalities = dataset.modalities
     sums: Dict[tuple, torch.Tensor] = {}
     for batch in loader:
-        _, gates = model(*(batch[m] for m in modalities), return_gates=True)
+        _, gates = model(*(batch[m] for m in modalities), lengths=batch["lengths"], return_gates=True)
         real = batch["frames"] >= 0
         for name, per_modality in named_gates(gates):
             for m, unattended in zip(modalities, per_modality):
@@ -130,7 +130,7 @@ def gate_traces(model, dataset, video: int) -> Dict[str, Dict[str, np.ndarray]]:
     model.eval()
     items = [i for i in range(len(dataset)) if int(dataset[i]["video_index"]) == video]
     batch = torch.utils.data.default_collate([dataset[i] for i in items])
-    _, gates = model(*(batch[m] for m in dataset.modalities), return_gates=True)
+    _, gates = model(*(batch[m] for m in dataset.modalities), lengths=batch["lengths"], return_gates=True)
     traces = {}
     for name, per_modality in named_gates(gates):
         traces[name] = {}

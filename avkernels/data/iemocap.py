@@ -40,7 +40,10 @@ class IEMOCAPFold(Dataset):
     """One split of one fold of Yoon's IEMOCAP (7 classes).
 
     Each item is a dict: ``audio`` ``(1000, 120)``, ``video`` ``(32, 2048)``, ``text`` ``(128, 300)`` float32 (only
-    the requested modalities) and ``label`` ``()`` int64.
+    the requested modalities) and ``label`` ``()`` int64, plus the valid steps of the modalities whose padding the
+    files mark, as ``()`` int64 (the classifiers' ``lengths=``): ``text_length``, up to the last non-zero token id
+    (id 0 is padding), and ``video_length``, ``video_seqN`` (when that file is there; the first frames are the
+    valid ones). The MFCC files mark no padding.
 
     Args:
         fold_dir: the fold folder (layout above).
@@ -88,10 +91,13 @@ class IEMOCAPFold(Dataset):
 
         keep = np.arange(n)
         self.n_dropped_no_video = 0
-        if drop_no_video:
-            seq_path = path("video_seqN")
+        seq_path = path("video_seqN")
+        self._video_lengths = None
+        if drop_no_video or ("video" in modalities and os.path.exists(seq_path)):
             seq = self._load(seq_path, "valid video frame counts", (), "int", n, mmap=False)
             check_int_range(seq, 0, VIDEO_SHAPE[0], seq_path, "valid video frame counts")
+            self._video_lengths = seq.astype(np.int64)
+        if drop_no_video:
             keep = np.flatnonzero(seq > 0)
             self.n_dropped_no_video = n - len(keep)
             logger.info(
@@ -119,7 +125,11 @@ class IEMOCAPFold(Dataset):
         j = int(self._keep[i])
         item = {m: torch.from_numpy(np.array(a[j], dtype=np.float32)) for m, a in self._arrays.items()}
         if "text" in self.modalities:
-            item["text"] = torch.from_numpy(self._embedding[self._tokens[j]])
+            tokens = self._tokens[j]
+            item["text"] = torch.from_numpy(self._embedding[tokens])
+            item["text_length"] = torch.tensor(int(np.flatnonzero(tokens)[-1]) + 1 if tokens.any() else 0)
+        if "video" in self.modalities and self._video_lengths is not None:
+            item["video_length"] = torch.tensor(int(self._video_lengths[j]))
         item["label"] = torch.tensor(int(self.labels[i]))
         return item
 

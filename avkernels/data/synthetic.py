@@ -253,7 +253,8 @@ class SyntheticAV(AVWindowDataset):
     """The synthetic dataset windowed into ``(L, d_m)`` samples (see :class:`~avkernels.data.windows.AVWindowDataset`).
 
     Items carry ``video`` ``(L, d_v)``, ``audio`` ``(L, d_a)``, ``valence``/``arousal`` ``(L,)`` (-5 on unannotated
-    frames), ``corrupted`` and ``corruption_kind`` ``(L,)`` (module doc), ``frames``, ``video_index``, ``window``.
+    frames), ``corrupted`` and ``corruption_kind`` ``(L,)`` (module doc), ``frames``, ``lengths``, ``video_index``,
+    ``window``.
 
     Args:
         split: ``"train"`` or ``"val"``.

@@ -8,7 +8,8 @@ A sample is ``L`` clips whose end frames are ``clip_stride`` apart: ``e, e + S, 
 windows of a video tile it so that **every frame is the end frame of exactly one clip in exactly one sample**:
 frames are cut into groups of ``L * S`` and group ``g`` holds the ``S`` windows ``g L S + o + S * (0..L-1)``,
 ``o = 0..S-1`` (the official code's enumeration, with ``S = 32``, ``L = 16``). Clips past the last frame are
-padding: zero features, label ``-5``, frame index ``-1``.
+padding: zero features, label ``-5``, frame index ``-1``. They are always the last clips of their window, so each item
+also carries ``lengths``, its number of real clips, which the models take as ``lengths=`` (SPEC 3.1).
 
 Which windows are kept:
 
@@ -103,9 +104,10 @@ class AVWindowDataset(Dataset):
     """``L``-clip samples over a list of :class:`AVVideo`.
 
     Each item is a dict of tensors: one ``(L, d_m)`` float32 tensor per modality (keyed by its name), ``valence``
-    and ``arousal`` ``(L,)`` float32 (``-5`` = no label), ``frames`` ``(L,)`` int64 (``-1`` = padding), ``video``
-    ``()`` int64 (index into :attr:`videos`; the key is ``video_index``), ``window`` ``()`` int64 (the item's index),
-    and one ``(L,)`` int64 tensor per extra.
+    and ``arousal`` ``(L,)`` float32 (``-5`` = no label), ``frames`` ``(L,)`` int64 (``-1`` = padding), ``lengths``
+    ``()`` int64 (the real clips, which come first: pass the batch's ``lengths`` to the model), ``video`` ``()`` int64
+    (index into :attr:`videos`; the key is ``video_index``), ``window`` ``()`` int64 (the item's index), and one
+    ``(L,)`` int64 tensor per extra.
 
     Args:
         videos: the videos, all with the same modalities and feature sizes.
@@ -204,6 +206,7 @@ class AVWindowDataset(Dataset):
         for e in self.extra_names:
             item[e] = torch.from_numpy(np.where(real, video.extras[e][picked], 0).astype(np.int64))
         item["frames"] = torch.from_numpy(frames.copy())
+        item["lengths"] = torch.tensor(int(real.sum()))
         item["video_index"] = torch.tensor(v)
         item["window"] = torch.tensor(i)
         return item

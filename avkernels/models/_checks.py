@@ -7,7 +7,8 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from avkernels._validation import check_float_tensor, check_same, check_shape
+from avkernels._validation import check_float_tensor, check_same
+from avkernels.nn.lengths import check_time_shape
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -21,16 +22,19 @@ def check_features(
     names: Sequence[str],
     shapes: Sequence[Tuple[Union[int, str], int]],
     model: nn.Module,
+    length_argument: str = "seq_len",
 ) -> None:
     """One floating ``(B, length, dim)`` tensor per name, with one ``B``, on the device and of the dtype of
-    ``model``'s parameters. ``shapes`` holds ``(length, dim)`` per modality; a string length only labels the axis."""
+    ``model``'s parameters. ``shapes`` holds ``(length, dim)`` per modality; a string length only labels the axis.
+    ``length_argument`` names the model's argument that fixed the lengths, for the error's advice (``{name}``
+    becomes the modality's name)."""
     if len(features) != len(names):
         raise ValueError(f"features: expected {len(names)} tensors ({', '.join(names)}), got {len(features)}")
     for name, x in zip(names, features):
         check_float_tensor(x, name)
     batch = features[0].shape[0] if features[0].dim() == 3 else "B"
     for name, x, (length, dim) in zip(names, features, shapes):
-        check_shape(x, name, (batch, length, dim))
+        check_time_shape(x, name, (batch, length, dim), length_argument.format(name=name))
     check_same(list(features), list(names))
     param = next(model.parameters())
     if features[0].device != param.device:

@@ -26,6 +26,7 @@ from torch import nn
 from avkernels._validation import check_probability
 from avkernels.models._checks import check_features, check_positive_int
 from avkernels.nn.fusion import DCA, GRJCA, JCA, RJCA, RecursiveJointCrossAttention
+from avkernels.nn.lengths import drop_exporter_defaults, lengths_from_mask, padding_mask, zero_padded
 from avkernels.nn.linear import Linear
 
 FUSIONS = {"jca": JCA, "rjca": RJCA, "dca": DCA, "grjca": GRJCA}
@@ -54,6 +55,7 @@ class ResidualBiLSTM(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, dropout: float = 0.1):
+        """See the class docstring for the arguments."""
         super().__init__()
         check_positive_int(input_size, "input_size")
         _check_even(hidden_size, "hidden_size")
@@ -72,19 +74,31 @@ class ResidualBiLSTM(nn.Module):
         self.projection = Linear(input_size + hidden_size, hidden_size)
         nn.init.xavier_uniform_(self.initial_state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, L, input_size) -> (B, L, hidden_size)``, unit L2 norm along the last axis."""
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, L, input_size) -> (B, L, hidden_size)``, unit L2 norm along the last axis.
+
+        With ``lengths`` (``(B,)`` valid steps) the LSTM runs on the packed valid steps only, and the output at padded
+        steps is 0.
+        """
+        padded = padding_mask(lengths, x.shape[0], x.shape[1], x.device)
+        x = zero_padded(x, padded)
         states = self.initial_state.unsqueeze(1).expand(-1, x.shape[0], -1).contiguous()
         h0, c0 = states.chunk(2, dim=0)
-        recurrent, _ = run_outside_autocast(self.rnn, x, (h0, c0))
-        return F.normalize(self.projection(self.dropout(torch.cat([x, recurrent], dim=-1))), dim=-1)
+        recurrent, _ = run_outside_autocast(self.rnn, x, (h0, c0), lengths=lengths_from_mask(padded))
+        return zero_padded(F.normalize(self.projection(self.dropout(torch.cat([x, recurrent], dim=-1))), dim=-1), padded)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
 
 
-def run_outside_autocast(rnn: nn.RNNBase, x: torch.Tensor, state=None) -> Tuple[torch.Tensor, object]:
-    """``rnn(x, *state)`` in the recurrent layer's own dtype, also under ``torch.autocast``.
+def run_outside_autocast(
+    rnn: nn.RNNBase, x: torch.Tensor, state=None, lengths: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, object]:
+    """``rnn(x, *state)`` in the recurrent layer's own dtype, also under ``torch.autocast``; batch-first ``x``.
+
+    ``lengths``: CPU int64 valid steps per sample, or ``None`` for none padded. The layer then runs on the packed
+    valid steps (a bidirectional layer's backward direction starts at each sample's last valid step) and its output
+    is 0 at padded steps. A sample of length 0 runs one step on the (zeroed) padding, which the caller discards.
 
     CPU autocast runs LSTMs and GRUs in bfloat16 through oneDNN, which has no bfloat16 recurrent primitive on CPUs
     without AVX-512 BF16 ("could not create a primitive descriptor for the LSTM forward propagation primitive"), and
@@ -97,7 +111,14 @@ def run_outside_autocast(rnn: nn.RNNBase, x: torch.Tensor, state=None) -> Tuple[
     elif state is not None:  # an LSTM's (h0, c0)
         state = tuple(s.to(dtype) for s in state)
     with torch.autocast(x.device.type, enabled=False):
-        return rnn(x.to(dtype), state)
+        if lengths is None:
+            return rnn(x.to(dtype), state)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x.to(dtype), lengths.clamp(min=1), batch_first=True, enforce_sorted=False
+        )
+        out, state = rnn(packed, state)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out, state
 
 
 class AudioGuidedSpatialAttention(nn.Module):
@@ -136,6 +157,7 @@ class AudioGuidedSpatialAttention(nn.Module):
         *,
         scrambled_reshape: bool = False,
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         for name, value in (
             ("channels", channels), ("positions", positions), ("guide_dim", guide_dim), ("hidden", hidden),
@@ -227,6 +249,7 @@ class AVRegressor(nn.Module):
         scrambled_reshape: bool = False,
         normalize_inputs: bool = True,
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         dims = tuple(dims) if isinstance(dims, (list, tuple)) else dims
         if not isinstance(dims, tuple) or len(dims) < 2 or not all(
@@ -287,34 +310,45 @@ class AVRegressor(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward(
-        self, *features: torch.Tensor, return_gates: bool = False
+        self, *features: torch.Tensor, lengths: Optional[torch.Tensor] = None, return_gates: bool = False
     ) -> Union[Prediction, Tuple[Prediction, Dict[str, object]]]:
         """Predict valence and arousal per clip.
 
         Args:
             *features: one ``(B, L, input_dims[m])`` tensor per modality: video, audio, then any other modality.
                 ``B = 0`` is allowed and gives empty predictions.
+            lengths: optional ``(B,)`` integer tensor on the features' device: the valid clips of each sample, in
+                ``[0, L]`` (the windows' ``"lengths"``); clips ``t >= lengths[b]`` are padding. Padding changes no
+                valid clip's prediction or gradient (the BiLSTMs run on packed sequences, the fusion as SPEC 3.1);
+                predictions and gate values at padded clips are 0.
             return_gates: also return the fusion's gate dict (see :meth:`RecursiveJointCrossAttention.forward`),
                 plus ``"spatial"``: the ``(B, L, positions)`` attention weights when spatial attention is on.
         Returns:
             ``(valence, arousal)``, each ``(B, L)`` (and the gate dict when ``return_gates``).
         """
+        features = drop_exporter_defaults(features)
         names = [("video", "audio")[m] if m < 2 else f"features[{m}]" for m in range(len(self.dims))]
         check_features(features, names, [(self.seq_len, d) for d in self.input_dims], self)
-        xs = [F.normalize(x, dim=-1) if self.normalize_inputs else x for x in features]
+        padded = padding_mask(lengths, features[0].shape[0], self.seq_len, features[0].device)
+        lengths = None if padded is None else lengths  # all full: every layer runs exactly as without lengths
+        xs = [zero_padded(x, padded) for x in features]
+        xs = [F.normalize(x, dim=-1) if self.normalize_inputs else x for x in xs]
         # The video is encoded last: its spatial attention is guided by the encoded audio.
         if self.encoders is not None:
-            xs[1:] = [encoder(x) for encoder, x in zip(self.encoders[1:], xs[1:])]
+            xs[1:] = [encoder(x, lengths) for encoder, x in zip(self.encoders[1:], xs[1:])]
         spatial = None
         if self.spatial_attention is not None:
             xs[0], spatial = self.spatial_attention(xs[0], xs[1])
+            spatial = zero_padded(spatial, padded)
         if self.encoders is not None:
-            xs[0] = self.encoders[0](xs[0])
+            xs[0] = self.encoders[0](xs[0], lengths)
 
-        fused, gates = self.fusion(*xs, return_gates=True)
-        joint = self.joint(torch.cat(fused, dim=-1))
-        valence = self.valence_head(joint).squeeze(-1)
-        arousal = self.arousal_head(joint).squeeze(-1)
+        # A fusion passed as a module need not know lengths= until padded batches come.
+        fusion_lengths = {} if lengths is None else {"lengths": lengths}
+        fused, gates = self.fusion(*xs, **fusion_lengths, return_gates=True)
+        joint = self.joint(torch.cat(fused, dim=-1), lengths)
+        valence = zero_padded(self.valence_head(joint).squeeze(-1), padded)
+        arousal = zero_padded(self.arousal_head(joint).squeeze(-1), padded)
         if not return_gates:
             return valence, arousal
         gates = dict(gates)

@@ -3,6 +3,10 @@
 Both correlate each modality's features with the joint features: the map is ``(d_m x d)`` per sample and the
 contraction runs over time, so both are built for one sequence length ``L``. All modalities are updated from the same
 inputs (a simultaneous update, as in the official code).
+
+With ``lengths=`` every product over time sees zeros at the padded steps (SPEC 3.1): the block's inputs there, the
+time steps of the contraction's two operands. Its outputs at padded steps are left as computed (from valid steps
+only); the fusion zeroes them.
 """
 
 from __future__ import annotations
@@ -13,8 +17,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from avkernels.nn.lengths import padding_mask, zero_padded
 from avkernels.nn.linear import Linear
 from avkernels.ops.tanh_attention import tanh_attention
+
+
+def _time_padding(features: Sequence[torch.Tensor], lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    x = features[0]
+    return padding_mask(lengths, x.shape[0], x.shape[1], x.device)
 
 
 class DenseJointCrossAttention(nn.Module):
@@ -32,6 +42,7 @@ class DenseJointCrossAttention(nn.Module):
     """
 
     def __init__(self, dims: Sequence[int], seq_len: int, dropout: float = 0.6, backend: Optional[str] = None):
+        """See the class docstring for the arguments."""
         super().__init__()
         joint = sum(dims)
         self.dropout_p = dropout
@@ -43,11 +54,18 @@ class DenseJointCrossAttention(nn.Module):
         self.outputs = nn.ModuleList(Linear(joint, d) for d in dims)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    def forward(
+        self, features: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, ...]:
+        """``features``: one ``(B, L, d_m)`` tensor per modality; ``lengths``: optional ``(B,)`` valid steps."""
+        padded = _time_padding(features, lengths)
+        features = [zero_padded(x, padded) for x in features]
         query = self.query(torch.cat(features, dim=-1)).transpose(1, 2)  # Q^T: (B, d, L)
+        query = zero_padded(query, padded, time_axis=2)
         updated = []
         for x, key, value, output in zip(features, self.keys, self.values, self.outputs):
             k = key(x.transpose(1, 2))  # K_m: (B, d_m, L), a learned map on the time axis
+            k = zero_padded(k, padded, time_axis=2)
             v = value(x).transpose(1, 2)  # V_m^T: (B, d_m, L)
             h = tanh_attention(
                 query, k, v, scale=self.scale, dropout_p=self.dropout_p, training=self.training,
@@ -72,6 +90,7 @@ class AdditiveJointCrossAttention(nn.Module):
     def __init__(
         self, dims: Sequence[int], seq_len: int, dropout: float = 0.6, hidden: int = 32, backend: Optional[str] = None
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         joint = sum(dims)
         self.dropout_p = dropout
@@ -82,13 +101,19 @@ class AdditiveJointCrossAttention(nn.Module):
         self.inputs = nn.ModuleList(Linear(seq_len, hidden, bias=False) for _ in dims)
         self.outputs = nn.ModuleList(Linear(hidden, seq_len, bias=False) for _ in dims)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-        joint_t = torch.cat(features, dim=-1).transpose(1, 2)  # J^T: (B, d, L)
+    def forward(
+        self, features: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, ...]:
+        """``features``: one ``(B, L, d_m)`` tensor per modality; ``lengths``: optional ``(B,)`` valid steps."""
+        padded = _time_padding(features, lengths)
+        features = [zero_padded(x, padded) for x in features]
+        joint_t = torch.cat(features, dim=-1).transpose(1, 2)  # J^T: (B, d, L), zero at padded steps
         updated = []
         for x, key, corr, inp, output in zip(features, self.keys, self.correlations, self.inputs, self.outputs):
             x_t = x.transpose(1, 2)  # (B, d_m, L)
             c_w = tanh_attention(  # C_m W_cm: (B, d_m, k)
-                key(x_t), joint_t, corr.weight.t(), scale=self.scale, dropout_p=self.dropout_p,
+                zero_padded(key(x_t), padded, time_axis=2), joint_t, corr.weight.t(), scale=self.scale,
+                dropout_p=self.dropout_p,
                 training=self.training, backend=self.backend,
             )
             h = torch.relu(c_w + inp(x_t))

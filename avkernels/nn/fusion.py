@@ -12,10 +12,11 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from avkernels._validation import check_float_tensor, check_positive, check_probability, check_same, check_shape
+from avkernels._validation import check_float_tensor, check_positive, check_probability, check_same
 from avkernels.backends import registered
 from avkernels.nn.blocks import AdditiveJointCrossAttention, DenseJointCrossAttention
 from avkernels.nn.gates import Gate, StageGate
+from avkernels.nn.lengths import check_time_shape, drop_exporter_defaults, padding_mask, zero_padded
 
 FORMS = ("dense", "additive")
 GATINGS = (None, "final", "recursive")
@@ -68,6 +69,7 @@ class RecursiveJointCrossAttention(nn.Module):
         stage_include_input: bool = False,
         backend: Optional[str] = None,
     ):
+        """See the class docstring for the arguments."""
         super().__init__()
         dims = tuple(dims) if isinstance(dims, (list, tuple)) else dims
         if not isinstance(dims, tuple) or len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims):
@@ -133,7 +135,7 @@ class RecursiveJointCrossAttention(nn.Module):
             check_float_tensor(x, name)
         batch = features[0].shape[0] if features[0].dim() == 3 else "B"
         for name, x, d in zip(names, features, self.dims):
-            check_shape(x, name, (batch, self.seq_len, d))
+            check_time_shape(x, name, (batch, self.seq_len, d))
         param = next(self.parameters())
         check_same(list(features), names)
         if features[0].device != param.device:
@@ -141,43 +143,50 @@ class RecursiveJointCrossAttention(nn.Module):
         check_same(list(features), names, dtype=param.dtype)
 
     def forward(
-        self, *features: torch.Tensor, return_gates: bool = False
+        self, *features: torch.Tensor, lengths: Optional[torch.Tensor] = None, return_gates: bool = False
     ) -> Union[Outputs, Tuple[Outputs, Dict[str, object]]]:
         """Fuse the modalities.
 
         Args:
             *features: one ``(B, L, d_m)`` tensor per modality, in the order of ``dims``.
+            lengths: optional ``(B,)`` integer tensor on the features' device: the valid time steps of each sample,
+                in ``[0, L]``; steps ``t >= lengths[b]`` are padding. Padding contributes nothing to the valid
+                steps' outputs, gates or gradients, and the outputs and gates at padded steps are 0 (SPEC 3.1).
             return_gates: also return a dict of gate values: ``{"final": (g_m, ...)}`` for DCA (each ``(B, L, 2)``),
                 ``{"iterations": ((g_m, ...) per iteration), "stage": (s_m, ...)}`` for GRJCA (``s_m`` is
                 ``(B, L, T)``, or ``(B, L, T + 1)`` with the inputs as candidate 0); empty for JCA and RJCA.
         Returns:
             A tuple of ``(B, L, d_m)`` tensors, one per modality (and the gate dict when ``return_gates``).
         """
+        features = drop_exporter_defaults(features)
         self._check_features(features)
-        inputs = tuple(features)
+        padded = padding_mask(lengths, features[0].shape[0], self.seq_len, features[0].device)
+        lengths = None if padded is None else lengths  # all full: the blocks run exactly as without lengths
+        inputs = tuple(zero_padded(x, padded) for x in features)
         current = inputs
         gate_values: Dict[str, object] = {}
         stages = [inputs] if self.stage_include_input else []
         iteration_gates = []
         for t in range(self.iterations):
             w = 0 if self.share_weights else t
-            attended = self.blocks[w](current)
+            attended = self.blocks[w](current, lengths)
             if self.gating == "recursive":
                 unattended = current if self.gate_unattended == "previous" else inputs
                 gated = [g(a, u) for g, a, u in zip(self.iteration_gates[w], attended, unattended)]
                 attended = tuple(out for out, _ in gated)
-                iteration_gates.append(tuple(g for _, g in gated))
+                iteration_gates.append(tuple(zero_padded(g, padded) for _, g in gated))
                 stages.append(attended)
             current = attended
         if self.gating == "final":
             gated = [g(a, u) for g, a, u in zip(self.final_gates, current, inputs)]
             current = tuple(out for out, _ in gated)
-            gate_values["final"] = tuple(g for _, g in gated)
+            gate_values["final"] = tuple(zero_padded(g, padded) for _, g in gated)
         elif self.gating == "recursive":
             fused = [sg([stage[m] for stage in stages]) for m, sg in enumerate(self.stage_gates)]
             current = tuple(out for out, _ in fused)
             gate_values["iterations"] = tuple(iteration_gates)
-            gate_values["stage"] = tuple(s for _, s in fused)
+            gate_values["stage"] = tuple(zero_padded(s, padded) for _, s in fused)
+        current = tuple(zero_padded(x, padded) for x in current)
         return (current, gate_values) if return_gates else current
 
     def extra_repr(self) -> str:
@@ -187,33 +196,53 @@ class RecursiveJointCrossAttention(nn.Module):
         )
 
 
-class JCA(RecursiveJointCrossAttention):
-    """Joint cross-attention (CVPRW 2022 / T-BIOM 2023): one block, no gate."""
+def _preset(name: str, summary: str, iterations: int, gating: Optional[str]) -> type:
+    """A fusion class with the papers' settings and the full, explicit signature of the engine (for ``help()``)."""
 
-    def __init__(self, dims: Sequence[int], seq_len: int, **kwargs):
-        kwargs.setdefault("iterations", 1)
-        super().__init__(dims, seq_len, **kwargs)
+    def __init__(
+        self,
+        dims: Sequence[int],
+        seq_len: int,
+        *,
+        form: str = "dense",
+        iterations: int = iterations,
+        dropout: float = 0.6,
+        hidden: int = 32,
+        share_weights: bool = False,
+        gating: Optional[str] = gating,
+        tau: float = 0.1,
+        stage_tau: float = 0.1,
+        gate_unattended: str = "previous",
+        stage_include_input: bool = False,
+        backend: Optional[str] = None,
+    ):
+        if gating != __init__.__kwdefaults__["gating"]:
+            raise ValueError(
+                f"gating: {name} is the fusion with gating={__init__.__kwdefaults__['gating']!r}, got {gating!r}; "
+                f"use {GATING_CLASSES[gating] if gating in GATING_CLASSES else 'one of ' + str(GATINGS)} or "
+                "RecursiveJointCrossAttention(..., gating=...) for another gating"
+            )
+        RecursiveJointCrossAttention.__init__(
+            self, dims, seq_len, form=form, iterations=iterations, dropout=dropout, hidden=hidden,
+            share_weights=share_weights, gating=gating, tau=tau, stage_tau=stage_tau,
+            gate_unattended=gate_unattended, stage_include_input=stage_include_input, backend=backend,
+        )
+
+    __init__.__doc__ = f"Build {name}; the arguments are those of :class:`RecursiveJointCrossAttention` (below)."
+    doc = f"{summary}\n\n    Arguments and defaults as :class:`RecursiveJointCrossAttention`, with ``iterations={iterations}`` " \
+          f"and ``gating={gating!r}``.\n\n    " + RecursiveJointCrossAttention.__doc__.split("\n", 1)[1].lstrip()
+    return type(name, (RecursiveJointCrossAttention,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-class RJCA(RecursiveJointCrossAttention):
-    """Recursive joint cross-attention (ICASSP 2023): ``iterations`` blocks (default 2), no gate."""
-
-    def __init__(self, dims: Sequence[int], seq_len: int, **kwargs):
-        kwargs.setdefault("iterations", 2)
-        super().__init__(dims, seq_len, **kwargs)
-
-
-class DCA(RecursiveJointCrossAttention):
-    """Dynamic cross-attention (ICME 2024): RJCA, then a gate per modality between the result and the inputs."""
-
-    def __init__(self, dims: Sequence[int], seq_len: int, **kwargs):
-        kwargs.setdefault("iterations", 2)
-        super().__init__(dims, seq_len, gating="final", **kwargs)
-
-
-class GRJCA(RecursiveJointCrossAttention):
-    """Gated recursive joint cross-attention (CVPRW 2025): a gate in every iteration, then a stage gate."""
-
-    def __init__(self, dims: Sequence[int], seq_len: int, **kwargs):
-        kwargs.setdefault("iterations", 2)
-        super().__init__(dims, seq_len, gating="recursive", **kwargs)
+JCA = _preset("JCA", "Joint cross-attention (CVPRW 2022 / T-BIOM 2023): one block, no gate.", 1, None)
+RJCA = _preset("RJCA", "Recursive joint cross-attention (ICASSP 2023): ``iterations`` blocks (default 2), no gate.", 2,
+               None)
+DCA = _preset(
+    "DCA", "Dynamic cross-attention (ICME 2024): RJCA, then a gate per modality between the result and the inputs.",
+    2, "final",
+)
+GRJCA = _preset(
+    "GRJCA", "Gated recursive joint cross-attention (CVPRW 2025): a gate in every iteration, then a stage gate.", 2,
+    "recursive",
+)
+GATING_CLASSES = {None: "RJCA", "final": "DCA", "recursive": "GRJCA"}

@@ -15,9 +15,15 @@ class Gate(nn.Module):
     """Chooses, per time step, between attended and unattended features: ``nn.Linear(dim, 2)`` + softmax / tau.
 
     Index 0 of the returned gate weighs the unattended features, index 1 the attended ones.
+
+    Args:
+        dim: feature size ``d_m`` of the attended and unattended features.
+        tau: softmax temperature.
+        backend: backend of the fused op (see :func:`avkernels.gate`); ``None`` picks the fastest.
     """
 
     def __init__(self, dim: int, tau: float = 0.1, backend: Optional[str] = None):
+        """See the class docstring for the arguments."""
         super().__init__()
         self.linear = nn.Linear(dim, 2)
         self.tau = tau
@@ -31,9 +37,17 @@ class Gate(nn.Module):
 
 
 class StageGate(nn.Module):
-    """Softmax over ``n_stages`` candidate feature sets per time step: ``nn.Linear(n_stages * dim, n_stages)``."""
+    """Softmax over ``n_stages`` candidate feature sets per time step: ``nn.Linear(n_stages * dim, n_stages)``.
+
+    Args:
+        dim: feature size ``d_m`` of every candidate.
+        n_stages: number of candidates ``T``.
+        tau: softmax temperature.
+        backend: backend of the fused op (see :func:`avkernels.stage_gate`); ``None`` picks the fastest.
+    """
 
     def __init__(self, dim: int, n_stages: int, tau: float = 0.1, backend: Optional[str] = None):
+        """See the class docstring for the arguments."""
         super().__init__()
         self.linear = nn.Linear(n_stages * dim, n_stages)
         self.tau = tau
