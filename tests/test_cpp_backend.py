@@ -498,7 +498,7 @@ def test_bad_inputs_reach_cpp_checks(ext):
     a = torch.randn(2, 3, 5)
     with pytest.raises(RuntimeError, match=r"gate_forward: weight must have shape \(2, d\)"):
         ext.gate(a, a, torch.randn(3, 5), torch.randn(2), 0.1)
-    with pytest.raises(RuntimeError, match="gate_forward: tau must be positive"):
+    with pytest.raises(RuntimeError, match="gate_forward: tau must be a finite positive number"):
         ext.gate(a, a, torch.randn(2, 5), torch.randn(2), 0.0)
     with pytest.raises(RuntimeError, match=r"stage_gate_forward: weight must have shape \(T, T \* d\)"):
         ext.stage_gate([a, a], torch.randn(2, 5), torch.randn(2), 0.1)
