@@ -6,6 +6,7 @@ inside a kernel to learn that they passed (B, d, L) instead of (B, L, d).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -86,6 +87,12 @@ def check_probability(p: float, name: str) -> float:
 
 
 def check_positive(x: float, name: str) -> float:
-    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not float(x) > 0.0:
-        raise ValueError(f"{name}: expected a positive number, got {x!r}")
+    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not 0.0 < float(x) < math.inf:
+        raise ValueError(f"{name}: expected a finite positive number, got {x!r}")
+    return float(x)
+
+
+def check_finite(x: float, name: str) -> float:
+    if not math.isfinite(x):
+        raise ValueError(f"{name}: expected a finite number, got {x!r}")
     return float(x)

@@ -39,6 +39,27 @@ def assert_close(name: str, ours: torch.Tensor, ref_in_dtype: torch.Tensor, ref6
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (2 x reference in {ours.dtype} + floor)"
 
 
+def _kind(x: torch.Tensor) -> torch.Tensor:
+    """0 finite, 1 +inf, -1 -inf, 2 NaN."""
+    return torch.where(torch.isnan(x), 2, torch.where(torch.isinf(x), x.sign(), 0).to(torch.int64))
+
+
+def assert_same_nonfinite(name: str, ours: torch.Tensor, ref_in_dtype: torch.Tensor, ref64: torch.Tensor) -> None:
+    """For non-finite inputs: ``ours`` is NaN, +inf or -inf exactly where ``ref64`` is, and its finite values meet the
+    rule above (where the reference in ``ours.dtype`` alone is not finite, it counts as exact)."""
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref64.shape)}"
+    ref64 = ref64.to(torch.float64)
+    differ = (_kind(ours) != _kind(ref64)).nonzero()
+    if len(differ):
+        at = tuple(differ[0].tolist())
+        raise AssertionError(f"{name}: NaN/inf differ from the reference's at {len(differ)} positions, first {at}: "
+                             f"{ours[at].item()} where the reference has {ref64[at].item()}")
+    finite, same = torch.isfinite(ref64), ref_in_dtype.to(torch.float64)
+    exact = torch.where(finite, ref64, 0.0)
+    err, bound = error_and_bound(torch.where(finite, ours, 0.0), torch.where(torch.isfinite(same), same, exact), exact)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} on the finite values"
+
+
 def assert_all_close(names: Sequence[str], ours, ref_in_dtype, ref64) -> None:
     assert len(ours) == len(ref64) == len(names), f"{len(ours)} results, expected {len(ref64)}"
     for name, a, b, c in zip(names, ours, ref_in_dtype, ref64):

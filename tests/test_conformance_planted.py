@@ -48,6 +48,7 @@ ATTENTION_BUGS = {  # bug -> (which result it breaks, activation, dropout_p)
     "dv misses the last key": ("dv", None, 0.0),
     "tanh_relu backward ignores the epilogue": ("dq", "tanh_relu", 0.0),
     "dropout backward redraws another mask": ("dq", None, 0.3),
+    "the epilogue's ReLU drops NaN": ("o", "tanh_relu", 0.0),
 }
 
 
@@ -66,7 +67,9 @@ def _planted_attention(bug):
             dropped = scale * q @ k.transpose(-1, -2)
         o = dropped @ v
         if activation == "tanh_relu":
-            o = torch.relu(torch.tanh(o))
+            o = torch.tanh(o)
+            # a comparison-based ReLU: NaN > 0 is false, so NaN becomes 0 (the bug of issue 19)
+            o = torch.where(o > 0, o, 0.0) if bug == "the epilogue's ReLU drops NaN" else torch.relu(o)
         return o.contiguous(), (keep if return_mask and p > 0 else None)
 
     def backward(do, q, k, v, o, seed, scale, p, activation):
@@ -95,6 +98,13 @@ def _planted_attention(bug):
 def test_suite_rejects_a_wrong_tanh_attention(plant, bug, dtype):
     wrong, activation, p = ATTENTION_BUGS[bug]
     plant("tanh_attention", *_planted_attention(bug))
+    if bug == "the epilogue's ReLU drops NaN":  # finite inputs cannot show it: the suite's NaN cases must
+        from test_conformance import test_tanh_attention_nonfinite as nonfinite_check  # local: not collected here
+
+        with pytest.raises(AssertionError, match=f"^{re.escape(wrong)}: NaN/inf differ from the reference's"):
+            nonfinite_check(NAME, dtype, activation, 0, float("nan"))
+        nonfinite_check(NAME, dtype, None, 0, float("nan"))  # the control: no epilogue, no bug
+        return
     (q, k, v), grad_outputs = attention_case(ATTENTION_SHAPES["odd"], dtype, torch.device("cpu"))
     if p == 0:
         call = lambda name: lambda q, k, v: avkernels.tanh_attention(q, k, v, activation=activation, backend=name)

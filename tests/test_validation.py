@@ -105,8 +105,8 @@ def test_integer_and_non_tensor_features(model):
         (dict(form="sparse"), "form: expected one of ('dense', 'additive'), got 'sparse'"),
         (dict(dropout=1.0), "dropout: expected a float in [0, 1), got 1.0"),
         (dict(dropout="0.5"), "dropout: expected a float in [0, 1), got '0.5'"),
-        (dict(tau=0.0), "tau: expected a positive number, got 0.0"),
-        (dict(stage_tau=-1.0), "stage_tau: expected a positive number, got -1.0"),
+        (dict(tau=0.0), "tau: expected a finite positive number, got 0.0"),
+        (dict(stage_tau=-1.0), "stage_tau: expected a finite positive number, got -1.0"),
         (dict(gate_unattended="first"), "gate_unattended: expected one of ('previous', 'original'), got 'first'"),
         (dict(backend="gpu"), "backend: expected None or one of ('reference', 'triton', 'cpp', 'cuda'), got 'gpu'"),
     ],
@@ -162,7 +162,7 @@ def test_tanh_attention_on_meta_infers_shapes():
     assert o.shape == (2, 3, 6) and o.device.type == "meta"
 
 
-@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, "0.1", True, None])
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, "0.1", True, None, float("nan"), float("inf")])
 def test_tanh_attention_bad_dropout_p(p):
     with pytest.raises(ValueError, match=esc(f"dropout_p: expected a float in [0, 1), got {p!r}")):
         avkernels.tanh_attention(q, k, v, dropout_p=p, training=False, **REF)  # checked even outside training
@@ -177,6 +177,9 @@ def test_tanh_attention_bad_activation(activation):
 def test_tanh_attention_bad_scale():
     with pytest.raises(TypeError, match=esc("scale: expected a float or None, got str")):
         avkernels.tanh_attention(q, k, v, scale="0.5", **REF)
+    for scale in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=esc(f"scale: expected a finite number, got {scale!r}")):
+            avkernels.tanh_attention(q, k, v, scale=scale, **REF)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,11 +214,11 @@ def test_gate_devices_dtypes_integers():
         avkernels.gate(a, u.int(), w, b, **REF)
 
 
-@pytest.mark.parametrize("tau", [0, 0.0, -1.0, "0.1", float("nan")])
+@pytest.mark.parametrize("tau", [0, 0.0, -1.0, "0.1", float("nan"), float("inf"), float("-inf")])
 def test_gate_bad_tau(tau):
-    with pytest.raises(ValueError, match=esc(f"tau: expected a positive number, got {tau!r}")):
+    with pytest.raises(ValueError, match=esc(f"tau: expected a finite positive number, got {tau!r}")):
         avkernels.gate(a, u, w, b, tau=tau, **REF)
-    with pytest.raises(ValueError, match=esc(f"tau: expected a positive number, got {tau!r}")):
+    with pytest.raises(ValueError, match=esc(f"tau: expected a finite positive number, got {tau!r}")):
         avkernels.stage_gate([a, u], r(2, 8), r(2), tau=tau, **REF)
 
 

@@ -28,7 +28,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from avkernels import reference
-from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
+from avkernels._validation import check_finite, check_float_tensor, check_probability, check_same, check_shape
 from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
 from avkernels.ops.declaration import OpDeclaration, declare
 
@@ -149,6 +149,7 @@ def tanh_attention(
         scale = 1.0 / math.sqrt(head) if head > 0 else 1.0
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    scale = check_finite(scale, "scale")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 

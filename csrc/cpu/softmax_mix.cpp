@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <cmath>
 #include <string>
 #include <type_traits>
 
@@ -93,7 +94,7 @@ struct BackwardRow {
   const T* w;  // (n, w_cols)
   int64_t w_cols;
   T* dw;  // (n, w_cols)
-  T tau;
+  double tau;
 };
 
 // Candidates c (and c + 1 if kPair): dpre = dout [out > 0], dX_c = s_c dpre and ds~_c = ds_c + <dpre, X_c>.
@@ -112,7 +113,7 @@ __attribute__((noinline)) void gate_grad_pass(const BackwardRow<S, T>& p, int64_
 #pragma omp simd reduction(+ : acc0, acc1)
   for (int64_t i = 0; i < p.d; ++i) {
     const T grad = dy[i * dy_s];  // loaded unconditionally, so that the select vectorises
-    const T dpre = o[i * o_s] > T(0) ? grad : T(0);
+    const T dpre = o[i * o_s] <= T(0) ? T(0) : grad;  // torch's ReLU backward: an output NaN passes grad on
     dx0[i] = dpre * g0;
     acc0 += dpre * x0[i * s0];
     if constexpr (kPair) {
@@ -180,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixNames& na
   check_float_cpu_like(bias, ref, fn, "bias", names.ref_name);
   const std::string bias_shape = std::string("(") + names.count + ",)";
   check_shape(bias, {n}, fn, "bias", bias_shape.c_str());
-  TORCH_CHECK(tau > 0.0, fn, ": tau must be positive, got ", tau);
+  TORCH_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
   const auto shape = ref.sizes();
   const int64_t d = shape[2], rows = shape[0] * shape[1];
   at::Tensor out = at::empty(shape, ref.options());
@@ -200,17 +201,19 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixNames& na
     S* s_p = s.data_ptr<S>();
     const bool unit_stride = !std::is_same_v<S, T>;  // widened rows are unit-stride
     parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(n * d + d), z(n);  // the candidate rows and the out row in T (16-bit only); logits
+      std::vector<T> scratch(n * d + d), z(n);  // the candidate rows and the out row in T (16-bit only); gates
+      std::vector<Logit> logits(n);
       std::vector<RowAs<S, T>> x(n);
       for (int64_t r = begin; r < end; ++r) {
         for (int64_t c = 0; c < n; ++c) x[c] = row_as<T>(x_rows[c].row(r), x_rows[c].s2, d, scratch.data() + c * d);
         for (int64_t k = 0; k < n; ++k) {
-          T acc = bias_p[k];
+          Logit acc = bias_p[k];
           for (int64_t c = first_logit; c < n; ++c)
-            acc += dot(x[c].data, x[c].stride, w_p + k * w_cols + (c - first_logit) * d, d);
-          z[k] = acc;
+            acc += dot<Logit>(x[c].data, x[c].stride, w_p + k * w_cols + (c - first_logit) * d, d);
+          logits[k] = acc;
         }
-        softmax_in_place(z.data(), n, static_cast<T>(tau));
+        softmax_in_place(logits.data(), n, static_cast<Logit>(tau));
+        std::copy(logits.begin(), logits.end(), z.begin());
         narrow_row(s_p + r * n, z.data(), n);
         const RowOut<S, T> out_row(out_p + r * d, d, scratch.data() + n * d);
         if (unit_stride || all_unit(x))
@@ -244,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixNames& n
   check_shape(dgates, {shape[0], shape[1], n}, fn, dgates_name.c_str(), gshape.c_str());
   check_float_cpu_like(gates, ref, fn, names.gates_name, names.ref_name);
   check_shape(gates, {shape[0], shape[1], n}, fn, names.gates_name, gshape.c_str());
-  TORCH_CHECK(tau > 0.0, fn, ": tau must be positive, got ", tau);
+  TORCH_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
 
   const int64_t d = shape[2], rows = shape[0] * shape[1];
   const int64_t w_cols = (n - first_logit) * d;
@@ -291,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixNames& n
             ds[c] = widen<T>(ds_rows.row(r)[c * ds_rows.s2]);
           }
           const BackwardRow<S, T> row{x.data(),  o,           dy, dx.data(), gate.data(), ds.data(), dgate.data(),
-                                      dz.data(), n,           first_logit, d, w_p, w_cols, dw, static_cast<T>(tau)};
+                                      dz.data(), n,           first_logit, d, w_p, w_cols, dw, tau};
           if (widened || (o.stride == 1 && dy.stride == 1 && all_unit(x)))
             backward_row<UnitStride>(row);
           else

@@ -16,9 +16,11 @@
 // asks for its stand-in), bf16 inputs take the bodies of tanh_attention16.h instead: the same tiles and draws, with
 // the matrix products on bf16 pairs (dot16.h) and fp32 sums.
 //
-// Determinism: forward tasks write disjoint output rows. Backward tasks own their dq rows and accumulate dk/dv into
-// a private buffer; the buffers are then summed in task order. The task partition depends on the shapes only (not
-// on the thread count), so results are bitwise reproducible with any number of threads.
+// Determinism: forward tasks write disjoint output rows. Backward tasks own their dq rows and accumulate dk/dv in a
+// thread-private buffer; a task that is the only one of its output rows rounds them into dk / dv, otherwise it keeps
+// them (unpadded) in its slice of a partials buffer, and the partials are summed in task order. The task partition
+// depends on the shapes only (not on the thread count), so results are bitwise reproducible with any number of
+// threads.
 
 #include "ops.h"
 
@@ -323,6 +325,7 @@ AVK_INLINE Vec<T, VB> load_keep(const float* keep) {
 
 constexpr int64_t kMinTasks = 32;
 constexpr int64_t kMaxPartBytes = int64_t(256) << 20;
+constexpr int64_t kFewPartBytes = int64_t(8) << 20;  // partials this small are allowed whatever the map's size
 
 // S is the storage type of the tensors, T = compute_t<S> the type of every tile and sum (Tile<T>: so the tiles,
 // the task partition and the dropout draws of a bf16 / fp16 problem are those of the fp32 one).
@@ -396,11 +399,15 @@ Problem<S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   P.key_blocks = (P.keys + Tile<T>::kBN - 1) / Tile<T>::kBN;
   P.keys_pad = P.key_blocks * Tile<T>::kBN;
   // Tasks per batch element: enough for the threads of a large machine (kMinTasks in all) but no more than the row
-  // blocks, and the backward's private dk/dv buffers (one per task) capped at kMaxPartBytes. A function of the
-  // shapes only, so the backward's reduction order does not depend on the thread count.
-  const int64_t part_bytes = P.keys_pad * (P.head_pad + P.value_pad) * static_cast<int64_t>(sizeof(T)) * P.batch;
+  // blocks, and the backward's dk/dv partials (one (N, D + E) slice per task when a batch element has several)
+  // within the size of the (B, Mq, N) map that the reference keeps for its backward (kFewPartBytes at least, and
+  // kMaxPartBytes at most), so that the fused backward never needs more memory than the reference. A function of
+  // the shapes only, so the backward's reduction order does not depend on the thread count.
+  const int64_t part_bytes = P.keys * (P.head + P.value) * static_cast<int64_t>(sizeof(T)) * P.batch;
+  const int64_t map_bytes = P.batch * P.rows * P.keys * static_cast<int64_t>(sizeof(S));
+  const int64_t part_budget = std::min(kMaxPartBytes, std::max(kFewPartBytes, map_bytes));
   P.chunks = std::min(P.row_blocks, (kMinTasks + P.batch - 1) / P.batch);
-  P.chunks = std::max<int64_t>(1, std::min(P.chunks, kMaxPartBytes / std::max<int64_t>(1, part_bytes)));
+  P.chunks = std::max<int64_t>(1, std::min(P.chunks, part_budget / std::max<int64_t>(1, part_bytes)));
   P.blocks_per_chunk = (P.row_blocks + P.chunks - 1) / P.chunks;
   return P;
 }
@@ -464,7 +471,7 @@ AVK_INLINE void finish_output_rows(const Problem<S>& P, T* o_tile, S* o, int64_t
     if (P.tanh_relu) {
       for (int64_t x = 0; x < Ep; x += kLanes<T, VB>) {
         const Vec<T, VB> t = tanh_vec<VB>(load<T, VB>(row + x));
-        store<T, VB>(row + x, t > T(0) ? t : Vec<T, VB>{});
+        store<T, VB>(row + x, t < T(0) ? Vec<T, VB>{} : t);  // ReLU that keeps NaN, as torch.relu does
       }
     }
     narrow_row(o + (b * P.rows + i0 + r) * P.value, row, P.value);
@@ -539,8 +546,10 @@ struct Gradients {
   const S* out;  // forward output (tanh_relu only), strides so
   int64_t so[3];
   S* dq;       // contiguous (B, Mq, D)
-  T* dk_part;  // (tasks, Npad, Dp): each task's private dk accumulator, in the compute type
-  T* dv_part;  // (tasks, Npad, Ep)
+  S* dk;       // contiguous (B, N, D): written by the tasks when dk_part is null (one task per batch element)
+  S* dv;       // contiguous (B or 1, N, E): likewise when dv_part is null
+  T* dk_part;  // (tasks, N, D): each task's dk when a batch element has several tasks, in the compute type; or null
+  T* dv_part;  // (tasks, N, E): likewise when several tasks add into one dv row (chunks, or a shared v); or null
 };
 
 // The q rows and the output-gradient rows i0 .. i0 + n_rows of batch element b as (BM, Dp) and (BM, Ep) tiles;
@@ -557,13 +566,27 @@ void pack_gradient_rows(const Problem<S>& P, const Gradients<S>& G, T* q_tile, T
     const S* y = G.out + b * G.so[0] + (i0 + r) * G.so[1];
     for (int64_t e = 0; e < E; ++e) {
       const T ye = widen<T>(y[e * G.so[2]]);
-      do_tile[r * Ep + e] *= ye > T(0) ? T(1) - ye * ye : T(0);
+      // As torch's ReLU backward: a select (a NaN do where y <= 0 gives 0), and y = NaN passes do on.
+      T& g = do_tile[r * Ep + e];
+      g = ye <= T(0) ? T(0) : g * (T(1) - ye * ye);
     }
   }
 }
 
-// Backward tasks [begin, end): task = (batch element b, chunk of row blocks). Writes the task's dq rows and adds
-// its dk and dv contributions into its own slices of dk_part / dv_part (zeroed by the caller).
+// Rows j < keys, columns < width of a task's (keys_pad, ld) accumulator: rounded into out when the task is the only one
+// adding into those rows (part null), else copied into the task's slice of the partials.
+template <typename S, typename T>
+void keep_task_sum(const T* acc, int64_t ld, int64_t keys, int64_t width, S* out, T* part) {
+  for (int64_t j = 0; j < keys; ++j) {
+    if (part != nullptr)
+      std::copy(acc + j * ld, acc + j * ld + width, part + j * width);
+    else
+      narrow_row(out + j * width, acc + j * ld, width);
+  }
+}
+
+// Backward tasks [begin, end): task = (batch element b, chunk of row blocks). Writes the task's dq rows, and its dk
+// and dv contributions into dk / dv or its own slices of dk_part / dv_part (keep_task_sum).
 //
 // Per tile: S = q k^T, t = tanh(scale S), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the tanh_relu
 // epilogue), dS = dZ f (1 - t^2) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
@@ -583,12 +606,16 @@ AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64
   T* ds_tile = c_tile + BM * BN;   // (BM, BN)
   std::vector<float> keep(RB * BN, 1.0f);
   KeyValuePanels<S> panels;
+  // The running task's dk and dv, padded like the tiles; one pair per thread, not per task.
+  std::vector<T> dk_sum(P.keys_pad * Dp), dv_sum(P.keys_pad * Ep);
+  T* dk_acc = dk_sum.data();
+  T* dv_acc = dv_sum.data();
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / P.chunks;
     panels.pack_for(P, b, /*backward=*/true);
-    T* dk_acc = G.dk_part + task * P.keys_pad * Dp;
-    T* dv_acc = G.dv_part + task * P.keys_pad * Ep;
+    std::fill(dk_sum.begin(), dk_sum.end(), T(0));
+    std::fill(dv_sum.begin(), dv_sum.end(), T(0));
     for (int64_t block = P.first_block(task); block < P.end_block(task); ++block) {
       const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
       pack_gradient_rows(P, G, q_tile, do_tile, b, i0, n_rows);
@@ -629,6 +656,10 @@ AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64
       for (int64_t r = 0; r < n_rows; ++r)
         narrow_row(G.dq + (b * P.rows + i0 + r) * D, dq_tile + r * Dp, D);
     }
+    keep_task_sum(dk_acc, Dp, P.keys, D, G.dk_part ? nullptr : G.dk + b * P.keys * D,
+                  G.dk_part ? G.dk_part + task * P.keys * D : nullptr);
+    keep_task_sum(dv_acc, Ep, P.keys, E, G.dv_part ? nullptr : G.dv + b * P.keys * E,
+                  G.dv_part ? G.dv_part + task * P.keys * E : nullptr);
   }
 }
 
@@ -698,19 +729,18 @@ bool backward_on_16bit_unit(const Problem<c10::BFloat16>& P, const Gradients<c10
 }
 
 // out[g, j, :width] = sum over t < parts of part[g * parts + t, j, :width], added in the order t = 0, 1, ...
-// part is (groups * parts, keys_pad, ld): the tasks' private accumulators. The sum stays in T (no rounding to a
-// 16-bit S between partials); only the total is rounded.
+// part is (groups * parts, keys, width): the tasks' sums. The sum stays in T (no rounding to a 16-bit S between
+// partials); only the total is rounded.
 template <typename S, typename T>
-void sum_partials(S* out, int64_t groups, int64_t keys, int64_t width, const T* part, int64_t parts,
-                  int64_t keys_pad, int64_t ld) {
+void sum_partials(S* out, int64_t groups, int64_t keys, int64_t width, const T* part, int64_t parts) {
   parallel_for(0, groups * keys, 64, [&](int64_t begin, int64_t end) {
     std::vector<T> total(width);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t g = row / keys, j = row % keys;
-      const T* src = part + (g * parts * keys_pad + j) * ld;
+      const T* src = part + (g * parts * keys + j) * width;
       std::copy(src, src + width, total.begin());
       for (int64_t t = 1; t < parts; ++t)
-        for (int64_t x = 0; x < width; ++x) total[x] += src[t * keys_pad * ld + x];
+        for (int64_t x = 0; x < width; ++x) total[x] += src[t * keys * width + x];
       narrow_row(out + row * width, total.data(), width);
     }
   });
@@ -785,23 +815,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
       G.so[d] = activation == 1 ? out.stride(d) : 0;
     }
     G.dq = dq.data_ptr<S>();
-    const int64_t tasks = P.tasks();
+    G.dk = dk.data_ptr<S>();
+    G.dv = dv.data_ptr<S>();
+    // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch. Partials
+    // only where an output row has several tasks (every task writes its whole slice: no zeroing).
+    const int64_t tasks = P.tasks(), v_groups = v.size(0), dv_parts = tasks / v_groups;
     const at::TensorOptions part_options = q.options().dtype(compute_dtype(q.scalar_type()));
-    at::Tensor dk_part = at::zeros({tasks, P.keys_pad, P.head_pad}, part_options);
-    at::Tensor dv_part = at::zeros({tasks, P.keys_pad, P.value_pad}, part_options);
+    const at::Tensor dk_part = at::empty({P.chunks > 1 ? tasks : 0, P.keys, P.head}, part_options);
+    const at::Tensor dv_part = at::empty({dv_parts > 1 ? tasks : 0, P.keys, P.value}, part_options);
     using T = compute_t<S>;
-    G.dk_part = dk_part.data_ptr<T>();
-    G.dv_part = dv_part.data_ptr<T>();
+    G.dk_part = P.chunks > 1 ? dk_part.data_ptr<T>() : nullptr;
+    G.dv_part = dv_parts > 1 ? dv_part.data_ptr<T>() : nullptr;
     if (!backward_on_16bit_unit(P, G)) {
       parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         AVK_DISPATCH_ISA(backward_tasks, S, P, G, begin, end);
       });
     }
-
-    // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch.
-    sum_partials(dk.data_ptr<S>(), P.batch, P.keys, P.head, G.dk_part, P.chunks, P.keys_pad, P.head_pad);
-    const int64_t v_groups = v.size(0);
-    sum_partials(dv.data_ptr<S>(), v_groups, P.keys, P.value, G.dv_part, tasks / v_groups, P.keys_pad, P.value_pad);
+    if (G.dk_part != nullptr) sum_partials(dk.data_ptr<S>(), P.batch, P.keys, P.head, G.dk_part, P.chunks);
+    if (G.dv_part != nullptr) sum_partials(dv.data_ptr<S>(), v_groups, P.keys, P.value, G.dv_part, dv_parts);
   });
   return {dq, dk, dv};
 }

@@ -141,11 +141,16 @@ AVK_INLINE void backward_tasks16(const Problem<BF16>& P, const Gradients<BF16>& 
   KeyValuePanels<BF16> wide;
   PairPanels panels;
 
+  // The running task's dk and dv, padded like the tiles; one pair per thread, not per task (keep_task_sum).
+  std::vector<float> dk_sum(P.keys_pad * Dp), dv_sum(P.keys_pad * Ep);
+  float* dk_acc = dk_sum.data();
+  float* dv_acc = dv_sum.data();
+
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / P.chunks;
     panels.pack_for(P, wide, b, /*backward=*/true);
-    float* dk_acc = G.dk_part + task * P.keys_pad * Dp;
-    float* dv_acc = G.dv_part + task * P.keys_pad * Ep;
+    std::fill(dk_sum.begin(), dk_sum.end(), 0.0f);
+    std::fill(dv_sum.begin(), dv_sum.end(), 0.0f);
     for (int64_t block = P.first_block(task); block < P.end_block(task); ++block) {
       const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
       pack_gradient_rows(P, G, q_tile, do_tile, b, i0, n_rows);
@@ -196,6 +201,10 @@ AVK_INLINE void backward_tasks16(const Problem<BF16>& P, const Gradients<BF16>& 
       }
       for (int64_t r = 0; r < n_rows; ++r) narrow_row(G.dq + (b * P.rows + i0 + r) * D, dq_tile + r * Dp, D);
     }
+    keep_task_sum(dk_acc, Dp, P.keys, D, G.dk_part ? nullptr : G.dk + b * P.keys * D,
+                  G.dk_part ? G.dk_part + task * P.keys * D : nullptr);
+    keep_task_sum(dv_acc, Ep, P.keys, E, G.dv_part ? nullptr : G.dv + b * P.keys * E,
+                  G.dv_part ? G.dv_part + task * P.keys * E : nullptr);
   }
 }
 

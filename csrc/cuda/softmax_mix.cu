@@ -50,12 +50,13 @@ __device__ acc_t<T> weight_at(const SoftmaxMixInputs& in, int k, int64_t column)
   return to_acc<T>(static_cast<const T*>(in.weight)[k * in.weight_stride[0] + column * in.weight_stride[1]]);
 }
 
-// dout where the output's ReLU passed the mix (out > 0), else 0: the gradient reaching the mix at (b, l, f).
+// dout where the output's ReLU passed the mix (out > 0, or out NaN, as torch's ReLU backward), else 0: the gradient
+// reaching the mix at (b, l, f).
 template <typename T>
 __device__ acc_t<T> relu_grad_at(const SoftmaxMixBackwardParams& params, int64_t b, int64_t l, int64_t f) {
-  return strided_at<T>(params.out, params.out_stride, b, l, f) > acc_t<T>(0)
-             ? strided_at<T>(params.dout, params.dout_stride, b, l, f)
-             : acc_t<T>(0);
+  return strided_at<T>(params.out, params.out_stride, b, l, f) <= acc_t<T>(0)
+             ? acc_t<T>(0)
+             : strided_at<T>(params.dout, params.dout_stride, b, l, f);
 }
 
 // softmax((logits + bias) / tau) of row (b, l) into s[0 : C]; warp-collective, every lane gets all C values.
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kRowThreads, kMinRowBlocksPerSm)
     for (int t = 0; t < kMaxC; ++t) {
       if (t < count) mixed += s[t] * candidate_at<T>(in, t, b, l, f);
     }
-    out[f] = from_acc<T>(fmax(mixed, Acc(0)));
+    out[f] = from_acc<T>(mixed < Acc(0) ? Acc(0) : mixed);  // keeps NaN, as torch.relu (fmax would drop it)
   }
   if (lane == 0) {
 #pragma unroll

@@ -56,7 +56,8 @@ __device__ Matrix<T> batch_matrix(const void* base, const int64_t (&stride)[3], 
 }
 
 // The gradient entering o = map @ v: dout, times d ReLU(tanh(z))/dz = (1 - o^2) [o > 0] when the epilogue ran
-// (o = tanh(z) wherever o > 0). Computed as it is loaded, so no pre-activation tensor is ever stored.
+// (o = tanh(z) wherever o > 0). Computed as it is loaded, so no pre-activation tensor is ever stored. As torch's
+// ReLU backward: a select where o <= 0 (a NaN dout there gives 0), and o = NaN passes dout on.
 template <typename T>
 struct PreActivationGrad {
   Matrix<T> dout, o;
@@ -67,7 +68,7 @@ struct PreActivationGrad {
     const acc_t<T> g = dout(r, c);
     if (!activation) return g;
     const acc_t<T> y = o(r, c);
-    return y > acc_t<T>(0) ? g * (acc_t<T>(1) - y * y) : acc_t<T>(0);
+    return y <= acc_t<T>(0) ? acc_t<T>(0) : g * (acc_t<T>(1) - y * y);
   }
   __device__ bool rows_fastest() const { return dout.rows_fastest(); }
 };
@@ -252,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const uint64_t row = map_row(p, b, i);
       const bool keep = dropout.keeps(row, j);
       if (writes_mask) params.mask[row * p.keys + j] = keep;
-      return keep ? t * dropout.keep_scale : Acc(0);
+      return t * (keep ? dropout.keep_scale : Acc(0));  // a product, as torch's dropout: a NaN dropped stays NaN
     });
     Tl::accumulate(out, sm, v, j0, e0);
   }
@@ -265,7 +266,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const int64_t i = i0 + Tl::ty() + kThreadGrid * r, e = e0 + Tl::tx() + kThreadGrid * c;
       if (i < p.queries && e < p.value_dim) {
         Acc value = out[r][c];
-        if (p.activation == 1) value = fmax(map_tanh<T>(value), Acc(0));
+        if (p.activation == 1) {
+          value = map_tanh<T>(value);
+          value = value < Acc(0) ? Acc(0) : value;  // a ReLU that keeps NaN, as torch.relu (fmax would drop it)
+        }
         o[(b * p.queries + i) * p.value_dim + e] = from_acc<T>(value);
       }
     }

@@ -137,7 +137,7 @@ def _stage_dots(dpre, tiles, t_idx, T: tl.constexpr, BLOCK_R: tl.constexpr, BLOC
 def _relu_grad(DOut, do_rows, do_sd, Out, out_rows, cols, mask, ACC: tl.constexpr):
     dout = tl.load(DOut + do_rows[:, None] + cols[None, :] * do_sd, mask=mask, other=0.0).to(ACC)
     out = tl.load(Out + out_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
-    return tl.where(out > 0.0, dout, 0.0)
+    return tl.where(out <= 0.0, 0.0, dout)  # as torch's ReLU backward: an output NaN passes dout on
 
 
 @triton.jit

@@ -79,14 +79,15 @@ def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, ACC: tl.
 def _load_grad_out(DO, O, rows, cols, stride_do_row, stride_do_col, stride_o_row, stride_o_col, n_rows, n_cols,
                    tanh_relu, ACC: tl.constexpr):
     """The gradient with respect to the pre-activation output: ``do``, or ``do * (1 - o^2) * (o > 0)`` when the
-    ``ReLU(tanh(.))`` epilogue ran (``o`` is the saved output; ``o > 0`` exactly where its pre-activation was)."""
+    ``ReLU(tanh(.))`` epilogue ran (``o`` is the saved output; ``o > 0`` exactly where its pre-activation was). As
+    torch's ReLU backward: a select where ``o <= 0`` (a NaN ``do`` there gives 0), and ``o = NaN`` passes ``do`` on."""
     do = _load_tile(DO, rows, cols, stride_do_row, stride_do_col, n_rows, n_cols, ACC)
     # Selects, not an `if tanh_relu:` branch: a tile defined by a runtime branch and then fed to a TF32x3 dot broke
     # triton 3.6's layout pass on sm_80 ("operand does not dominate this use"). Without the epilogue the load of o is
     # masked off entirely (no memory traffic) and o = 0 leaves do unchanged. The flag enters the mask through the row
     # bound, not as `& (tanh_relu != 0)`: triton 3.9's interpreter rejects the mask that and-ing a scalar bool gives.
     o = _load_tile(O, rows, cols, stride_o_row, stride_o_col, n_rows * tanh_relu, n_cols, ACC)
-    return tl.where(o > 0, do * (1.0 - o * o), tl.where(tanh_relu != 0, 0.0, do))
+    return tl.where(tanh_relu == 0, do, tl.where(o <= 0, 0.0, do * (1.0 - o * o)))
 
 
 @triton.jit
@@ -222,18 +223,18 @@ def _tanh_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         cols_n = n0 + tl.arange(0, BLOCK_N)
-        # Out-of-range rows/columns load zeros: their map entries are tanh(0) = 0 and their v rows are 0, so they
-        # add nothing and need no mask here.
+        # Out-of-range rows/columns load zeros, and their v rows are 0; their map entries are cleared all the same,
+        # because an infinite q makes them inf * 0 = NaN.
         if HEAD_LOOPS:
             s = _dot_nt_chunked(Qb, rows, stride_qm, stride_qd, Mq, Kb, cols_n, stride_kn, stride_kd, N, D,
                                 ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         else:
             k_t = _load_tile(Kb, cols_d, cols_n, stride_kd, stride_kn, D, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _tanh(s * scale, FAST_TANH)
+        c = tl.where(cols_n[None, :] < N, _tanh(s * scale, FAST_TANH), 0.0)
         if DROPOUT:
             keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
-            c = tl.where(keep, c * keep_scale, 0.0)
+            c = c * tl.where(keep, keep_scale, 0.0)  # a product, as torch's dropout: a NaN dropped stays NaN
             if RETURN_MASK:
                 if pid_e == 0:
                     in_map = (rows[:, None] < Mq) & (cols_n[None, :] < N)
@@ -241,7 +242,8 @@ def _tanh_attention_fwd_kernel(
         v = _load_tile(Vb, cols_n, cols_e, stride_vn, stride_ve, N, E, ACC)
         acc = tl.dot(c, v, acc, input_precision=PRECISION, out_dtype=ACC)
     if tanh_relu:
-        acc = tl.maximum(_tanh(acc, FAST_TANH), 0.0)
+        acc = _tanh(acc, FAST_TANH)
+        acc = tl.where(acc < 0, 0.0, acc)  # the ReLU keeps NaN, as torch.relu does (tl.maximum need not)
     out_mask = (rows[:, None] < Mq) & (cols_e[None, :] < E)
     out_offsets = rows[:, None] * stride_om + cols_e[None, :] * stride_oe
     tl.store(O + b * stride_ob + out_offsets, acc.to(O.dtype.element_ty), mask=out_mask)
@@ -307,10 +309,10 @@ def _tanh_attention_bwd_dq_kernel(
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
             dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=ACC)
         c = _tanh(s * scale, FAST_TANH)
-        ds = dp * (1.0 - c * c) * scale
+        ds = tl.where(cols_n[None, :] < N, dp * (1.0 - c * c) * scale, 0.0)  # past N: NaN when q or do is inf
         if DROPOUT:
             keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
-            ds = tl.where(keep, ds * keep_scale, 0.0)
+            ds = ds * tl.where(keep, keep_scale, 0.0)
         if HEAD_LOOPS:
             k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
         else:
@@ -387,13 +389,13 @@ def _tanh_attention_bwd_dkdv_kernel(
             do_t = _load_grad_out(DOb, Ob, cols_e, cols_m, stride_doe, stride_dom, stride_oe, stride_om, E, Mq,
                                   tanh_relu, ACC)
             s_t = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=ACC)
-        c_t = _tanh(s_t * scale, FAST_TANH)
+        c_t = tl.where(cols_m[None, :] < Mq, _tanh(s_t * scale, FAST_TANH), 0.0)  # past Mq: NaN when k is inf
         if DROPOUT:
             keep_t = _keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
         if has_dv:
             p_t = c_t
             if DROPOUT:
-                p_t = tl.where(keep_t, c_t * keep_scale, 0.0)
+                p_t = c_t * tl.where(keep_t, keep_scale, 0.0)
             if HEAD_LOOPS:
                 do = _load_grad_out(DOb, Ob, cols_m, cols_e, stride_dom, stride_doe, stride_om, stride_oe, Mq, E,
                                     tanh_relu, ACC)
@@ -409,9 +411,9 @@ def _tanh_attention_bwd_dkdv_kernel(
             else:
                 dp_t = tl.dot(v, do_t, input_precision=PRECISION, out_dtype=ACC)
                 q = tl.trans(q_t)
-            ds_t = dp_t * (1.0 - c_t * c_t) * scale
+            ds_t = tl.where(cols_m[None, :] < Mq, dp_t * (1.0 - c_t * c_t) * scale, 0.0)
             if DROPOUT:
-                ds_t = tl.where(keep_t, ds_t * keep_scale, 0.0)
+                ds_t = ds_t * tl.where(keep_t, keep_scale, 0.0)
             dk = tl.dot(ds_t, q, dk, input_precision=PRECISION, out_dtype=ACC)
     dk_mask = (rows[:, None] < N) & (cols_d[None, :] < D)
     dk_offsets = rows[:, None] * stride_dkn + cols_d[None, :] * stride_dkd
