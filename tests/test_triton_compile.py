@@ -11,7 +11,8 @@ interpreted functions, which cannot be compiled.
 Compiling is slow on a CPU-only CI machine (about a second per variant), so by default this file compiles a subset
 that fits its time budget, choosing in each group the variant with the most feature switches on (``DROPOUT``,
 ``RETURN_MASK``: they hold the most registers): for sm_90, every kernel at every shape class (size class, precision,
-block sizes) in its first listed dtype; for sm_80, every kernel in every dtype and tanh form (exact or fast).
+block sizes) in its first listed dtype, with the sigmoid map; for sm_80, every kernel in every dtype and tanh form
+(exact or fast), with the tanh map.
 ``AVKERNELS_AOT_FULL=1`` compiles every variant for both targets (several minutes).
 """
 
@@ -68,10 +69,12 @@ _SCRIPT = textwrap.dedent(
                 if first_dtype.setdefault(kernel.__name__, pointers) != pointers:
                     continue
                 key = (kernel.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items()
-                                                     if k not in FEATURE_SWITCHES)))
+                                                     if k not in FEATURE_SWITCHES + ("MAP",))))
             else:
                 key = (kernel.__name__, pointers, constexprs.get("FAST_TANH"))
             rank = sum(bool(constexprs.get(f)) for f in FEATURE_SWITCHES)
+            # sm_90 takes the sigmoid map (its shape classes then cover it), sm_80 the default tanh.
+            rank += (constexprs.get("MAP") == "sigmoid") == (arch == 90)
             if key not in best or rank > best[key][0]:
                 best[key] = (rank, spec)
         return [spec for _, spec in best.values()]
@@ -159,7 +162,8 @@ _FAST_TANH_SCRIPT = textwrap.dedent(
     done = set()
     for kernel, signature, constexprs, options in ta.aot_specializations():
         key = (kernel.__name__, constexprs["FAST_TANH"])
-        if signature["Q"] != "*fp16" or constexprs["BLOCK_D"] != 16 or constexprs["DROPOUT"] or key in done:
+        if (signature["Q"] != "*fp16" or constexprs["BLOCK_D"] != 16 or constexprs["DROPOUT"]
+                or constexprs["MAP"] != "tanh" or key in done):
             continue
         done.add(key)
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
