@@ -217,19 +217,6 @@ def test_every_isa_variant(ext, isa, tmp_path):
         assert torch.equal(ours, widest)
 
 
-def test_opcheck_custom_ops(ext):
-    q, k, v = torch.randn(2, 5, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 4)
-    seed = torch.tensor([7])
-    for args in ((q, k, v, seed, 0.5, 0.3, "tanh_relu", True), (q, k, v[:1], seed, 0.5, 0.0, "none", False)):
-        leaves = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-        torch.library.opcheck(torch.ops.avkernels.tanh_attention.default, leaves)
-    a, u, w, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 5), torch.randn(2)
-    torch.library.opcheck(torch.ops.avkernels.gate.default, tuple(t.requires_grad_() for t in (a, u, w, b)) + (0.1,))
-    stages = [torch.randn(2, 3, 4, requires_grad=True) for _ in range(3)]
-    w, b = torch.randn(3, 12, requires_grad=True), torch.randn(3, requires_grad=True)
-    torch.library.opcheck(torch.ops.avkernels.stage_gate.default, (stages, w, b, 0.2))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # bfloat16 / float16 attention, through the extension's functions (the Python dispatch of 16-bit inputs is being
 # reworked). Every test here has "half_precision" in its name: test_half_precision_on_every_isa_variant reruns them.

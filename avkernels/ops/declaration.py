@@ -76,6 +76,12 @@ class OpDeclaration:
             return getattr(torch.ops.avkernels, self.name).default
         return self._python_ops[backend][0]
 
+    def backward_op(self, backend: str) -> torch._ops.OpOverload:
+        """The backward op (``<name>_backward``) that goes with :meth:`op`."""
+        if get_impl(self.name, backend).kernels_in_torch:
+            return getattr(torch.ops.avkernels, f"{self.name}_backward").default
+        return self._python_ops[backend][1]
+
     def _autograd(self, backward_op):
         """``setup_context`` and ``backward`` for ``torch.library.register_autograd``, calling ``backward_op``."""
 

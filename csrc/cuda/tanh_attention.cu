@@ -97,7 +97,8 @@ struct Dropout {
 };
 
 // The maps: the value at x = scale * qk (+ bias) of the score qk, and the derivative d map / dx from the value y.
-// The only code that differs between maps; a new map is one more struct and one more case in with_map.
+// The only code that differs between maps (a template parameter of the kernels); a new map is one more struct and
+// one more case in with_map.
 template <typename T>
 struct TanhMap {
   using Acc = acc_t<T>;
@@ -235,12 +236,13 @@ struct Tiles {
   }
 };
 
-// Forward: o[b, i0:i0+kSize, e0:e0+kSize] = sum over key tiles of Drop(tanh(scale q k^T)) v, then the epilogue.
+// Forward: o[b, i0:i0+kSize, e0:e0+kSize] = sum over key tiles of Drop(map(scale q k^T + bias)) v, then the
+// epilogue.
 //
 // Args: params (see tanh_attention.cuh); o and mask are contiguous.
 // Grid: x = batch * ceil(Mq / kSize) (batch-major), y = max(1, ceil(E / kSize)); kThreads threads.
 // Only blocks with blockIdx.y == 0 write the keep-mask (the others draw the same bits).
-template <typename T, template <typename> class Map>
+template <typename T, class Map>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     tanh_attention_forward_kernel(const TanhAttentionForwardParams params) {
   using Acc = acc_t<T>;
@@ -255,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const auto k = batch_matrix<T>(p.k, p.k_stride, b, p.keys, p.head_dim);
   const auto v = batch_matrix<T>(p.v, p.v_stride, p.v_shared ? 0 : b, p.keys, p.value_dim);
   const Dropout<Acc> dropout(p);
-  const Map<T> map(p);
+  const Map map(p);
   const bool writes_mask = params.mask != nullptr && blockIdx.y == 0;
 
   typename Tl::Regs out;
@@ -296,12 +298,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 }
 
-// dq[b, i0:i0+kSize, d0:d0+kSize] = sum over key tiles of dS k, with dS = (dout_pre v^T) * mask/(1-p) * (1 - t^2)
-// * scale and t = tanh(scale q k^T) recomputed.
+// dq[b, i0:i0+kSize, d0:d0+kSize] = sum over key tiles of dS k, with dS = (dout_pre v^T) * mask/(1-p) * map'
+// * scale and the map recomputed.
 //
 // Args: params (see tanh_attention.cuh); dq contiguous.
 // Grid: x = batch * ceil(Mq / kSize), y = ceil(D / kSize); kThreads threads.
-template <typename T, template <typename> class Map>
+template <typename T, class Map>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     tanh_attention_backward_dq_kernel(const TanhAttentionBackwardParams params) {
   using Acc = acc_t<T>;
@@ -319,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                                   batch_matrix<T>(params.o, params.o_stride, b, p.queries, p.value_dim),
                                   p.activation == 1, p.queries, p.value_dim};
   const Dropout<Acc> dropout(p);
-  const Map<T> map(p);
+  const Map map(p);
   const Acc scale = static_cast<Acc>(p.scale);
 
   typename Tl::Regs dq;
@@ -338,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const int64_t i = i0 + r, j = j0 + c;
       if (i >= p.queries || j >= p.keys) return Acc(0);
       const Acc t = map(qk);
-      return dmap * dropout.multiplier(map_row(p, b, i), j) * Map<T>::slope(t) * scale;
+      return dmap * dropout.multiplier(map_row(p, b, i), j) * Map::slope(t) * scale;
     });
     Tl::accumulate(dq, sm, k, j0, d0);
   }
@@ -362,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 //
 // Args: params (see tanh_attention.cuh); dk, dv contiguous; workspace as tanh_attention_backward_workspace_elems.
 // Grid: x = batch * ceil(N / kSize), y = ceil(D / kSize) + ceil(E / kSize); kThreads threads.
-template <typename T, template <typename> class Map>
+template <typename T, class Map>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     tanh_attention_backward_dkdv_kernel(const TanhAttentionBackwardParams params) {
   using Acc = acc_t<T>;
@@ -382,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                                   batch_matrix<T>(params.o, params.o_stride, b, p.queries, p.value_dim),
                                   p.activation == 1, p.queries, p.value_dim};
   const Dropout<Acc> dropout(p);
-  const Map<T> map(p);
+  const Map map(p);
   const Acc scale = static_cast<Acc>(p.scale);
 
   typename Tl::Regs acc;
@@ -404,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       if (i >= p.queries || j >= p.keys) return Acc(0);
       const Acc t = map(qk);
       const Acc m = dropout.multiplier(map_row(p, b, i), j);
-      return computes_dk ? dmap * m * Map<T>::slope(t) * scale : t * m;
+      return computes_dk ? dmap * m * Map::slope(t) * scale : t * m;
     });
     if (computes_dk) {
       Tl::accumulate(acc, sm, q, i0, c0);
@@ -459,16 +461,11 @@ bool fits_grid(int64_t x, int64_t y) { return x <= kMaxGridX && y <= kMaxGridYZ;
 
 bool reduces_shared_dv(const TanhAttentionProblem& p) { return p.v_shared && p.batch > 1; }
 
-// fn(MapTag<TanhMap>{}) or fn(MapTag<SigmoidMap>{}), as p.map says: the kernels' instantiation for the map.
-template <template <typename> class Map>
-struct MapTag {
-  template <typename T>
-  using type = Map<T>;
-};
-
-template <typename Fn>
+// fn(Map*{}) with Map the map struct p.map names (a null pointer as a type tag): the kernels' instantiation.
+template <typename T, typename Fn>
 cudaError_t with_map(const TanhAttentionProblem& p, Fn&& fn) {
-  return p.map == AttentionMap::kSigmoid ? fn(MapTag<SigmoidMap>{}) : fn(MapTag<TanhMap>{});
+  return p.map == AttentionMap::kSigmoid ? fn(static_cast<SigmoidMap<T>*>(nullptr))
+                                         : fn(static_cast<TanhMap<T>*>(nullptr));
 }
 
 }  // namespace
@@ -487,9 +484,9 @@ cudaError_t launch_tanh_attention_forward(const TanhAttentionForwardParams& para
   // At least one column block, so that the keep-mask is drawn even when E == 0.
   const int64_t grid_y = ceil_div(p.value_dim, tile_size<T>()) > 0 ? ceil_div(p.value_dim, tile_size<T>()) : 1;
   if (!fits_grid(grid_x, grid_y)) return cudaErrorInvalidConfiguration;
-  return with_map(p, [&](auto tag) {
-    tanh_attention_forward_kernel<T, decltype(tag)::template type><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(
-        params);
+  return with_map<T>(p, [&](auto tag) {
+    using Map = std::remove_pointer_t<decltype(tag)>;
+    tanh_attention_forward_kernel<T, Map><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(params);
     return cudaGetLastError();
   });
 }
@@ -509,16 +506,15 @@ cudaError_t launch_tanh_attention_backward(const TanhAttentionBackwardParams& pa
     const cudaError_t err = cudaMemsetAsync(params.workspace, 0, slice_elems * sizeof(acc_t<T>), stream);
     if (err != cudaSuccess) return err;
   }
-  const cudaError_t err = with_map(p, [&](auto tag) {
+  const cudaError_t err = with_map<T>(p, [&](auto tag) {
+    using Map = std::remove_pointer_t<decltype(tag)>;
     if (dq_grid_x > 0 && dq_grid_y > 0) {
-      tanh_attention_backward_dq_kernel<T, decltype(tag)::template type>
-          <<<dim3(dq_grid_x, dq_grid_y), kThreads, 0, stream>>>(params);
+      tanh_attention_backward_dq_kernel<T, Map><<<dim3(dq_grid_x, dq_grid_y), kThreads, 0, stream>>>(params);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
     if (dkdv_grid_x > 0 && dkdv_grid_y > 0) {
-      tanh_attention_backward_dkdv_kernel<T, decltype(tag)::template type>
-          <<<dim3(dkdv_grid_x, dkdv_grid_y), kThreads, 0, stream>>>(params);
+      tanh_attention_backward_dkdv_kernel<T, Map><<<dim3(dkdv_grid_x, dkdv_grid_y), kThreads, 0, stream>>>(params);
       return cudaGetLastError();
     }
     return cudaSuccess;
