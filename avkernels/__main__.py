@@ -17,6 +17,7 @@ def _backends(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from avkernels import export, predict
+    from avkernels.backends import OPS
 
     parser = argparse.ArgumentParser(prog="python -m avkernels",
                                      description="avkernels: fused kernels for audio-visual joint cross-attention")
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_arguments(p)
     p.set_defaults(handler=export.run_from_args)
     p = commands.add_parser("backends", help="the fused-op backends of this install and why any is unavailable")
-    p.add_argument("--op", choices=("tanh_attention", "gate", "stage_gate"), default=None)
+    p.add_argument("--op", choices=OPS, default=None)
     p.set_defaults(handler=_backends)
     return parser
 

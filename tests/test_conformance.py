@@ -483,7 +483,7 @@ def test_opcheck(backend, op):
         detached = tuple([a.detach() for a in x] if isinstance(x, list) else
                          x.detach() if isinstance(x, torch.Tensor) else x for x in args)
         outputs = declaration.op(backend)(*detached)
-        tensors, values = declaration.save(detached, outputs)
+        tensors, values = declaration.saved(detached, outputs)
         grads = [torch.randn_like(o) if o.is_floating_point() else None for o in outputs]
         torch.library.opcheck(declaration.backward_op(backend), declaration.backward_args(tensors, values, *grads))
 

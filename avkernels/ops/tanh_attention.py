@@ -31,7 +31,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_probability, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
+from avkernels.backends import Inputs, cast_for_autocast
 from avkernels.ops.declaration import OpDeclaration, declare
 
 ACTIVATIONS = (None, "tanh_relu")
@@ -55,11 +55,9 @@ def _fake(q, k, v, seed, scale, dropout_p, activation, return_mask, map="tanh", 
     return o, q.new_empty(mask_shape, dtype=torch.bool)
 
 
-def _save(inputs, output):
-    q, k, v, seed, scale, dropout_p, activation, _, map, map_bias = inputs
-    o, _ = output
-    return (q, k, v, o if activation != "none" else o.new_empty(0), seed), (scale, dropout_p, activation, map,
-                                                                             map_bias)
+def _save(a, output):
+    o = output[0] if a.activation != "none" else output[0].new_empty(0)
+    return (a.q, a.k, a.v, o, a.seed), (a.scale, a.dropout_p, a.activation, a.map, a.map_bias)
 
 
 def _seed_int(seed: torch.Tensor) -> int:
@@ -176,14 +174,12 @@ def tanh_attention(
         {"dropout": p > 0, "return_mask": return_mask and p > 0, "shared_v": v.shape[0] == 1 and batch > 1,
          "activation": activation, "map": map},
     )
-    name = resolve(backend, inputs)
-    if runs_reference(name, p, "tanh_attention") or min(q.shape + k.shape + v.shape[1:]) == 0:
-        with outside_autocast(q.device):
-            o, mask = reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask,
-                                               map=map, map_bias=float(map_bias))
-    else:
-        o, mask = DECLARATION.op(name)(q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask,
-                                       map, float(map_bias))
-        if mask.numel() == 0 and mask.dim() == 1:
-            mask = None
+    o, mask = DECLARATION.run(
+        backend, inputs,
+        lambda: reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask, map=map,
+                                         map_bias=float(map_bias)),
+        lambda: (q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask, map, float(map_bias)),
+        empty=min(q.shape + k.shape + v.shape[1:]) == 0, dropout_p=p)
+    if mask is not None and mask.numel() == 0 and mask.dim() == 1:
+        mask = None  # the op's "no mask"
     return (o, mask) if return_mask else o

@@ -484,7 +484,7 @@ cudaError_t launch_tanh_attention_forward(const TanhAttentionForwardParams& para
   // At least one column block, so that the keep-mask is drawn even when E == 0.
   const int64_t grid_y = ceil_div(p.value_dim, tile_size<T>()) > 0 ? ceil_div(p.value_dim, tile_size<T>()) : 1;
   if (!fits_grid(grid_x, grid_y)) return cudaErrorInvalidConfiguration;
-  return with_map<T>(p, [&](auto tag) {
+  return with_map<T>(p, [&](auto tag) -> cudaError_t {
     using Map = std::remove_pointer_t<decltype(tag)>;
     tanh_attention_forward_kernel<T, Map><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(params);
     return cudaGetLastError();
@@ -506,7 +506,7 @@ cudaError_t launch_tanh_attention_backward(const TanhAttentionBackwardParams& pa
     const cudaError_t err = cudaMemsetAsync(params.workspace, 0, slice_elems * sizeof(acc_t<T>), stream);
     if (err != cudaSuccess) return err;
   }
-  const cudaError_t err = with_map<T>(p, [&](auto tag) {
+  const cudaError_t err = with_map<T>(p, [&](auto tag) -> cudaError_t {
     using Map = std::remove_pointer_t<decltype(tag)>;
     if (dq_grid_x > 0 && dq_grid_y > 0) {
       tanh_attention_backward_dq_kernel<T, Map><<<dim3(dq_grid_x, dq_grid_y), kThreads, 0, stream>>>(params);
