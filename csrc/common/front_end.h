@@ -59,8 +59,13 @@ inline TanhAttentionArgs tanh_attention_args(const at::Tensor& q, const at::Tens
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK(activation == "none" || activation == "tanh_relu", op,
               ": activation must be \"none\" or \"tanh_relu\", got \"", std::string(activation), "\"");
-  TORCH_CHECK(map == "tanh" || map == "sigmoid", op, ": map must be \"tanh\" or \"sigmoid\", got \"",
-              std::string(map), "\"");
+  int map_code = 0;
+  while (map_code < kNumMaps && map != kMapNames[map_code]) ++map_code;
+  if (map_code == kNumMaps) {
+    std::string names;
+    for (const char* name : kMapNames) names += std::string(names.empty() ? "\"" : ", \"") + name + "\"";
+    TORCH_CHECK(false, op, ": map must be one of ", names, "; got \"", std::string(map), "\"");
+  }
   TORCH_CHECK(std::isfinite(map_bias), op, ": map_bias must be finite, got ", map_bias);
   TORCH_CHECK(map_bias == 0.0 || map == "sigmoid", op, ": map_bias is the sigmoid map's; map \"",
               std::string(map), "\" takes map_bias=0, got ", map_bias);
@@ -69,7 +74,7 @@ inline TanhAttentionArgs tanh_attention_args(const at::Tensor& q, const at::Tens
   args.scale = scale;
   args.dropout_p = dropout_p;
   args.tanh_relu = activation == "tanh_relu";
-  args.map = map == "sigmoid" ? AttentionMap::kSigmoid : AttentionMap::kTanh;
+  args.map = static_cast<AttentionMap>(map_code);
   args.map_bias = map_bias;
   return args;
 }

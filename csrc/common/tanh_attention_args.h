@@ -6,8 +6,10 @@
 
 namespace avk {
 
-// The map applied to scale * q k^T (+ map_bias): the op's "map" argument.
+// The map applied to scale * q k^T (+ map_bias): the op's "map" argument, named kMapNames[map].
 enum class AttentionMap : int { kTanh = 0, kSigmoid = 1 };
+constexpr const char* kMapNames[] = {"tanh", "sigmoid"};
+constexpr int kNumMaps = sizeof(kMapNames) / sizeof(kMapNames[0]);
 
 struct TanhAttentionArgs {
   int64_t seed;       // Philox key in [0, 2^31); meaningless without dropout
