@@ -1,7 +1,7 @@
 """Triton kernels for ``tanh_attention`` (SPEC 1): ``o = Drop_p(map(scale * q @ k^T + bias)) @ v``.
 
 The map is a compile-time parameter of the three kernels (``MAP``, ``"tanh"`` or ``"sigmoid"``): its value and its
-derivative are :func:`_map` and :func:`_map_slope`, the only code that differs between maps.
+derivative are :mod:`avkernels.ops.triton.attention_map`, the only code that differs between maps.
 
 Flash-style: the ``(Mq, N)`` map lives only in registers, one ``(BLOCK_M, BLOCK_N)`` tile at a time, in forward and
 backward alike (backward recomputes it). Three kernels:
@@ -17,7 +17,7 @@ shared over the batch (``Bv == 1``), the dk/dv kernel writes one ``dv`` partial 
 programs busy than looping over the batch inside one program would (the official N = 512 makes only 4 to 8 N blocks).
 
 Dropout draws ``keep = uniform >= p`` from Triton's Philox generator, one ``tl.randint4x`` call per four keys
-(:func:`_dropout_uniform`, the stream of csrc/common/philox.h that the cpp and cuda backends draw too), so backward
+(:mod:`avkernels.ops.triton.dropout`, the stream of csrc/common/philox.h that the cpp and cuda backends draw too), so backward
 redraws the identical mask without storing it; ``return_mask=True`` also writes the keep-mask (debug only).
 
 Numerics: tiles are cast to the accumulator type right after load (fp32, or fp64 for fp64 inputs: gradcheck runs
@@ -33,7 +33,7 @@ Sizes: any ``D``, ``E``, ``Mq``, ``N`` (tails are masked; when ``max(D, E)`` exc
 2**31 - 1 elements per batch element of each tensor and of the map (offsets within a batch element are int32, the
 batch offset and the dropout counter int64).
 Block sizes are picked by the launcher per size class of ``max(D, E)`` (no autotuning, so the interpreter runs the
-same configurations as the GPU); :func:`aot_specializations` lists every kernel variant the launchers can produce, and
+same configurations as the GPU); tests/triton_aot.py lists every kernel variant the launchers can produce, and
 ``tests/test_triton_compile.py`` compiles them for sm_80 and sm_90 and checks that none spills registers (a subset
 by default, all with ``AVKERNELS_AOT_FULL=1``).
 """
@@ -48,45 +48,8 @@ import triton
 import triton.language as tl
 
 from avkernels.backends import Inputs, OpImpl, register_impl
-from avkernels.ops.tanh_attention import MAPS
-
-
-@triton.jit
-def _tanh(x, FAST: tl.constexpr):
-    if FAST:
-        # The SFU's tanh (sm_75+): one MUFU.TANH instead of an exp, a division and selects; relative error about
-        # 2**-11, below the rounding of the fp16/bf16 outputs it is used for (see _fast_tanh).
-        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        # exp of -2|x| is in (0, 1]: it never overflows, and (1 - t) / (1 + t) never cancels catastrophically,
-        # unlike 2 * sigmoid(2x) - 1 for large |x|. Absolute error: a few ulps of 1.
-        t = tl.exp(-2.0 * tl.abs(x))
-        y = (1.0 - t) / (1.0 + t)
-        return tl.where(x < 0, -y, y)
-
-
-@triton.jit
-def _map(s, scale, bias, MAP: tl.constexpr, FAST: tl.constexpr):
-    """The map of the scores ``s = q k^T`` (SPEC 1): ``tanh(scale s)`` or ``sigmoid(scale s + bias)``."""
-    if MAP == "sigmoid":
-        x = s * scale + bias
-        if FAST:
-            return 0.5 + 0.5 * _tanh(0.5 * x, True)
-        else:
-            # exp(-x) overflows to inf for very negative x, which gives the right limit 0.
-            return 1.0 / (1.0 + tl.exp(-x))
-    else:
-        return _tanh(s * scale, FAST)
-
-
-@triton.jit
-def _map_slope(c, MAP: tl.constexpr):
-    """The derivative of the map with respect to its argument, from the map's value ``c``."""
-    if MAP == "sigmoid":
-        return c * (1.0 - c)
-    else:
-        return 1.0 - c * c
+from avkernels.ops.triton.attention_map import map_slope, map_value, tanh
+from avkernels.ops.triton.dropout import keep_mask
 
 
 @triton.jit
@@ -161,25 +124,6 @@ def _dot_grad_out_v_chunked(DO, O, do_rows, stride_do_row, stride_do_e, stride_o
 
 
 @triton.jit
-def _dropout_uniform(seed, row, j, N):
-    """The dropout generator's uniform for map row ``row`` (``b * Mq + i``, int64) and column ``j`` of a map with
-    ``N`` columns (csrc/common/philox.h, which the cpp and cuda backends share): word ``j % 4`` of the Philox call
-    with counter ``row * ceil(N / 4) + j // 4``. Any tiling of the map draws the same numbers, which is how backward
-    redraws the forward's mask; four neighbouring keys share one call, which on CPU makes the draw four times
-    cheaper than one call per element (tl.rand)."""
-    w0, w1, w2, w3 = tl.randint4x(seed, row * ((N + 3) // 4) + j // 4)
-    word = j % 4
-    return tl.uint_to_uniform_float(tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3))))
-
-
-@triton.jit
-def _keep_mask(seed, row_base, i, j, N, dropout_p):
-    """Dropout keep-mask at map positions ``(i, j)`` of one batch element (``i``, ``j`` broadcastable index tiles,
-    ``row_base = b * Mq`` as int64)."""
-    return _dropout_uniform(seed, row_base + i, j, N) >= dropout_p
-
-
-@triton.jit
 def _fp32_pair(hi, lo, ACC: tl.constexpr):
     """``hi + lo`` in ``ACC``: scalars reach the kernel as fp32, and the pair restores fp64 precision when needed."""
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
@@ -231,7 +175,7 @@ def _tanh_attention_fwd_kernel(
             Otherwise the q tile stays in registers for the whole loop.
         FAST_TANH: the hardware ``tanh.approx.f32`` for the map and the epilogue (see :func:`_fast_tanh`); the same
             in the backward kernels, which must recompute the forward's map.
-        MAP: ``"tanh"`` or ``"sigmoid"`` (:func:`_map`).
+        MAP: ``"tanh"`` or ``"sigmoid"`` (:mod:`avkernels.ops.triton.attention_map`).
 
     Grid: ``(cdiv(Mq, BLOCK_M) * cdiv(E, BLOCK_E) * B,)``; Mq blocks vary fastest so that programs running together
     share the same ``k`` and ``v`` in L2.
@@ -259,9 +203,9 @@ def _tanh_attention_fwd_kernel(
         else:
             k_t = _load_tile(Kb, cols_d, cols_n, stride_kd, stride_kn, D, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _map(s, scale, bias, MAP, FAST_TANH)
+        c = map_value(s, scale, bias, MAP, FAST_TANH)
         if DROPOUT:
-            keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
+            keep = keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             c = tl.where(keep, c * keep_scale, 0.0)
             if RETURN_MASK:
                 if pid_e == 0:
@@ -270,7 +214,7 @@ def _tanh_attention_fwd_kernel(
         v = _load_tile(Vb, cols_n, cols_e, stride_vn, stride_ve, N, E, ACC)
         acc = tl.dot(c, v, acc, input_precision=PRECISION, out_dtype=ACC)
     if tanh_relu:
-        acc = tl.maximum(_tanh(acc, FAST_TANH), 0.0)
+        acc = tl.maximum(tanh(acc, FAST_TANH), 0.0)
     out_mask = (rows[:, None] < Mq) & (cols_e[None, :] < E)
     out_offsets = rows[:, None] * stride_om + cols_e[None, :] * stride_oe
     tl.store(O + b * stride_ob + out_offsets, acc.to(O.dtype.element_ty), mask=out_mask)
@@ -336,10 +280,10 @@ def _tanh_attention_bwd_dq_kernel(
             v_t = _load_tile(Vb, cols_e, cols_n, stride_ve, stride_vn, E, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
             dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _map(s, scale, bias, MAP, FAST_TANH)
-        ds = dp * _map_slope(c, MAP) * scale
+        c = map_value(s, scale, bias, MAP, FAST_TANH)
+        ds = dp * map_slope(c, MAP) * scale
         if DROPOUT:
-            keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
+            keep = keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             ds = tl.where(keep, ds * keep_scale, 0.0)
         if HEAD_LOOPS:
             k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
@@ -418,9 +362,9 @@ def _tanh_attention_bwd_dkdv_kernel(
             do_t = _load_grad_out(DOb, Ob, cols_e, cols_m, stride_doe, stride_dom, stride_oe, stride_om, E, Mq,
                                   tanh_relu, ACC)
             s_t = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=ACC)
-        c_t = _map(s_t, scale, bias, MAP, FAST_TANH)
+        c_t = map_value(s_t, scale, bias, MAP, FAST_TANH)
         if DROPOUT:
-            keep_t = _keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
+            keep_t = keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
         if has_dv:
             p_t = c_t
             if DROPOUT:
@@ -440,7 +384,7 @@ def _tanh_attention_bwd_dkdv_kernel(
             else:
                 dp_t = tl.dot(v, do_t, input_precision=PRECISION, out_dtype=ACC)
                 q = tl.trans(q_t)
-            ds_t = dp_t * _map_slope(c_t, MAP) * scale
+            ds_t = dp_t * map_slope(c_t, MAP) * scale
             if DROPOUT:
                 ds_t = tl.where(keep_t, ds_t * keep_scale, 0.0)
             dk = tl.dot(ds_t, q, dk, input_precision=PRECISION, out_dtype=ACC)
@@ -652,65 +596,3 @@ def backward(do, q, k, v, o, seed, scale, dropout_p, activation, map, map_bias):
 
 
 register_impl("tanh_attention", "triton", OpImpl(forward, backward, supports=supports))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation targets (tests/test_triton_compile.py)
-# ------------------------------------------------------------------------------------------------------------------
-
-_FLOAT_ARGS = ("scale_hi", "scale_lo", "bias_hi", "bias_lo", "keep_scale_hi", "keep_scale_lo", "dropout_p")
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[str, str]:
-    """Triton signature of ``kernel``: pointers as given, the float scalars fp32, the ints (``tanh_relu`` included) i32
-    (what the launcher passes for tensors under 2**31 elements per batch element)."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = pointer_types[name]
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def aot_specializations() -> List[Tuple]:
-    """Every kernel variant the launchers above can launch on a GPU, as ``(kernel, signature, constexprs, options)``.
-
-    One per kernel x dtype (fp32 with TF32x3 and with TF32 dots, fp16, bf16, each of the two with exact and fast
-    tanh) x map x size class x dropout (x return_mask for the forward). The activation is a runtime flag, so each
-    variant covers both. fp64 is interpreter-only (refused on CUDA by the launchers).
-    """
-    specs = []
-    variants = [(dtype, precision, fast, map) for dtype in _GPU_DTYPES
-                for precision in (("tf32x3", "tf32") if dtype == torch.float32 else ("tf32",))
-                for fast in ((False, True) if dtype in _HALF_DTYPES else (False,))
-                for map in MAPS]
-    for dtype, precision, fast, map in variants:
-        ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        for (head, loops), cfg in _configs(precision).items():
-            options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
-                          FAST_TANH=fast, MAP=map)
-            rows_on_mq = dict(BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop)
-            for dropout in (False, True):
-                for return_mask in ((False, True) if dropout else (False,)):
-                    consts = dict(shared, DROPOUT=dropout, RETURN_MASK=return_mask, **rows_on_mq)
-                    pointers = {name: ptr for name in "QKVO"}
-                    pointers["MASK"] = "*i1"
-                    specs.append((_tanh_attention_fwd_kernel,
-                                  _signature(_tanh_attention_fwd_kernel, pointers, consts), consts, options))
-                consts = dict(shared, DROPOUT=dropout, **rows_on_mq)
-                pointers = {name: ptr for name in ("DO", "O", "Q", "K", "V", "DQ")}
-                specs.append((_tanh_attention_bwd_dq_kernel,
-                              _signature(_tanh_attention_bwd_dq_kernel, pointers, consts), consts, options))
-                consts = dict(shared, DROPOUT=dropout, BLOCK_M=cfg.block_loop, BLOCK_N=cfg.block_rows)
-                pointers = {name: ptr for name in ("DO", "O", "Q", "K", "V", "DK")}
-                pointers["DV"] = "*fp32"
-                specs.append((_tanh_attention_bwd_dkdv_kernel,
-                              _signature(_tanh_attention_bwd_dkdv_kernel, pointers, consts), consts, options))
-    return specs
