@@ -317,13 +317,13 @@ AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t beg
   constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
   constexpr int W = Blocking<T, VB>::kW, G = Blocking<T, VB>::kGroup, RF = Blocking<T, VB>::kFwdRows;
   const int64_t D = P.head, Dp = P.head_pad, Ep = P.value_pad;
+  const Map<T, VB> map(P.scale, P.map_bias);
   std::vector<T> buffer(BM * Dp + BM * Ep + BM * BN);
   T* q_tile = buffer.data();      // (BM, Dp)  query rows
   T* o_tile = q_tile + BM * Dp;   // (BM, Ep)  output accumulator
-  T* c_tile = o_tile + BM * Ep;   // (BM, BN)  Drop(tanh(S)) of the current key block
+  T* c_tile = o_tile + BM * Ep;   // (BM, BN)  Drop(map(S)) of the current key block
   std::vector<float> keep(RF * BN, 1.0f);
   KeyValuePanels<S> panels;
-  const Map<T, VB> map(P.scale, P.map_bias);
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / P.chunks;
@@ -398,6 +398,7 @@ AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64
   constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
   constexpr int W = Blocking<T, VB>::kW, NG = Blocking<T, VB>::kGroup, RB = Blocking<T, VB>::kBwdRows;
   const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
+  const Map<T, VB> map(P.scale, P.map_bias);
   std::vector<T> buffer(BM * Dp + BM * Ep + BM * Dp + 2 * BM * BN);
   T* q_tile = buffer.data();       // (BM, Dp)
   T* do_tile = q_tile + BM * Dp;   // (BM, Ep)  output gradient through the epilogue
@@ -406,7 +407,6 @@ AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64
   T* ds_tile = c_tile + BM * BN;   // (BM, BN)
   std::vector<float> keep(RB * BN, 1.0f);
   KeyValuePanels<S> panels;
-  const Map<T, VB> map(P.scale, P.map_bias);
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / P.chunks;
