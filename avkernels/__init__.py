@@ -11,7 +11,7 @@ from avkernels.ops.native import build
 from avkernels.ops import gate, stage_gate, tanh_attention
 from avkernels.nn import DCA, GRJCA, JCA, RJCA
 from avkernels import data, losses, metrics, models
-from avkernels import export  # noqa: F401  (lets torch.onnx.export write the fused ops as standard ONNX)
+from avkernels import export  # noqa: F401  (avkernels.export.export_onnx / export_program, without another import)
 
 __version__ = "0.1.0"
 

@@ -31,6 +31,7 @@ def _build(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from avkernels import export, predict
     from avkernels.ops import native
+    from avkernels.backends import OPS
 
     parser = argparse.ArgumentParser(prog="python -m avkernels",
                                      description="avkernels: fused kernels for audio-visual joint cross-attention")
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_arguments(p)
     p.set_defaults(handler=export.run_from_args)
     p = commands.add_parser("backends", help="the fused-op backends of this install and why any is unavailable")
-    p.add_argument("--op", choices=("tanh_attention", "gate", "stage_gate"), default=None)
+    p.add_argument("--op", choices=OPS, default=None)
     p.set_defaults(handler=_backends)
     p = commands.add_parser(
         "build", help="compile the native backends' libraries for this torch (once per sources and torch)",

@@ -244,7 +244,7 @@ def resolve(backend: Optional[str], inputs: Inputs) -> str:
     raise AssertionError("the reference backend runs every input")  # pragma: no cover
 
 
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+def active_autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` casts to on ``device``, or ``None`` when autocast is off there."""
     try:
         if not torch.is_autocast_enabled(device.type):
@@ -262,7 +262,7 @@ def cast_for_autocast(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     autocast leaves it. The casts are ordinary autograd ops, so gradients reach the parameters in their own dtype.
     Outside autocast the tensors are returned as they are.
     """
-    dtype = autocast_dtype(tensors[0].device)
+    dtype = active_autocast_dtype(tensors[0].device)
     if dtype is None:
         return list(tensors)
     return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
@@ -271,7 +271,7 @@ def cast_for_autocast(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 def outside_autocast(device: torch.device) -> ContextManager:
     """Runs the reference in the dtype its inputs were cast to: under autocast, torch would otherwise run its
     matmuls in the autocast dtype but its softmax in float32, and return a dtype that depends on the op."""
-    if autocast_dtype(device) is None:
+    if active_autocast_dtype(device) is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 

@@ -299,9 +299,9 @@ def capture_launches(call, batch, dtype_name, precision, train: bool, backward: 
             if backward:
                 do = _alloc(call["do"], batch, dtype)
                 o = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=dtype)
-                module.backward(do, q, k, v, o, 1234, scale, p, activation)
+                module.backward(do, q, k, v, o, 1234, scale, p, activation, "tanh", 0.0)
             else:
-                module.forward(q, k, v, 1234, scale, p, activation, False)
+                module.forward(q, k, v, 1234, scale, p, activation, False, "tanh", 0.0)
     finally:
         torch.set_float32_matmul_precision(previous)
     sizes = {"B": q.shape[0], "Mq": q.shape[1], "N": k.shape[1], "D": q.shape[2], "E": v.shape[2],

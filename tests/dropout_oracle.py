@@ -1,4 +1,4 @@
-"""The Triton kernels' dropout generator as a test oracle: one small kernel around the very ``_dropout_uniform`` the
+"""The Triton kernels' dropout generator as a test oracle: one small kernel around the very ``dropout_uniform`` the
 Triton tanh_attention kernels call, so tests can check that the cpp and cuda backends draw the same stream."""
 
 import os
@@ -10,7 +10,7 @@ try:
     import triton
     import triton.language as tl
 
-    from avkernels.ops.triton.tanh_attention import _dropout_uniform
+    from avkernels.ops.triton.dropout import dropout_uniform
 except ImportError:  # the tests that need the oracle skip
     triton = None
 else:
@@ -19,7 +19,7 @@ else:
     def _uniform_kernel(out_ptr, seed, first_row, keys, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         j = tl.arange(0, BLOCK)
-        u = _dropout_uniform(seed, first_row + row.to(tl.int64), j, keys)
+        u = dropout_uniform(seed, first_row + row.to(tl.int64), j, keys)
         tl.store(out_ptr + row * keys + j, u, mask=j < keys)
 
 

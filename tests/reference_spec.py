@@ -32,6 +32,16 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _map(x: torch.Tensor, map: str) -> torch.Tensor:
+    """SPEC 1's map functions, from their definitions: tanh, and the logistic sigmoid 1 / (1 + e^-x)."""
+    return torch.tanh(x) if map == "tanh" else 1.0 / (1.0 + torch.exp(-x))
+
+
+def _map_derivative(y: torch.Tensor, map: str) -> torch.Tensor:
+    """d map(x) / dx at the x with map(x) = y: 1 - tanh^2, and sigmoid (1 - sigmoid)."""
+    return 1.0 - y * y if map == "tanh" else y * (1.0 - y)
+
+
 def tanh_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,8 +50,10 @@ def tanh_attention(
     keep: Optional[torch.Tensor] = None,
     p: float = 0.0,
     activation: Optional[str] = None,
+    map: str = "tanh",
+    map_bias: float = 0.0,
 ) -> torch.Tensor:
-    """``o[b] = Drop(tanh(scale * q[b] @ k[b]^T)) @ v[b]``, one sample at a time.
+    """``o[b] = Drop(map(scale * q[b] @ k[b]^T + map_bias)) @ v[b]``, one sample at a time (``map_bias`` 0 for tanh).
 
     ``v`` is ``(B, N, E)``, ``(1, N, E)`` or ``(N, E)`` (the last two shared by every sample). ``keep`` is a boolean
     ``(B, Mq, N)`` keep-mask; kept entries are scaled by ``1/(1-p)`` (inverted dropout). ``scale=None`` is
@@ -54,7 +66,7 @@ def tanh_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     outs = []
     for b in range(q.shape[0]):
-        c = torch.tanh(scale * (q[b] @ k[b].T))  # (Mq, N)
+        c = _map(scale * (q[b] @ k[b].T) + map_bias, map)  # (Mq, N)
         if keep is not None:
             c = c * keep[b].to(F64) / (1.0 - p)
         o = c @ v[b if v.shape[0] > 1 else 0]  # (Mq, E)
@@ -74,11 +86,14 @@ def tanh_attention_backward(
     scale: float,
     keep: Optional[torch.Tensor] = None,
     p: float = 0.0,
+    map: str = "tanh",
+    map_bias: float = 0.0,
 ):
     """The gradients of SPEC 1, written out (no autograd), for ``activation=None``:
 
-    ``dZ = do v^T``, ``dS = dZ * keep/(1-p) * (1 - tanh^2) * scale``, ``dq = dS k``, ``dk = dS^T q``,
-    ``dv = Drop(tanh(S))^T do`` (summed over the batch when ``v`` is shared).
+    ``dZ = do v^T``, ``dS = dZ * keep/(1-p) * map'(S) * scale`` (``map' = 1 - tanh^2`` or ``sigmoid (1 -
+    sigmoid)``), ``dq = dS k``, ``dk = dS^T q``, ``dv = Drop(map(S))^T do`` (summed over the batch when ``v`` is
+    shared).
     """
     q, k, v, do = q.to(F64), k.to(F64), v.to(F64), do.to(F64)
     shared = v.dim() == 2 or v.shape[0] == 1
@@ -86,10 +101,10 @@ def tanh_attention_backward(
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v3)
     for b in range(q.shape[0]):
         vb = v3[0 if shared else b]
-        t = torch.tanh(scale * (q[b] @ k[b].T))
+        t = _map(scale * (q[b] @ k[b].T) + map_bias, map)
         drop = keep[b].to(F64) / (1.0 - p) if keep is not None else torch.ones_like(t)
         dz = do[b] @ vb.T
-        ds = dz * drop * (1.0 - t * t) * scale
+        ds = dz * drop * _map_derivative(t, map) * scale
         dq[b] = ds @ k[b]
         dk[b] = ds.T @ q[b]
         dv[0 if shared else b] += (t * drop).T @ do[b]

@@ -45,23 +45,25 @@ def _keep_mask(seed, shape, p, device):
 
 
 def _tanh_attention_impl(calls):
-    def forward(q, k, v, seed, scale, dropout_p, activation, return_mask):
+    def forward(q, k, v, seed, scale, dropout_p, activation, return_mask, map, map_bias):
         assert q.dim() == k.dim() == v.dim() == 3 and v.shape[0] in (1, q.shape[0])
         assert isinstance(seed, int) and 0 <= seed < 2**31 and activation in ("none", "tanh_relu")
+        assert map in ("tanh", "sigmoid") and isinstance(map_bias, float)
         calls.append(("tanh_attention", "forward", seed, dropout_p, tuple(v.shape)))
         keep = _keep_mask(seed, (q.shape[0], q.shape[1], k.shape[1]), dropout_p, q.device) if dropout_p > 0 else None
         act = None if activation == "none" else activation
-        o, _ = lib_reference.tanh_attention(q, k, v, scale, dropout_p, act, dropout_mask=keep)
+        o, _ = lib_reference.tanh_attention(q, k, v, scale, dropout_p, act, dropout_mask=keep, map=map,
+                                            map_bias=map_bias)
         return o.contiguous(), (keep if return_mask else None)
 
-    def backward(do, q, k, v, o, seed, scale, dropout_p, activation):
+    def backward(do, q, k, v, o, seed, scale, dropout_p, activation, map, map_bias):
         calls.append(("tanh_attention", "backward", seed, dropout_p, tuple(v.shape)))
         keep = _keep_mask(seed, (q.shape[0], q.shape[1], k.shape[1]), dropout_p, q.device) if dropout_p > 0 else None
         if activation == "tanh_relu":  # o = ReLU(tanh(z)): do/dz = (o > 0) * (1 - o^2)
             do = do * (o > 0) * (1 - o * o)
         else:
             assert o.numel() == 0
-        grads = spec.tanh_attention_backward(do, q, k, v, scale, keep, dropout_p)
+        grads = spec.tanh_attention_backward(do, q, k, v, scale, keep, dropout_p, map=map, map_bias=map_bias)
         return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v)))
 
     return OpImpl(forward, backward)
@@ -463,8 +465,8 @@ def test_custom_ops_opcheck(standin):
     ops = torch.ops.avkernels
     q, k, v = rand(2, 3, 4, requires_grad=True), rand(2, 5, 4, requires_grad=True), rand(1, 5, 6, requires_grad=True)
     seed = torch.tensor([7])
-    for p, act, ret in ((0.0, "none", False), (0.3, "tanh_relu", True)):
-        torch.library.opcheck(ops.cpp_tanh_attention, (q, k, v, seed, 0.5, p, act, ret))
+    for p, act, ret, map, bias in ((0.0, "none", False, "tanh", 0.0), (0.3, "tanh_relu", True, "sigmoid", -1.0)):
+        torch.library.opcheck(ops.cpp_tanh_attention, (q, k, v, seed, 0.5, p, act, ret, map, bias))
     a, u = rand(2, 3, 4, requires_grad=True), rand(2, 3, 4, requires_grad=True)
     w, b = rand(2, 4, requires_grad=True), rand(2, requires_grad=True)
     torch.library.opcheck(ops.cpp_gate, (a, u, w, b, 0.2))

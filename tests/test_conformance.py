@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import avkernels
-from avkernels.backends import registered, why_not
+from avkernels.backends import OPS, Inputs, registered, why_not
 from avkernels import reference
-from avkernels.backends import Inputs
+from avkernels.ops.declaration import declarations
 from comparison import assert_all_close, assert_same_nonfinite
 
 BACKENDS = registered()
@@ -110,6 +110,14 @@ ATTENTION_SHAPES = {
     "empty_batch": (0, 3, 5, 4, 2, None, "contiguous"),
 }
 ATTENTION_GRADS = ("o", "dq", "dk", "dv")
+# The sigmoid map (SPEC 1) on the shapes that cross every backend's tile edges and layouts: id -> map_bias.
+SIGMOID_SHAPES = {"odd": 0.0, "odd_tanh_relu_scaled": -1.0, "tile_edges_tanh_relu": 0.5, "keys_70_scaled": -2.0,
+                  "wide_head": 1.0, "wide_value_tanh_relu": -0.5, "long_rows": -3.0, "transposed": -1.0,
+                  "v_expanded": 0.0, "empty_batch": 0.0}
+# (shape id, map, map_bias): every shape with tanh, and SIGMOID_SHAPES with the sigmoid map.
+ATTENTION_CASES = [(name, "tanh", 0.0) for name in ATTENTION_SHAPES] + [
+    (name, "sigmoid", bias) for name, bias in SIGMOID_SHAPES.items()]
+MAPS = [("tanh", 0.0), ("sigmoid", -0.7)]
 
 
 def attention_case(shape, dtype, device):
@@ -139,67 +147,72 @@ def attention_inputs(q, k, v, dtype, device, **options) -> Inputs:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(ATTENTION_SHAPES.values()), ids=list(ATTENTION_SHAPES))
+@pytest.mark.parametrize("case", ATTENTION_CASES,
+                         ids=[name if map == "tanh" else f"{name}-{map}" for name, map, _ in ATTENTION_CASES])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tanh_attention(backend, shape, dtype):
+def test_tanh_attention(backend, case, dtype):
     device = device_for(backend, "tanh_attention")
+    shape, map, map_bias = ATTENTION_SHAPES[case[0]], case[1], case[2]
     activation, layout, scale = shape[5], shape[6], (shape[7] if len(shape) > 7 else None)
     (q, k, v), grad_outputs = attention_case(shape, dtype, device)
-    skip_unless_runs(backend, attention_inputs(q, k, v, dtype, device, activation=activation,
+    skip_unless_runs(backend, attention_inputs(q, k, v, dtype, device, activation=activation, map=map,
                                                shared_v=layout.startswith("v_")))
 
     def call(name):
         def fn(q, k, v):
             v = v.expand(q.shape[0], -1, -1) if layout == "v_expanded" else v
-            return avkernels.tanh_attention(q, k, v, scale=scale, activation=activation, backend=name)
+            return avkernels.tanh_attention(q, k, v, scale=scale, activation=activation, map=map, map_bias=map_bias,
+                                            backend=name)
         return fn
 
     conforms(backend, call, [q, k, v], grad_outputs, ATTENTION_GRADS)
 
 
+@pytest.mark.parametrize("map, map_bias", MAPS, ids=[m for m, _ in MAPS])
 @pytest.mark.parametrize("activation", [None, "tanh_relu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tanh_attention_dropout(backend, dtype, activation):
+def test_tanh_attention_dropout(backend, dtype, activation, map, map_bias):
     """Training-mode dropout, v shared over the batch: the backend returns the keep-mask it drew (return_mask), the
     reference replays that mask, and outputs and gradients must agree. The mask itself: boolean, of the map's shape,
     about 1 - p kept."""
     device, p = device_for(backend, "tanh_attention"), 0.3
     (q, k, v), (do,) = attention_case((2, 24, 40, 8, 6, activation, "v_batch1"), dtype, device)
     skip_unless_runs(backend, attention_inputs(q, k, v, dtype, device, dropout=True, return_mask=True,
-                                               activation=activation, shared_v=True))
+                                               activation=activation, shared_v=True, map=map))
     scale = 8**-0.5
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
     o, mask = avkernels.tanh_attention(*leaves, dropout_p=p, training=True, activation=activation, return_mask=True,
-                                       backend=backend)
+                                       map=map, map_bias=map_bias, backend=backend)
     ours = [o.detach(), *torch.autograd.grad(o, leaves, do)]
     assert mask.dtype == torch.bool and mask.shape == (2, 24, 40)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.06
 
     def replay(cast):
         leaves = [cast(x).detach().requires_grad_(True) for x in (q, k, v)]
-        o, _ = reference.tanh_attention(*leaves, scale, p, activation, dropout_mask=mask)
+        o, _ = reference.tanh_attention(*leaves, scale, p, activation, dropout_mask=mask, map=map, map_bias=map_bias)
         return [o.detach(), *torch.autograd.grad(o, leaves, cast(do))]
 
     assert_all_close(ATTENTION_GRADS, ours, replay(lambda x: x), replay(lambda x: x.to(F64)))
 
 
+@pytest.mark.parametrize("map, map_bias", MAPS, ids=[m for m, _ in MAPS])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("activation", [None, "tanh_relu"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tanh_attention_gradcheck(backend, activation, dropout_p):
+def test_tanh_attention_gradcheck(backend, activation, dropout_p, map, map_bias):
     """fp64 gradcheck of the backend's own backward, v shared over the batch (dv sums over it). Dropout is a fixed
     function of the seed, which comes from torch's generator: reseeding before every evaluation draws the same mask,
     and backward must redraw it from the seed."""
     device = device_for(backend, "tanh_attention")
     q, k, v = (torch.randn(*s, dtype=F64, device=device, requires_grad=True) for s in ((2, 3, 2), (2, 4, 2), (4, 3)))
     skip_unless_runs(backend, attention_inputs(q, k, v, F64, device, dropout=dropout_p > 0, activation=activation,
-                                               shared_v=True))
+                                               shared_v=True, map=map))
 
     def fn(q, k, v):
         torch.manual_seed(123)
         return avkernels.tanh_attention(q, k, v, scale=0.7, dropout_p=dropout_p, training=True, activation=activation,
-                                        backend=backend)
+                                        map=map, map_bias=map_bias, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
@@ -559,3 +572,59 @@ def test_stage_gate_small_temperatures(backend, dtype, n_stages, tau):
     weight = randn(n_stages, n_stages * d, dtype=dtype, device=device, scale=(n_stages * d) ** -0.5)
     conforms(backend, stage_call(tau), [weight, bias, *stages],
              gate_grad_outputs((b, length, d, ""), n_stages, dtype, device), stage_names(n_stages))
+
+
+# ------------------------------------------------------------------------------------------------------ the op layer
+
+def opcheck_cases(op: str, device: torch.device):
+    """Arguments of the op ``op`` (as ``DECLARATION.op(backend)`` takes them) that exercise every option."""
+    r = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
+    if op == "tanh_attention":
+        q, k, v = r(2, 5, 3), r(2, 6, 3), r(1, 6, 4)
+        no_seed = torch.empty(0, dtype=torch.int64)
+        return [(q, k, v, torch.tensor([7]), 0.5, 0.3, "tanh_relu", True, "tanh", 0.0),
+                (q, k, v, no_seed, 0.5, 0.0, "none", False, "sigmoid", -1.0),
+                (q, k, r(2, 6, 4), torch.tensor([9]), 0.5, 0.3, "tanh_relu", False, "sigmoid", 0.5)]
+    if op == "gate":
+        return [(r(2, 3, 5), r(2, 3, 5), r(2, 5), r(2), 0.1)]
+    if op == "stage_gate":
+        return [([r(2, 3, 4) for _ in range(3)], r(3, 12), r(3), 0.2)]
+    raise AssertionError(f"no opcheck case for the op {op!r}: add one here")
+
+
+def opcheck_inputs(op: str, args, device) -> Inputs:
+    tensors = args[0] if op == "stage_gate" else args[:3]
+    x = tensors[0]
+    sizes = {"tanh_attention": lambda: {"B": x.shape[0], "Mq": x.shape[1], "N": args[1].shape[1], "D": x.shape[2],
+                                         "E": args[2].shape[2]},
+             "gate": lambda: {"B": x.shape[0], "L": x.shape[1], "d": x.shape[2]},
+             "stage_gate": lambda: {"T": len(tensors), "B": x.shape[0], "L": x.shape[1], "d": x.shape[2]}}[op]()
+    return Inputs(op, device, x.dtype, sizes)
+
+
+@pytest.mark.parametrize("op", [d.name for d in declarations()])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, op):
+    """torch.library.opcheck of the op that runs the backend's kernels and of its backward op: schema, fake tensors,
+    autograd registration and AOT dispatch. The backward op's arguments come from the declaration's own ``save`` and
+    ``backward_args``, as autograd builds them."""
+    declaration = next(d for d in declarations() if d.name == op)
+    device = device_for(backend, op)
+    if backend == "reference":
+        pytest.skip("reference: plain PyTorch, no op of its own")
+    for args in opcheck_cases(op, device):
+        skip_unless_runs(backend, opcheck_inputs(op, args, device))
+        torch.library.opcheck(declaration.op(backend), args)
+        detached = tuple([a.detach() for a in x] if isinstance(x, list) else
+                         x.detach() if isinstance(x, torch.Tensor) else x for x in args)
+        outputs = declaration.op(backend)(*detached)
+        tensors, values = declaration.saved(detached, outputs)
+        grads = [torch.randn_like(o) if o.is_floating_point() else None for o in outputs]
+        torch.library.opcheck(declaration.backward_op(backend), declaration.backward_args(tensors, values, *grads))
+
+
+def test_every_op_is_declared_and_checked():
+    """The ops of dispatch, the declarations and this suite's opcheck cases are one list."""
+    assert sorted(d.name for d in declarations()) == sorted(OPS)
+    for op in OPS:
+        assert opcheck_cases(op, torch.device("cpu"))

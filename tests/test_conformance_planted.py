@@ -41,28 +41,40 @@ def _keep(seed, shape, p):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) >= p
 
 
-ATTENTION_BUGS = {  # bug -> (which result it breaks, activation, dropout_p)
-    "forward without tanh": ("o", None, 0.0),
-    "dq without the tanh derivative": ("dq", None, 0.0),
-    "dk scaled twice": ("dk", None, 0.0),
-    "dv misses the last key": ("dv", None, 0.0),
-    "tanh_relu backward ignores the epilogue": ("dq", "tanh_relu", 0.0),
-    "dropout backward redraws another mask": ("dq", None, 0.3),
-    "the epilogue's ReLU drops NaN": ("o", "tanh_relu", 0.0),
+ATTENTION_BUGS = {  # bug -> (which result it breaks, activation, dropout_p, map)
+    "forward without tanh": ("o", None, 0.0, "tanh"),
+    "dq without the tanh derivative": ("dq", None, 0.0, "tanh"),
+    "dk scaled twice": ("dk", None, 0.0, "tanh"),
+    "dv misses the last key": ("dv", None, 0.0, "tanh"),
+    "tanh_relu backward ignores the epilogue": ("dq", "tanh_relu", 0.0, "tanh"),
+    "dropout backward redraws another mask": ("dq", None, 0.3, "tanh"),
+    "the epilogue's ReLU drops NaN": ("o", "tanh_relu", 0.0, "tanh"),
+    "sigmoid forward drops the bias": ("o", None, 0.0, "sigmoid"),
+    "sigmoid backward takes the tanh derivative": ("dq", None, 0.0, "sigmoid"),
 }
 
 
 def _planted_attention(bug):
-    def mapped(q, k, scale, p, seed):
-        """The map c = tanh(scale q k^T) and its dropout-scaled form."""
-        c = torch.tanh(scale * q @ k.transpose(-1, -2))
+    def mapped(q, k, scale, p, seed, map, map_bias):
+        """The map c = f(scale q k^T) (SPEC 1) and its dropout-scaled form."""
+        s = scale * q @ k.transpose(-1, -2)
+        if map == "sigmoid":
+            c = torch.sigmoid(s if bug == "sigmoid forward drops the bias" else s + map_bias)
+        else:
+            c = torch.tanh(s)
         if p == 0:
             return c, c, None
         keep = _keep(seed, c.shape, p)
         return c, c * keep / (1 - p), keep
 
-    def forward(q, k, v, seed, scale, p, activation, return_mask):
-        c, dropped, keep = mapped(q, k, scale, p, seed)
+    def slope(c, map):
+        """f' from the value c = f(x)."""
+        if map == "sigmoid" and bug != "sigmoid backward takes the tanh derivative":
+            return c * (1 - c)
+        return 1 - c * c
+
+    def forward(q, k, v, seed, scale, p, activation, return_mask, map, map_bias):
+        c, dropped, keep = mapped(q, k, scale, p, seed, map, map_bias)
         if bug == "forward without tanh":
             dropped = scale * q @ k.transpose(-1, -2)
         o = dropped @ v
@@ -72,18 +84,19 @@ def _planted_attention(bug):
             o = torch.where(o > 0, o, 0.0) if bug == "the epilogue's ReLU drops NaN" else torch.relu(o)
         return o.contiguous(), (keep if return_mask and p > 0 else None)
 
-    def backward(do, q, k, v, o, seed, scale, p, activation):
+    def backward(do, q, k, v, o, seed, scale, p, activation, map, map_bias):
         """SPEC 1's gradients, written out (a custom op's backward runs below autograd), then the bug."""
-        c, dropped, keep = mapped(q, k, scale, p, seed + 1 if bug == "dropout backward redraws another mask" else seed)
+        redrawn = seed + 1 if bug == "dropout backward redraws another mask" else seed
+        c, dropped, keep = mapped(q, k, scale, p, redrawn, map, map_bias)
         if activation == "tanh_relu" and bug != "tanh_relu backward ignores the epilogue":
             do = do * (1 - o * o) * (o > 0)  # o = ReLU(tanh(o_pre)): its derivative where it is positive
         dv = dropped.transpose(-1, -2) @ do
         dc = do @ v.transpose(-1, -2)
         if keep is not None:
             dc = dc * keep / (1 - p)
-        ds = dc if bug == "dq without the tanh derivative" else dc * (1 - c * c)
+        ds = dc if bug == "dq without the tanh derivative" else dc * slope(c, map)
         dq = scale * ds @ k
-        dk = scale * (dc * (1 - c * c)).transpose(-1, -2) @ q
+        dk = scale * (dc * slope(c, map)).transpose(-1, -2) @ q
         if bug == "dk scaled twice":
             dk = dk * scale
         if bug == "dv misses the last key":
@@ -96,7 +109,8 @@ def _planted_attention(bug):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("bug", list(ATTENTION_BUGS))
 def test_suite_rejects_a_wrong_tanh_attention(plant, bug, dtype):
-    wrong, activation, p = ATTENTION_BUGS[bug]
+    wrong, activation, p, map = ATTENTION_BUGS[bug]
+    map_bias = -0.8 if map == "sigmoid" else 0.0
     plant("tanh_attention", *_planted_attention(bug))
     if bug == "the epilogue's ReLU drops NaN":  # finite inputs cannot show it: the suite's NaN cases must
         from test_conformance import test_tanh_attention_nonfinite as nonfinite_check  # local: not collected here
@@ -107,14 +121,15 @@ def test_suite_rejects_a_wrong_tanh_attention(plant, bug, dtype):
         return
     (q, k, v), grad_outputs = attention_case(ATTENTION_SHAPES["odd"], dtype, torch.device("cpu"))
     if p == 0:
-        call = lambda name: lambda q, k, v: avkernels.tanh_attention(q, k, v, activation=activation, backend=name)
+        call = lambda name: lambda q, k, v: avkernels.tanh_attention(q, k, v, activation=activation, map=map,  # noqa
+                                                                     map_bias=map_bias, backend=name)
         with pytest.raises(AssertionError, match=f"^{re.escape(wrong)}: max error"):
             conforms(NAME, call, [q, k, v], grad_outputs, ("o", "dq", "dk", "dv"))
     else:  # the dropout case compares against the reference replaying the mask the backend returned
         from test_conformance import test_tanh_attention_dropout as dropout_check  # local: not collected here
 
         with pytest.raises(AssertionError, match=f"^{re.escape(wrong)}: max error"):
-            dropout_check(NAME, dtype, activation)
+            dropout_check(NAME, dtype, activation, map, map_bias)
 
 
 # ------------------------------------------------------------------------------------------------------- the gates
@@ -237,11 +252,13 @@ def test_planted_backend_without_its_bug_conforms(plant, op):
         if op == "tanh_attention_dropout":
             from test_conformance import test_tanh_attention_dropout as dropout_check  # local: not collected here
 
-            dropout_check(NAME, dtype, "tanh_relu")
+            for map, map_bias in (("tanh", 0.0), ("sigmoid", -0.8)):
+                dropout_check(NAME, dtype, "tanh_relu", map, map_bias)
             return
         (q, k, v), grad_outputs = attention_case(ATTENTION_SHAPES["odd"], dtype, device)
-        for activation in (None, "tanh_relu"):
-            call = lambda name: lambda q, k, v: avkernels.tanh_attention(q, k, v, activation=activation, backend=name)
+        for activation, map, map_bias in ((None, "tanh", 0.0), ("tanh_relu", "tanh", 0.0), (None, "sigmoid", -0.8)):
+            call = lambda name: lambda q, k, v: avkernels.tanh_attention(q, k, v, activation=activation, map=map,  # noqa
+                                                                         map_bias=map_bias, backend=name)
             conforms(NAME, call, [q, k, v], grad_outputs, ("o", "dq", "dk", "dv"))
     elif op == "gate":
         plant("gate", *_planted_gate(None))

@@ -270,14 +270,16 @@ def _assert_close(ours, expected, name, dtype):
     assert error <= EMULATION_TOLERANCE[dtype], f"{name} ({dtype}): relative error {error:.2e}"
 
 
-def _emulated_attention(lib, q, k, v, dout, scale, p, activation, seed, deterministic):
+def _emulated_attention(lib, q, k, v, dout, scale, p, activation, seed, deterministic, map_bias=None):
+    """map_bias None: the tanh map; a float: the sigmoid map with that bias."""
     batch, queries, head_dim = q.shape
     keys, value_dim = k.shape[1], v.shape[2]
     is_double = int(q.dtype == torch.float64)
     sizes = _int64s(batch, queries, keys, head_dim, value_dim)
     shared = int(v.shape[0] == 1)
     common = (_pointer(q), _strides(q), _pointer(k), _strides(k), _pointer(v), _strides(v), sizes, shared,
-              ctypes.c_double(scale), ctypes.c_double(p), ctypes.c_uint64(seed), activation)  # fmt: skip
+              ctypes.c_double(scale), ctypes.c_double(p), ctypes.c_uint64(seed), activation,
+              int(map_bias is not None), ctypes.c_double(map_bias or 0.0))  # fmt: skip
     o = torch.empty(batch, queries, value_dim, dtype=q.dtype)
     mask = torch.empty(batch, queries, keys, dtype=torch.bool) if p > 0 else None
     assert lib.emu_tanh_attention_forward(is_double, *common, _pointer(o), _pointer(mask)) == 0
@@ -292,8 +294,10 @@ def _emulated_attention(lib, q, k, v, dout, scale, p, activation, seed, determin
 
 
 EMULATED_ATTENTION_CASES = [
-    # (B, Mq, N, D, E), dtype, activation, dropout_p, shared v, deterministic
+    # (B, Mq, N, D, E), dtype, activation, dropout_p, shared v, deterministic[, sigmoid map's bias]
     ((2, 37, 53, 16, 16), torch.float32, 1, 0.3, False, True),
+    ((2, 37, 53, 16, 16), torch.float32, 1, 0.3, False, True, -1.5),
+    ((2, 131, 17, 100, 9), torch.float64, 0, 0.25, True, False, 0.0),  # sigmoid, atomic dv path
     ((3, 65, 67, 33, 70), torch.float32, 0, 0.0, True, True),  # several tiles, E over one chunk
     ((2, 131, 17, 100, 9), torch.float64, 1, 0.25, True, False),  # atomic dv path
     ((1, 5, 300, 7, 130), torch.float64, 0, 0.5, False, True),
@@ -303,18 +307,23 @@ EMULATED_ATTENTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", EMULATED_ATTENTION_CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-act{c[2]}-p{c[3]}")
+@pytest.mark.parametrize("case", EMULATED_ATTENTION_CASES,
+                         ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-act{c[2]}-p{c[3]}" + ("-sigmoid" if len(c) > 6 else ""))
 def test_emulated_tanh_attention_matches_reference(emulated, case):
-    (batch, queries, keys, head_dim, value_dim), dtype, activation, p, shared, deterministic = case
+    (batch, queries, keys, head_dim, value_dim), dtype, activation, p, shared, deterministic = case[:6]
+    map_bias = case[6] if len(case) > 6 else None
     q = torch.randn(batch, 2 * queries, head_dim, dtype=dtype)[:, ::2]  # strided rows
     k = torch.randn(batch, head_dim, keys, dtype=dtype).transpose(1, 2)  # unit stride along keys
     v = torch.randn(1 if shared else batch, keys, value_dim, dtype=dtype)
     dout = torch.randn(batch, value_dim, queries, dtype=dtype).transpose(1, 2)
     scale, seed = 1 / math.sqrt(head_dim), 12345
-    o, mask, dq, dk, dv = _emulated_attention(emulated, q, k, v, dout, scale, p, activation, seed, deterministic)
+    o, mask, dq, dk, dv = _emulated_attention(emulated, q, k, v, dout, scale, p, activation, seed, deterministic,
+                                              map_bias)
 
     leaves = [x.double().requires_grad_(True) for x in (q, k, v)]
-    expected, _ = reference.tanh_attention(*leaves, scale, p, "tanh_relu" if activation else None, dropout_mask=mask)
+    maps = {} if map_bias is None else {"map": "sigmoid", "map_bias": map_bias}
+    expected, _ = reference.tanh_attention(*leaves, scale, p, "tanh_relu" if activation else None, dropout_mask=mask,
+                                           **maps)
     expected.backward(dout.double())
     for name, ours, ref in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (expected, *[x.grad for x in leaves])):
         _assert_close(ours, ref.detach(), name, dtype)

@@ -159,6 +159,52 @@ def test_tanh_attention_gradcheck_with_fixed_dropout_mask():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# tanh_attention: the sigmoid map
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("map_bias", [0.0, -2.5])
+def test_sigmoid_map_values_and_gradients_match_spec(map_bias):
+    B, Mq, N, D, E, p = 2, 5, 7, 4, 3, 0.3
+    q, k, v = rand(B, Mq, D, requires_grad=True), rand(B, N, D, requires_grad=True), rand(1, N, E, requires_grad=True)
+    keep = torch.rand(B, Mq, N) >= p
+    o, _ = lib_reference.tanh_attention(q, k, v, 0.6, p, dropout_mask=keep, map="sigmoid", map_bias=map_bias)
+    assert_close(o, spec.tanh_attention(q, k, v, 0.6, keep, p, map="sigmoid", map_bias=map_bias))
+    do = rand(B, Mq, E)
+    o.backward(do)
+    grads = spec.tanh_attention_backward(do, q.detach(), k.detach(), v.detach(), 0.6, keep, p, map="sigmoid",
+                                         map_bias=map_bias)
+    for ours, expected in zip((q.grad, k.grad, v.grad), grads):
+        assert_close(ours, expected)
+
+
+def test_sigmoid_map_worked_by_hand():
+    """One key and one query: o = sigmoid(scale q k + bias) v; with q k = 0 and bias 0 the map is exactly 1/2."""
+    q, k, v = torch.tensor([[[2.0]]], dtype=F64), torch.tensor([[[0.5]]], dtype=F64), torch.tensor([[[3.0]]], dtype=F64)
+    o = avkernels.tanh_attention(q, k, v, scale=1.0, map="sigmoid", map_bias=-1.0, **REF)
+    assert_close(o, torch.tensor([[[1.5]]], dtype=F64))  # sigmoid(2 * 0.5 - 1) = 1/2
+    o = avkernels.tanh_attention(q, k, v, scale=2.0, map="sigmoid", map_bias=-1.0, **REF)
+    assert_close(o, torch.tensor([[[3.0 / (1.0 + math.exp(-1.0))]]], dtype=F64))
+
+
+def test_sigmoid_map_gradcheck():
+    q, k, v = rand(2, 3, 4, requires_grad=True), rand(2, 5, 4, requires_grad=True), rand(5, 2, requires_grad=True)
+    fn = lambda q, k, v: avkernels.tanh_attention(q, k, v, map="sigmoid", map_bias=0.3, activation="tanh_relu",  # noqa
+                                                  **REF)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_map_arguments_are_checked():
+    q = rand(1, 2, 3)
+    with pytest.raises(ValueError, match=r"map: expected one of \('tanh', 'sigmoid'\), got 'relu'"):
+        avkernels.tanh_attention(q, q, q, map="relu", **REF)
+    with pytest.raises(ValueError, match="map_bias: only the sigmoid map takes a bias"):
+        avkernels.tanh_attention(q, q, q, map_bias=1.0, **REF)
+    with pytest.raises(TypeError, match="map_bias: expected a finite float"):
+        avkernels.tanh_attention(q, q, q, map="sigmoid", map_bias=float("nan"), **REF)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # tanh_attention: dropout
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 No GPU is needed: Triton compiles ahead of time to a cubin, and ``cuobjdump -res-usage`` (shipped in the triton
 wheel) reports registers, stack and local memory (docs/architecture.md: "Compiling Triton kernels without a GPU").
-The variants come from each ``avkernels.ops.triton`` module's ``aot_specializations()``, a list of
-``(kernel, signature, constexprs[, compile options])``.
+The variants come from ``tests/triton_aot.py`` (``VARIANTS``: per module of ``avkernels.ops.triton``, a list of
+``(kernel, signature, constexprs[, compile options])`` read from the launchers' own tables).
 
 The compiles run in a subprocess with ``TRITON_INTERPRET=0``: under the interpreter ``@triton.jit`` yields
 interpreted functions, which cannot be compiled.
@@ -11,7 +11,8 @@ interpreted functions, which cannot be compiled.
 Compiling is slow on a CPU-only CI machine (about a second per variant), so by default this file compiles a subset
 that fits its time budget, choosing in each group the variant with the most feature switches on (``DROPOUT``,
 ``RETURN_MASK``: they hold the most registers): for sm_90, every kernel at every shape class (size class, precision,
-block sizes) in its first listed dtype; for sm_80, every kernel in every dtype and tanh form (exact or fast).
+block sizes) in its first listed dtype, with the sigmoid map; for sm_80, every kernel in every dtype and tanh form
+(exact or fast), with the tanh map.
 ``AVKERNELS_AOT_FULL=1`` compiles every variant for both targets (several minutes).
 """
 
@@ -33,11 +34,11 @@ MAX_REGISTERS = 255
 # Runs in the subprocess: compile the selected variants of every module and print one JSON line per variant.
 _SCRIPT = textwrap.dedent(
     """
-    import importlib, json, os, pkgutil, re, subprocess, sys, tempfile
+    import json, os, re, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import avkernels.ops.triton as package
+    from triton_aot import VARIANTS
 
     full = sys.argv[1] == "1"
     FEATURE_SWITCHES = ("DROPOUT", "RETURN_MASK")
@@ -68,19 +69,18 @@ _SCRIPT = textwrap.dedent(
                 if first_dtype.setdefault(kernel.__name__, pointers) != pointers:
                     continue
                 key = (kernel.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items()
-                                                     if k not in FEATURE_SWITCHES)))
+                                                     if k not in FEATURE_SWITCHES + ("MAP",))))
             else:
                 key = (kernel.__name__, pointers, constexprs.get("FAST_TANH"))
             rank = sum(bool(constexprs.get(f)) for f in FEATURE_SWITCHES)
+            # sm_90 takes the sigmoid map (its shape classes then cover it), sm_80 the default tanh.
+            rank += (constexprs.get("MAP") == "sigmoid") == (arch == 90)
             if key not in best or rank > best[key][0]:
                 best[key] = (rank, spec)
         return [spec for _, spec in best.values()]
 
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        if not hasattr(module, "aot_specializations"):
-            continue
-        specs = module.aot_specializations()
+    for module, variants in VARIANTS.items():
+        specs = variants()
         for arch in (90, 80):
             for spec in selected(specs, arch):
                 kernel, signature, constexprs = spec[:3]
@@ -94,7 +94,7 @@ _SCRIPT = textwrap.dedent(
                                            capture_output=True, text=True, check=True).stdout
                 found = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:\\d+ LOCAL:(\\d+)", usage)
                 print(json.dumps({
-                    "module": info.name, "kernel": kernel.__name__, "arch": arch,
+                    "module": module, "kernel": kernel.__name__, "arch": arch,
                     "variant": {k: str(v) for k, v in constexprs.items() if not k.startswith("stride")},
                     "pointers": pointer_types(signature),
                     "registers": int(found.group(1)), "stack": int(found.group(2)), "local": int(found.group(3)),
@@ -107,7 +107,7 @@ _SCRIPT = textwrap.dedent(
 def compiled():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join((root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")))
     result = subprocess.run([sys.executable, "-c", _SCRIPT, "1" if FULL else "0"], env=env, cwd=root,
                             capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -153,13 +153,14 @@ _FAST_TANH_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from avkernels.ops.triton import tanh_attention as ta
+    from triton_aot import tanh_attention_variants
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     done = set()
-    for kernel, signature, constexprs, options in ta.aot_specializations():
+    for kernel, signature, constexprs, options in tanh_attention_variants():
         key = (kernel.__name__, constexprs["FAST_TANH"])
-        if signature["Q"] != "*fp16" or constexprs["BLOCK_D"] != 16 or constexprs["DROPOUT"] or key in done:
+        if (signature["Q"] != "*fp16" or constexprs["BLOCK_D"] != 16 or constexprs["DROPOUT"]
+                or constexprs["MAP"] != "tanh" or key in done):
             continue
         done.add(key)
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
@@ -180,7 +181,7 @@ def test_fast_tanh_switch_selects_the_hardware_tanh():
     ``MUFU.TANH`` in the sm_90 SASS of all three tanh_attention kernels; without it neither appears."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join((root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")))
     result = subprocess.run([sys.executable, "-c", _FAST_TANH_SCRIPT], env=env, cwd=root, capture_output=True,
                             text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,5 +1,5 @@
 """What belongs to the Triton gate kernels alone (avkernels/ops/triton/softmax_mix.py): their launch configurations
-(tiled feature axes, row blocks looped per program), the custom ops' opcheck, the 16-bit regression seeds of the
+(tiled feature axes, row blocks looped per program), the 16-bit regression seeds of the
 backward's renormalised gate values, run-to-run determinism. The gates against the fp64 reference on every backend,
 dtype and shape are tests/test_conformance.py.
 
@@ -34,25 +34,6 @@ def _run(fn, leaves, grad_outputs):
     leaves = [x.detach().requires_grad_(True) for x in leaves]
     outputs = fn(*leaves)
     return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, leaves, grad_outputs))
-
-
-def test_gate_opcheck():
-    """The forward op (schema, fake tensors, autograd registration, AOT dispatch) and the backward op on its own,
-    whose outputs must not alias one another."""
-    (a, u, w, b), (dout, dg), _ = _leaves_and_call("gate", (2, 3, 5), torch.float32)
-    torch.library.opcheck(torch.ops.avkernels.triton_gate, (*(x.requires_grad_(True) for x in (a, u, w, b)), 0.1))
-    a, u, w, b = (x.detach() for x in (a, u, w, b))
-    out, g = avkernels.gate(a, u, w, b, backend="triton")
-    torch.library.opcheck(torch.ops.avkernels.triton_gate_backward, (dout, dg, a, u, w, g, out, 0.1))
-
-
-def test_stage_gate_opcheck():
-    (w, b, *stages), (dout, ds), _ = _leaves_and_call("stage_gate", (2, 3, 5), torch.float32)
-    leaves = [x.requires_grad_(True) for x in stages]
-    torch.library.opcheck(torch.ops.avkernels.triton_stage_gate, (leaves, w.requires_grad_(True), b, 0.1))
-    stages, w = [x.detach() for x in stages], w.detach()
-    out, s = avkernels.stage_gate(stages, w, b, backend="triton")
-    torch.library.opcheck(torch.ops.avkernels.triton_stage_gate_backward, (dout, ds, stages, w, s, out, 0.1))
 
 
 def test_stage_gate_many_stages_tile_the_features():

@@ -117,4 +117,4 @@ def test_map_too_large_is_refused():
     with pytest.raises(RuntimeError, match="backend 'triton' .* Mq \\* N < 2\\*\\*31"):
         avkernels.tanh_attention(q, k, k, backend="triton")
     with pytest.raises(ValueError, match="Mq \\* N < 2\\*\\*31"):
-        triton_tanh_attention.forward(q, k, k, 0, 1.0, 0.0, "none", False)
+        triton_tanh_attention.forward(q, k, k, 0, 1.0, 0.0, "none", False, "tanh", 0.0)

@@ -15,18 +15,22 @@ the inputs' gradients. From that one declaration this module registers:
   (before any call, so that ``torch.compile`` never traces a registration). Two backends whose kernels both run on
   CUDA tensors cannot share one op's CUDA key, hence one op per Python-kernel backend.
 
-A public function calls ``DECLARATION.op(backend)(*args)``: the op that runs the chosen backend's kernels. What
-dispatch decides (:func:`avkernels.backends.resolve`) is unchanged; only where the kernels are registered differs.
+A public function ends with ``DECLARATION.run(backend, inputs, reference, op_args)``: dispatch
+(:func:`avkernels.backends.resolve`) picks a backend, and the op that runs that backend's kernels
+(``DECLARATION.op(backend)``) or the reference runs.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from avkernels.backends import OPS, OpImpl, get_impl, on_register_impl
+from avkernels.backends import (OPS, Inputs, OpImpl, get_impl, on_register_impl, outside_autocast, resolve,
+                                runs_reference)
 
 NAMESPACE = "avkernels"
 
@@ -46,7 +50,8 @@ class OpDeclaration:
         backward_schema: the same for the backward op ``<name>_backward``.
         fake: the forward's outputs as empty tensors of the right shapes and dtypes, from the op's arguments.
         backward_fake: the same for the backward op.
-        save: ``(inputs, outputs) -> (tensors, values)``: what backward needs, tensors to save and other values.
+        save: ``(args, outputs) -> (tensors, values)``: what backward needs, tensors to save and other values;
+            ``args`` holds the forward's arguments as attributes named as in ``schema`` (``args.tau``).
         backward_args: ``(saved_tensors, values, *output_grads) -> args`` of the backward op (a ``None`` gradient
             arrives when an output was not used).
         input_grads: the backward op's outputs -> one gradient (or ``None``) per forward argument.
@@ -76,11 +81,39 @@ class OpDeclaration:
             return getattr(torch.ops.avkernels, self.name).default
         return self._python_ops[backend][0]
 
+    def run(self, backend: Optional[str], inputs: Inputs, reference: Callable[[], Any],
+            op_args: Callable[[], Tuple], *, empty: bool = False, dropout_p: float = 0.0) -> Any:
+        """The dispatch tail of the public function: resolves ``backend`` for ``inputs``, then returns
+        ``reference()`` (the reference backend, an ONNX export trace, or ``empty`` inputs: a size of 0), run outside
+        autocast so that torch does not switch dtypes halfway through it, or the chosen backend's op called with
+        ``op_args()`` (called only then: it may draw a dropout seed)."""
+        name = resolve(backend, inputs)
+        if runs_reference(name, dropout_p, self.name) or empty:
+            with outside_autocast(inputs.device):
+                return reference()
+        return self.op(name)(*op_args())
+
+    def backward_op(self, backend: str) -> torch._ops.OpOverload:
+        """The backward op (``<name>_backward``) that goes with :meth:`op`."""
+        if get_impl(self.name, backend).kernels_in_torch:
+            return getattr(torch.ops.avkernels, f"{self.name}_backward").default
+        return self._python_ops[backend][1]
+
+    @functools.cached_property
+    def arg_names(self) -> Tuple[str, ...]:
+        """The forward's argument names, from its schema."""
+        return tuple(a.name for a in torch._C.parse_schema(f"{NAMESPACE}::{self.name}{self.schema}").arguments)
+
+    def saved(self, inputs: Tuple, output: Tuple) -> Tuple[Tuple, Tuple]:
+        """``save`` applied to the forward's arguments ``inputs`` (all of them, in schema order) and outputs."""
+        assert len(self.arg_names) == len(inputs), f"{self.name}: {len(inputs)} arguments for {self.arg_names}"
+        return self.save(SimpleNamespace(**dict(zip(self.arg_names, inputs))), output)
+
     def _autograd(self, backward_op):
         """``setup_context`` and ``backward`` for ``torch.library.register_autograd``, calling ``backward_op``."""
 
         def setup_context(ctx, inputs, output):
-            tensors, ctx.values = self.save(inputs, output)
+            tensors, ctx.values = self.saved(inputs, output)
             ctx.save_for_backward(*tensors)
 
         def backward(ctx, *grads):

@@ -22,7 +22,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
+from avkernels.backends import Inputs, cast_for_autocast
 from avkernels.ops.declaration import OpDeclaration, declare
 
 
@@ -44,7 +44,7 @@ DECLARATION = declare(
             attended.new_empty(attended.shape), unattended.new_empty(unattended.shape),
             weight.new_empty(weight.shape), weight.new_empty(2),
         ),
-        save=lambda inputs, output: ((inputs[0], inputs[1], inputs[2], output[1], output[0]), (inputs[4],)),
+        save=lambda a, output: ((a.attended, a.unattended, a.weight, output[1], output[0]), (a.tau,)),
         backward_args=_backward_args,
         input_grads=lambda grads: (*grads, None),
     )
@@ -87,8 +87,6 @@ def gate(
     attended, unattended, weight, bias = cast_for_autocast([attended, unattended, weight, bias])
     check_same([attended, unattended, weight, bias], ["attended", "unattended", "weight", "bias"], autocast_may_mix=False)
     batch, length, d = attended.shape
-    name = resolve(backend, Inputs("gate", attended.device, attended.dtype, {"B": batch, "L": length, "d": d}))
-    if runs_reference(name) or attended.numel() == 0:
-        with outside_autocast(attended.device):
-            return reference.gate(attended, unattended, weight, bias, tau)
-    return DECLARATION.op(name)(attended, unattended, weight, bias, tau)
+    return DECLARATION.run(backend, Inputs("gate", attended.device, attended.dtype, {"B": batch, "L": length, "d": d}),
+                           lambda: reference.gate(attended, unattended, weight, bias, tau),
+                           lambda: (attended, unattended, weight, bias, tau), empty=attended.numel() == 0)

@@ -22,7 +22,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
+from avkernels.backends import Inputs, cast_for_autocast
 from avkernels.ops.declaration import OpDeclaration, declare
 
 
@@ -50,7 +50,7 @@ DECLARATION = declare(
             stages[0].new_empty(len(stages), *stages[0].shape), weight.new_empty(weight.shape),
             weight.new_empty(weight.shape[0]),
         ),
-        save=lambda inputs, output: ((inputs[1], output[1], output[0], *inputs[0]), (inputs[3],)),
+        save=lambda a, output: ((a.weight, output[1], output[0], *a.stages), (a.tau,)),
         backward_args=_backward_args,
         input_grads=_input_grads,
     )
@@ -95,8 +95,6 @@ def stage_gate(
     check_same(stages + [weight, bias], names + ["weight", "bias"], autocast_may_mix=False)
     batch, length, d = stages[0].shape
     sizes = {"T": n_stages, "B": batch, "L": length, "d": d}
-    name = resolve(backend, Inputs("stage_gate", stages[0].device, stages[0].dtype, sizes))
-    if runs_reference(name) or stages[0].numel() == 0:
-        with outside_autocast(stages[0].device):
-            return reference.stage_gate(stages, weight, bias, tau)
-    return DECLARATION.op(name)(stages, weight, bias, tau)
+    return DECLARATION.run(backend, Inputs("stage_gate", stages[0].device, stages[0].dtype, sizes),
+                           lambda: reference.stage_gate(stages, weight, bias, tau),
+                           lambda: (stages, weight, bias, tau), empty=stages[0].numel() == 0)

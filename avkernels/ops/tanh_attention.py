@@ -1,18 +1,20 @@
 """``tanh_attention``: the core primitive of joint cross-attention (SPEC 1).
 
-``o = Drop_p(tanh(scale * q @ k^T)) @ v`` with an optional ``ReLU(tanh(o))`` epilogue.
+``o = Drop_p(tanh(scale * q @ k^T)) @ v`` with an optional ``ReLU(tanh(o))`` epilogue; with ``map="sigmoid"``,
+``o = Drop_p(sigmoid(scale * q @ k^T + map_bias)) @ v`` (sigmoid attention).
 
 This module holds the public functional op (input checks, backend choice) and the op's declaration
 (:mod:`avkernels.ops.declaration`): its schema, fakes and autograd, from which the op ``avkernels::tanh_attention``
 (defined in C++, kernels of ``cpp`` and ``cuda``) and each Python-kernel backend's own op get their registrations.
 A Python-kernel backend provides an :class:`~avkernels.backends.OpImpl` registered under ``"tanh_attention"`` with
 
-``forward(q, k, v, seed, scale, dropout_p, activation, return_mask) -> (o, mask)``
+``forward(q, k, v, seed, scale, dropout_p, activation, return_mask, map, map_bias) -> (o, mask)``
     ``q (B, Mq, D)``, ``k (B, N, D)``, ``v (Bv, N, E)`` with ``Bv`` 1 (shared over the batch) or ``B``, all of one
     dtype and device and arbitrary strides; ``seed`` a Python int in ``[0, 2**31)`` (ignored when
-    ``dropout_p == 0``); ``activation`` ``"none"`` or ``"tanh_relu"``. Returns a contiguous ``o (B, Mq, E)`` and,
-    when ``return_mask`` and ``dropout_p > 0``, the boolean keep-mask ``(B, Mq, N)`` it drew, else ``None``.
-``backward(do, q, k, v, o, seed, scale, dropout_p, activation) -> (dq, dk, dv)``
+    ``dropout_p == 0``); ``activation`` ``"none"`` or ``"tanh_relu"``; ``map`` one of :data:`MAPS`, ``map_bias`` a
+    float (0 unless ``map == "sigmoid"``). Returns a contiguous ``o (B, Mq, E)`` and, when ``return_mask`` and
+    ``dropout_p > 0``, the boolean keep-mask ``(B, Mq, N)`` it drew, else ``None``.
+``backward(do, q, k, v, o, seed, scale, dropout_p, activation, map, map_bias) -> (dq, dk, dv)``
     ``o`` is the forward output (used by the ``"tanh_relu"`` epilogue's derivative; an empty tensor otherwise).
     Must redraw the identical mask from ``seed``. Returns contiguous gradients shaped like ``q``, ``k``, ``v``
     (``dv`` summed over the batch when ``Bv == 1``). Deterministic when
@@ -29,10 +31,11 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_finite, check_float_tensor, check_probability, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast, outside_autocast, resolve, runs_reference
+from avkernels.backends import Inputs, cast_for_autocast
 from avkernels.ops.declaration import OpDeclaration, declare
 
 ACTIVATIONS = (None, "tanh_relu")
+MAPS = ("tanh", "sigmoid")  # map(x) applied to x = scale * q @ k^T + map_bias (SPEC 1)
 SEED_BOUND = 2**31  # Philox keys are 32-bit halves; every backend accepts seeds below this
 
 
@@ -46,16 +49,15 @@ def new_seed(p: float) -> torch.Tensor:
     return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64)
 
 
-def _fake(q, k, v, seed, scale, dropout_p, activation, return_mask):
+def _fake(q, k, v, seed, scale, dropout_p, activation, return_mask, map="tanh", map_bias=0.0):
     o = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     mask_shape = (q.shape[0], q.shape[1], k.shape[1]) if return_mask and dropout_p > 0 else (0,)
     return o, q.new_empty(mask_shape, dtype=torch.bool)
 
 
-def _save(inputs, output):
-    q, k, v, seed, scale, dropout_p, activation, _ = inputs
-    o, _ = output
-    return (q, k, v, o if activation != "none" else o.new_empty(0), seed), (scale, dropout_p, activation)
+def _save(a, output):
+    o = output[0] if a.activation != "none" else output[0].new_empty(0)
+    return (a.q, a.k, a.v, o, a.seed), (a.scale, a.dropout_p, a.activation, a.map, a.map_bias)
 
 
 def _seed_int(seed: torch.Tensor) -> int:
@@ -63,13 +65,13 @@ def _seed_int(seed: torch.Tensor) -> int:
     return int(seed.item()) if seed.numel() else 0
 
 
-def _kernel_forward(kernel, q, k, v, seed, scale, dropout_p, activation, return_mask):
-    o, mask = kernel(q, k, v, _seed_int(seed), scale, dropout_p, activation, return_mask)
+def _kernel_forward(kernel, q, k, v, seed, scale, dropout_p, activation, return_mask, map="tanh", map_bias=0.0):
+    o, mask = kernel(q, k, v, _seed_int(seed), scale, dropout_p, activation, return_mask, map, map_bias)
     return o, torch.empty(0, dtype=torch.bool, device=q.device) if mask is None else mask
 
 
-def _kernel_backward(kernel, do, q, k, v, o, seed, scale, dropout_p, activation):
-    return kernel(do, q, k, v, o, _seed_int(seed), scale, dropout_p, activation)
+def _kernel_backward(kernel, do, q, k, v, o, seed, scale, dropout_p, activation, map="tanh", map_bias=0.0):
+    return kernel(do, q, k, v, o, _seed_int(seed), scale, dropout_p, activation, map, map_bias)
 
 
 # The op returns the mask as an empty tensor when none was asked for or drawn; it saves q, k, v, the seed and, with
@@ -78,14 +80,14 @@ DECLARATION = declare(
     OpDeclaration(
         "tanh_attention",
         schema="(Tensor q, Tensor k, Tensor v, Tensor seed, float scale, float dropout_p, str activation, "
-        "bool return_mask) -> (Tensor, Tensor)",
+        'bool return_mask, str map="tanh", float map_bias=0.) -> (Tensor, Tensor)',
         backward_schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor seed, float scale, "
-        "float dropout_p, str activation) -> (Tensor, Tensor, Tensor)",
+        'float dropout_p, str activation, str map="tanh", float map_bias=0.) -> (Tensor, Tensor, Tensor)',
         fake=_fake,
         backward_fake=lambda do, q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)),
         save=_save,
         backward_args=lambda saved, values, do, _dmask: (do, *saved, *values),
-        input_grads=lambda grads: (*grads, None, None, None, None, None),
+        input_grads=lambda grads: (*grads, None, None, None, None, None, None, None),
         kernel_forward=_kernel_forward,
         kernel_backward=_kernel_backward,
     )
@@ -102,9 +104,11 @@ def tanh_attention(
     training: bool = False,
     activation: Optional[str] = None,
     return_mask: bool = False,
+    map: str = "tanh",
+    map_bias: float = 0.0,
     backend: Optional[str] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Tanh attention: ``o = Drop_p(tanh(scale * q @ k^T)) @ v`` (SPEC 1).
+    """Tanh attention: ``o = Drop_p(tanh(scale * q @ k^T)) @ v`` (SPEC 1), or sigmoid attention with ``map``.
 
     Args:
         q: ``(B, Mq, D)`` queries.
@@ -116,6 +120,10 @@ def tanh_attention(
         training: whether dropout is active.
         activation: ``None`` or ``"tanh_relu"`` (returns ``ReLU(tanh(o))``, the dense JCA form).
         return_mask: also return the boolean keep-mask that was drawn (``None`` when no dropout ran).
+        map: the function applied to each map element: ``"tanh"`` (``tanh(scale * q @ k^T)``) or ``"sigmoid"``
+            (``sigmoid(scale * q @ k^T + map_bias)``, as in sigmoid attention). Every backend runs both, with the
+            same dropout, dtypes and strides.
+        map_bias: the sigmoid map's scalar bias (e.g. ``-log(N)``); must be 0 for ``"tanh"``.
         backend: ``None`` (the first backend, fastest first, that can run these inputs; or ``$AVKERNELS_BACKEND``),
             or a backend's name: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` (see :mod:`avkernels.backends`).
     Returns:
@@ -152,6 +160,12 @@ def tanh_attention(
     scale = check_finite(scale, "scale")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if map not in MAPS:
+        raise ValueError(f"map: expected one of {MAPS}, got {map!r}")
+    if not isinstance(map_bias, numbers.Real) or isinstance(map_bias, bool) or not math.isfinite(map_bias):
+        raise TypeError(f"map_bias: expected a finite float, got {map_bias!r}")
+    if map_bias != 0 and map != "sigmoid":
+        raise ValueError(f"map_bias: only the sigmoid map takes a bias; got map={map!r} with map_bias={map_bias}")
 
     inputs = Inputs(
         "tanh_attention",
@@ -159,14 +173,14 @@ def tanh_attention(
         q.dtype,
         {"B": batch, "Mq": q.shape[1], "N": n, "D": head, "E": v.shape[2]},
         {"dropout": p > 0, "return_mask": return_mask and p > 0, "shared_v": v.shape[0] == 1 and batch > 1,
-         "activation": activation},
+         "activation": activation, "map": map},
     )
-    name = resolve(backend, inputs)
-    if runs_reference(name, p, "tanh_attention") or min(q.shape + k.shape + v.shape[1:]) == 0:
-        with outside_autocast(q.device):
-            o, mask = reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask)
-    else:
-        o, mask = DECLARATION.op(name)(q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask)
-        if mask.numel() == 0 and mask.dim() == 1:
-            mask = None
+    o, mask = DECLARATION.run(
+        backend, inputs,
+        lambda: reference.tanh_attention(q, k, v, float(scale), p, activation, return_mask=return_mask, map=map,
+                                         map_bias=float(map_bias)),
+        lambda: (q, k, v, new_seed(p), float(scale), p, activation or "none", return_mask, map, float(map_bias)),
+        empty=min(q.shape + k.shape + v.shape[1:]) == 0, dropout_p=p)
+    if mask is not None and mask.numel() == 0 and mask.dim() == 1:
+        mask = None  # the op's "no mask"
     return (o, mask) if return_mask else o

@@ -22,8 +22,11 @@ def tanh_attention(
     activation: Optional[str] = None,
     dropout_mask: Optional[torch.Tensor] = None,
     return_mask: bool = False,
+    map: str = "tanh",
+    map_bias: float = 0.0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``o = Drop_p(tanh(scale * q @ k^T)) @ v``, optionally followed by ``ReLU(tanh(o))``.
+    """``o = Drop_p(tanh(scale * q @ k^T)) @ v``, optionally followed by ``ReLU(tanh(o))``; with ``map="sigmoid"``
+    the map is ``sigmoid(scale * q @ k^T + map_bias)``.
 
     Args:
         q: ``(B, Mq, D)``.  k: ``(B, N, D)``.  v: ``(B, N, E)`` or ``(1, N, E)`` (shared over the batch).
@@ -34,10 +37,13 @@ def tanh_attention(
         dropout_mask: a boolean ``(B, Mq, N)`` keep-mask to apply instead of drawing one (to replay the mask a
             fused kernel drew).
         return_mask: also return the keep-mask used (``None`` when no dropout ran).
+        map: ``"tanh"`` or ``"sigmoid"``.
+        map_bias: added to ``scale * q @ k^T`` before the sigmoid (0 for tanh).
     Returns:
         ``(o, mask)`` with ``o`` of shape ``(B, Mq, E)``.
     """
-    c = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    c = torch.sigmoid(s + map_bias) if map == "sigmoid" else torch.tanh(s)
     mask = None
     if dropout_p > 0.0:
         if dropout_mask is None and not return_mask:

@@ -38,8 +38,7 @@ std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
-    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau, bool deterministic) {
-  (void)deterministic;  // the chunked reduction is always deterministic
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
   constexpr const char* fn = "gate_backward";
   check_gate_inputs(fn, attended, unattended, weight);
   // Two separate tensors: the op's outputs must not alias each other (torch.library.opcheck checks).

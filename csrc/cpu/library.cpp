@@ -3,10 +3,12 @@
 // A plain shared library of torch ops: Python loads it with `import avkernels._C_cpu` (avkernels/ops/native.py), a
 // C++ program with dlopen (examples/aoti), and both then call the ops through the dispatcher.
 //
-// The kernels are the functions of ops.h; the wrappers below only turn the schema's arguments into theirs
-// (csrc/common/op_library.h). avkernels/ops/declaration.py holds the same schemas for the Python-kernel backends'
-// own ops and checks at load time that these match it.
+// The kernels are the functions of ops.h; the front end shared with the CUDA library (csrc/common/front_end.h)
+// checks the schema's arguments and turns them into theirs. avkernels/ops/declaration.py holds the same schemas for
+// the Python-kernel backends' own ops and checks at load time that these match it.
 #include "common/op_library.h"  // first: it includes Python.h
+
+#include "common/front_end.h"
 
 #include <ATen/core/Dict.h>
 #include <torch/library.h>
@@ -23,39 +25,16 @@ namespace {
 
 namespace cpu = avk::cpu;
 
-std::tuple<at::Tensor, at::Tensor> tanh_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const at::Tensor& seed, double scale, double dropout_p,
-                                                  c10::string_view activation, bool return_mask) {
-  constexpr const char* op = "avkernels::tanh_attention";
-  return cpu::tanh_attention_forward(q, k, v, avk::seed_value(seed, op), scale, dropout_p,
-                                     avk::activation_code(activation, op), return_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
-    const at::Tensor& seed, double scale, double dropout_p, c10::string_view activation) {
-  constexpr const char* op = "avkernels::tanh_attention_backward";
-  return cpu::tanh_attention_backward(dout, q, k, v, o, avk::seed_value(seed, op), scale, dropout_p,
-                                      avk::activation_code(activation, op), avk::deterministic());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
-    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
-    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
-  return cpu::gate_backward(dout, dg, attended, unattended, weight, g, out, tau, avk::deterministic());
-}
-
-std::tuple<at::Tensor, at::Tensor> stage_gate(at::TensorList stages, const at::Tensor& weight, const at::Tensor& bias,
-                                              double tau) {
-  return cpu::stage_gate_forward(stages.vec(), weight, bias, tau);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
-                                                                   at::TensorList stages, const at::Tensor& weight,
-                                                                   const at::Tensor& s, const at::Tensor& out,
-                                                                   double tau) {
-  return cpu::stage_gate_backward(dout, ds, stages.vec(), weight, s, out, tau, avk::deterministic());
-}
+// The CPU kernels, as the shared front end (csrc/common/front_end.h) calls them. All are deterministic.
+struct CpuKernels {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  static constexpr auto tanh_attention_forward = &cpu::tanh_attention_forward;
+  static constexpr auto tanh_attention_backward = &cpu::tanh_attention_backward;
+  static constexpr auto gate_forward = &cpu::gate_forward;
+  static constexpr auto gate_backward = &cpu::gate_backward;
+  static constexpr auto stage_gate_forward = &cpu::stage_gate_forward;
+  static constexpr auto stage_gate_backward = &cpu::stage_gate_backward;
+};
 
 std::string cpu_isa() {
   const cpu::Isa isa = cpu::cpu_isa();
@@ -88,9 +67,9 @@ c10::Dict<std::string, std::string> cpu_features() {
 // Python side (avkernels/ops/declaration.py) registers the fakes and the autograd formulas that connect them.
 TORCH_LIBRARY(avkernels, m) {
   m.def("tanh_attention(Tensor q, Tensor k, Tensor v, Tensor seed, float scale, float dropout_p, str activation, "
-        "bool return_mask) -> (Tensor, Tensor)");
+        "bool return_mask, str map=\"tanh\", float map_bias=0.) -> (Tensor, Tensor)");
   m.def("tanh_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor seed, float scale, "
-        "float dropout_p, str activation) -> (Tensor, Tensor, Tensor)");
+        "float dropout_p, str activation, str map=\"tanh\", float map_bias=0.) -> (Tensor, Tensor, Tensor)");
   m.def("gate(Tensor attended, Tensor unattended, Tensor weight, Tensor bias, float tau) -> (Tensor, Tensor)");
   m.def("gate_backward(Tensor dout, Tensor dg, Tensor attended, Tensor unattended, Tensor weight, Tensor g, "
         "Tensor out, float tau) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -110,13 +89,6 @@ TORCH_LIBRARY(avkernels, m) {
   m.def("dot16_round(Tensor x, str unit) -> Tensor", &cpu::dot16_round);
 }
 
-TORCH_LIBRARY_IMPL(avkernels, CPU, m) {
-  m.impl("tanh_attention", &tanh_attention);
-  m.impl("tanh_attention_backward", &tanh_attention_backward);
-  m.impl("gate", &cpu::gate_forward);
-  m.impl("gate_backward", &gate_backward);
-  m.impl("stage_gate", &stage_gate);
-  m.impl("stage_gate_backward", &stage_gate_backward);
-}
+TORCH_LIBRARY_IMPL(avkernels, CPU, m) { avk::FrontEnd<CpuKernels>::register_kernels(m); }
 
 AVK_PYTHON_MODULE_STUB("avkernels' CPU kernels: the torch ops torch.ops.avkernels.* (backend \"cpp\")")

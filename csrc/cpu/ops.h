@@ -1,6 +1,7 @@
 // The functions avkernels._C_cpu exports; avkernels._C_cuda (csrc/cuda/binding.cpp) exports the same op functions
 // (names and signatures), without the dropout-generator helpers for tests.
-// Semantics are the OpImpl contracts in avkernels/ops/{tanh_attention,gate,stage_gate}.py.
+// Semantics are the OpImpl contracts in avkernels/ops/{tanh_attention,gate,stage_gate}.py. Every reduction runs in a
+// fixed order that depends on the shapes only: the results are bitwise reproducible, with any thread count.
 //
 // Dtypes: float32, float64, bfloat16 and float16, the same for every floating tensor of one call (a mix is refused,
 // naming the argument). 16-bit inputs are computed in fp32 (convert.h) and every output and gradient is returned in
@@ -12,19 +13,21 @@
 #include <tuple>
 #include <vector>
 
+#include "common/tanh_attention_args.h"
+
 namespace avk {
 namespace cpu {
 
-// activation: 0 = none, 1 = tanh_relu. mask is an empty bool tensor unless return_mask and dropout_p > 0.
+// mask is an empty bool tensor unless return_mask and args.dropout_p > 0. The arguments are checked
+// (csrc/common/front_end.h); so are dout and, with the tanh_relu epilogue, out (the forward output).
 std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, int64_t seed, double scale,
-                                                          double dropout_p, int64_t activation, bool return_mask);
+                                                          const at::Tensor& v, const TanhAttentionArgs& args,
+                                                          bool return_mask);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
-                                                                       const at::Tensor& out, int64_t seed,
-                                                                       double scale, double dropout_p,
-                                                                       int64_t activation, bool deterministic);
+                                                                       const at::Tensor& out,
+                                                                       const TanhAttentionArgs& args);
 
 // For tests: the dropout generator (csrc/common/philox.h) on map rows [first_row, first_row + rows) of a map with
 // `keys` columns, as a (rows, keys) tensor: the fp32 uniforms (portable scalar code) and the keep flags drawn the
@@ -43,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
-    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau, bool deterministic);
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau);
 
 std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tensor>& stages, const at::Tensor& weight,
                                                       const at::Tensor& bias, double tau);
@@ -51,8 +54,7 @@ std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
                                                                    const std::vector<at::Tensor>& stages,
                                                                    const at::Tensor& weight, const at::Tensor& s,
-                                                                   const at::Tensor& out, double tau,
-                                                                   bool deterministic);
+                                                                   const at::Tensor& out, double tau);
 
 }  // namespace cpu
 }  // namespace avk

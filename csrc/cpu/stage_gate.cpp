@@ -42,9 +42,7 @@ std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
                                                                    const std::vector<at::Tensor>& stages,
                                                                    const at::Tensor& weight, const at::Tensor& s,
-                                                                   const at::Tensor& out, double tau,
-                                                                   bool deterministic) {
-  (void)deterministic;  // the chunked reduction is always deterministic
+                                                                   const at::Tensor& out, double tau) {
   constexpr const char* fn = "stage_gate_backward";
   check_stage_inputs(fn, stages, weight);
   const auto shape = stages[0].sizes();

@@ -1,10 +1,13 @@
-// Fused tanh attention on CPU: o = Drop_p(tanh(scale * q @ k^T)) @ v (SPEC 1), forward and backward.
+// Fused tanh attention on CPU: o = Drop_p(map(scale * q @ k^T + bias)) @ v (SPEC 1), forward and backward, for
+// every map of attention_map.h (a template parameter of the kernel bodies; tanh by default).
 //
 // The (Mq x N) map is never stored. A task owns a chunk of query rows of one batch element, packs that element's
 // k and v once (zero-padded key blocks of kBN columns), and for each block of kBM rows sweeps the key blocks: the S
-// tile (kBM x kBN) is computed from the packed q rows and key block, passed through tanh and the dropout mask in
-// registers, parked in an L1-sized buffer and immediately contracted with the value block. Backward recomputes each tile (and redraws its dropout mask from the
-// same Philox offsets) instead of reading a saved map.
+// tile (kBM x kBN) is computed from the packed q rows and key block, passed through the map and the dropout mask in
+// registers, parked in an L1-sized buffer and immediately contracted with the value block. Backward recomputes each
+// tile (and redraws its dropout mask from the same Philox offsets) instead of reading a saved map. The matrix
+// products (rows_times_panel, accumulate_rows) know nothing of the map; the element-wise code between them is the
+// map_tile / grad_tile functions.
 //
 // Zero padding makes every tile full, so the micro-kernels have no tail loops: padded keys have k = v = 0 and padded
 // query rows q = do = 0. The padded rows and columns of the C and dS tiles are cleared before they are contracted,
@@ -31,192 +34,16 @@
 #include <algorithm>
 #include <vector>
 
-#include "checks.h"
+#include "attention_map.h"
 #include "common/philox.h"
 #include "convert.h"
+#include "dropout.h"
 #include "parallel.h"
 #include "simd.h"
-
-#if AVK_X86_DISPATCH
-#include <immintrin.h>
-// GCC 12 reports the `_mm512_undefined` placeholders inside its own AVX-512 intrinsics as maybe-uninitialized.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#endif
 
 namespace avk {
 namespace cpu {
 namespace {
-
-// ---------------------------------------------------------------------------------------------------------------
-// Dropout keep flags from Philox (csrc/common/philox.h): call c gives the flags of the four elements 4c .. 4c + 3.
-//
-// Philox is the most expensive part of a training step on CPU (10 rounds of two 32x32->64 multiplies per call,
-// drawn in forward and redrawn in backward), and compilers widen those multiplies to full 64x64 products when left
-// to themselves. So it has hand-written AVX-512 and AVX2 versions (one vpmuludq per product, even and odd lanes),
-// selected once at load time, and the portable scalar version of philox.h as the reference and fallback.
-// ---------------------------------------------------------------------------------------------------------------
-
-constexpr int64_t kKeysPerCall = 4;
-
-// keep[4 c + w] = 1 if word w of call (counter + c) gives a uniform >= p else 0, for c < calls.
-void keep_flags_scalar(uint64_t seed, uint64_t counter, int64_t calls, float p, float* keep) {
-  for (int64_t c = 0; c < calls; ++c) {
-    const philox::Counter x = philox::words(seed, counter + c);
-    const uint32_t word[kKeysPerCall] = {x.c0, x.c1, x.c2, x.c3};
-    for (int w = 0; w < kKeysPerCall; ++w) keep[kKeysPerCall * c + w] = philox::word_to_unit(word[w]) >= p;
-  }
-}
-
-#if AVK_X86_DISPATCH
-// The AVX-512 / AVX2 Philox below runs 16 / 8 calls (counter + lane) at once. The low word of each 32x32->64
-// product sits in the even dword of a 64-bit lane, so one multiply covers the even lanes and a second one the odd
-// lanes (moved down by a dword shuffle); shuffles then route the hi and lo halves back into place. Shuffles run on a
-// different port than the multiplies and shifts, which is why they replace shift + blend here.
-//
-// The counter's words 1-3 are the same in every lane (counter_hi, 0, 0), so the first round needs only the product
-// A * c0, and the second only B * c2 plus a scalar product: two multiply pairs saved out of twenty.
-//
-// The four output words are compared with p lane by lane, giving four 16-bit (8-bit) masks, which pdep interleaves
-// into the element order 4 * lane + word.
-
-// hi and lo 32-bit halves of a * multiplier in every 32-bit lane (multiplier in the even dword of 64-bit lanes).
-__attribute__((target("avx512f,bmi2"))) inline void mul_wide_avx512(__m512i a, __m512i multiplier, __m512i& hi,
-                                                                         __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, multiplier);
-  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), multiplier);
-  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);  // even lanes <- even products' high dwords
-  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);  // odd lanes <- odd products' low dwords
-}
-
-// Lanes whose word gives a uniform >= p (the fold x < 0 -> ~x and the fp32 scaling of philox::word_to_unit).
-__attribute__((target("avx512f,bmi2"))) inline __mmask16 keeps_avx512(__m512i word, __m512 threshold) {
-  const __m512i folded = _mm512_xor_si512(word, _mm512_srai_epi32(word, 31));
-  const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(philox::kUint31ToUnit));
-  return _mm512_cmp_ps_mask(u, threshold, _CMP_GE_OQ);
-}
-
-__attribute__((target("avx512f,bmi2"))) void keep_flags_avx512(uint64_t seed, uint64_t counter, int64_t calls,
-                                                                  float p, float* keep) {
-  constexpr int kCalls = 16;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i round_a = _mm512_set1_epi64(philox::kRoundA), round_b = _mm512_set1_epi64(philox::kRoundB);
-  const __m512 threshold = _mm512_set1_ps(p), ones = _mm512_set1_ps(1.0f);
-  for (int64_t c = 0; c < calls; c += kCalls) {
-    const uint64_t first = counter + c;
-    float tail[kCalls * kKeysPerCall];
-    float* out = calls - c >= kCalls ? keep + kKeysPerCall * c : tail;  // a partial chunk goes through `tail`
-    if (static_cast<uint32_t>(first) > 0xFFFFFFFFu - (kCalls - 1)) {  // the counter's low word wraps in this chunk
-      keep_flags_scalar(seed, first, kCalls, p, out);
-    } else {
-      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-      const __m512i lo_word = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane);
-      // Round 1 on (counter_lo, counter_hi, 0, 0): c0 = counter_hi ^ k0 and c1 = 0 are lane-uniform.
-      __m512i c0, c1, c2, c3;
-      mul_wide_avx512(lo_word, round_a, c2, c3);
-      c2 = _mm512_xor_si512(c2, _mm512_set1_epi32(static_cast<int>(k1)));
-      const uint32_t c0_uniform = static_cast<uint32_t>(first >> 32) ^ k0;
-      k0 += philox::kKeyA;
-      k1 += philox::kKeyB;
-      // Round 2: the product of the uniform c0 is a scalar.
-      mul_wide_avx512(c2, round_b, c0, c1);
-      c0 = _mm512_xor_si512(c0, _mm512_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm512_xor_si512(c3,
-                            _mm512_set1_epi32(static_cast<int>(philox::mulhi(philox::kRoundA, c0_uniform) ^ k1)));
-      c3 = _mm512_set1_epi32(static_cast<int>(philox::kRoundA * c0_uniform));
-      for (int round = 2; round < philox::kRounds; ++round) {
-        k0 += philox::kKeyA;
-        k1 += philox::kKeyB;
-        __m512i hi_b, lo_b, hi_a, lo_a;
-        mul_wide_avx512(c2, round_b, hi_b, lo_b);
-        mul_wide_avx512(c0, round_a, hi_a, lo_a);
-        c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // three-way xor
-        c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
-        c1 = lo_b;
-        c3 = lo_a;
-      }
-      // Bit 4 * lane + w of `bits` is word w of call `lane`: element order.
-      const uint64_t bits = _pdep_u64(keeps_avx512(c0, threshold), 0x1111111111111111ull) |
-                            _pdep_u64(keeps_avx512(c1, threshold), 0x2222222222222222ull) |
-                            _pdep_u64(keeps_avx512(c2, threshold), 0x4444444444444444ull) |
-                            _pdep_u64(keeps_avx512(c3, threshold), 0x8888888888888888ull);
-      for (int q = 0; q < kKeysPerCall; ++q)
-        _mm512_storeu_ps(out + 16 * q, _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> (16 * q)), ones));
-    }
-    if (out == tail) std::copy(tail, tail + kKeysPerCall * (calls - c), keep + kKeysPerCall * c);
-  }
-}
-
-__attribute__((target("avx2,bmi2"))) inline void mul_wide_avx2(__m256i a, __m256i multiplier, __m256i& hi,
-                                                                       __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, multiplier);
-  const __m256i odd = _mm256_mul_epu32(_mm256_shuffle_epi32(a, 0xF5), multiplier);
-  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, 0xF5), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_shuffle_epi32(odd, 0xA0), 0xAA);
-}
-
-__attribute__((target("avx2,bmi2"))) inline uint32_t keeps_avx2(__m256i word, __m256 threshold) {
-  const __m256i folded = _mm256_xor_si256(word, _mm256_srai_epi32(word, 31));
-  const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(philox::kUint31ToUnit));
-  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(u, threshold, _CMP_GE_OQ)));
-}
-
-__attribute__((target("avx2,bmi2"))) void keep_flags_avx2(uint64_t seed, uint64_t counter, int64_t calls,
-                                                                float p, float* keep) {
-  constexpr int kCalls = 8;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i round_a = _mm256_set1_epi64x(philox::kRoundA), round_b = _mm256_set1_epi64x(philox::kRoundB);
-  const __m256 threshold = _mm256_set1_ps(p), ones = _mm256_set1_ps(1.0f);
-  const __m256i bit_of_lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (int64_t c = 0; c < calls; c += kCalls) {
-    const uint64_t first = counter + c;
-    float tail[kCalls * kKeysPerCall];
-    float* out = calls - c >= kCalls ? keep + kKeysPerCall * c : tail;
-    if (static_cast<uint32_t>(first) > 0xFFFFFFFFu - (kCalls - 1)) {
-      keep_flags_scalar(seed, first, kCalls, p, out);
-    } else {
-      __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), lane);
-      __m256i c1 = _mm256_set1_epi32(static_cast<int>(first >> 32));
-      __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-      for (int round = 0; round < philox::kRounds; ++round) {
-        __m256i hi_b, lo_b, hi_a, lo_a;
-        mul_wide_avx2(c2, round_b, hi_b, lo_b);
-        mul_wide_avx2(c0, round_a, hi_a, lo_a);
-        c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-        c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-        c1 = lo_b;
-        c3 = lo_a;
-        k0 += philox::kKeyA;
-        k1 += philox::kKeyB;
-      }
-      const uint32_t bits = _pdep_u32(keeps_avx2(c0, threshold), 0x11111111u) |
-                            _pdep_u32(keeps_avx2(c1, threshold), 0x22222222u) |
-                            _pdep_u32(keeps_avx2(c2, threshold), 0x44444444u) |
-                            _pdep_u32(keeps_avx2(c3, threshold), 0x88888888u);
-      for (int q = 0; q < kKeysPerCall; ++q) {
-        const __m256i lanes = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits >> (8 * q))), bit_of_lane);
-        const __m256 kept = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, bit_of_lane));
-        _mm256_storeu_ps(out + 8 * q, _mm256_and_ps(kept, ones));
-      }
-    }
-    if (out == tail) std::copy(tail, tail + kKeysPerCall * (calls - c), keep + kKeysPerCall * c);
-  }
-}
-#endif
-
-using KeepFlagsFn = void (*)(uint64_t, uint64_t, int64_t, float, float*);
-
-KeepFlagsFn select_keep_flags() {
-#if AVK_X86_DISPATCH
-  if (cpu_isa() == Isa::kAvx512) return keep_flags_avx512;
-  if (cpu_isa() == Isa::kAvx2) return keep_flags_avx2;
-#endif
-  return keep_flags_scalar;
-}
-
-const KeepFlagsFn keep_flags = select_keep_flags();
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tiles and micro-kernels
@@ -319,6 +146,40 @@ AVK_INLINE Vec<T, VB> load_keep(const float* keep) {
   }
 }
 
+// The element-wise step of forward between its two products: C = Drop(map(S)) for R rows of kGroup vectors of an S
+// tile held in registers, stored at c (rows kBN apart). keep: the rows' keep flags (kBN apart), or null without
+// dropout.
+template <typename T, int VB, int R, class Map>
+AVK_INLINE void map_tile(const Map& map, const Vec<T, VB> (&s)[R][Blocking<T, VB>::kGroup], const float* keep,
+                         T inv_keep, T* c) {
+  constexpr int BN = Tile<T>::kBN, W = Blocking<T, VB>::kW;
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < Blocking<T, VB>::kGroup; ++g) {
+      Vec<T, VB> t = map(s[r][g]);
+      if (keep != nullptr) t *= load_keep<T, VB>(keep + r * BN + g * W) * inv_keep;
+      store<T, VB>(c + r * BN + g * W, t);
+    }
+  }
+}
+
+// The element-wise step of backward: C = Drop(map(S)) as above, and dS = dZ * keep / (1 - p) * map' * scale, the
+// gradient of S = q k^T, from the dZ = do' v^T tile in registers; stored at c and ds.
+template <typename T, int VB, int R, class Map>
+AVK_INLINE void grad_tile(const Map& map, const Vec<T, VB> (&s)[R][Blocking<T, VB>::kGroup],
+                          const Vec<T, VB> (&dz)[R][Blocking<T, VB>::kGroup], const float* keep, T inv_keep, T scale,
+                          T* c, T* ds) {
+  constexpr int BN = Tile<T>::kBN, W = Blocking<T, VB>::kW;
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < Blocking<T, VB>::kGroup; ++g) {
+      const Vec<T, VB> t = map(s[r][g]);
+      Vec<T, VB> f = splat<T, VB>(1);
+      if (keep != nullptr) f = load_keep<T, VB>(keep + r * BN + g * W) * inv_keep;
+      store<T, VB>(c + r * BN + g * W, t * f);
+      store<T, VB>(ds + r * BN + g * W, dz[r][g] * f * Map::slope(t) * scale);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The problem: sizes, strides (in elements; v's batch stride is 0 when v is shared) and scalars.
 // ---------------------------------------------------------------------------------------------------------------
@@ -343,6 +204,8 @@ struct Problem {
   T inv_keep;  // 1 / (1 - p)
   uint64_t seed;
   bool tanh_relu;
+  AttentionMap map;
+  T map_bias;
   int64_t head_pad, value_pad;  // D and E rounded up to whole vectors
   int64_t row_blocks, key_blocks, keys_pad;
   int64_t chunks;            // tasks per batch element
@@ -369,8 +232,7 @@ struct Problem {
 };
 
 template <typename S>
-Problem<S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seed, double scale,
-                        double dropout_p, int64_t activation) {
+Problem<S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TanhAttentionArgs& args) {
   using T = compute_t<S>;
   Problem<S> P;
   P.q = q.data_ptr<S>();
@@ -387,12 +249,14 @@ Problem<S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
     P.sv[d] = v.stride(d);
   }
   if (v.size(0) == 1) P.sv[0] = 0;  // shared over the batch
-  P.scale = static_cast<T>(scale);
-  P.dropout = dropout_p > 0.0;
-  P.p = static_cast<float>(dropout_p);
-  P.inv_keep = static_cast<T>(1.0 / (1.0 - dropout_p));
-  P.seed = static_cast<uint64_t>(seed);
-  P.tanh_relu = activation == 1;
+  P.scale = static_cast<T>(args.scale);
+  P.dropout = args.dropout_p > 0.0;
+  P.p = static_cast<float>(args.dropout_p);
+  P.inv_keep = static_cast<T>(1.0 / (1.0 - args.dropout_p));
+  P.seed = static_cast<uint64_t>(args.seed);
+  P.tanh_relu = args.tanh_relu;
+  P.map = args.map;
+  P.map_bias = static_cast<T>(args.map_bias);
   P.head_pad = round_up(P.head, Tile<T>::kPad);
   P.value_pad = round_up(P.value, Tile<T>::kPad);
   P.row_blocks = (P.rows + Tile<T>::kBM - 1) / Tile<T>::kBM;
@@ -482,17 +346,18 @@ AVK_INLINE void finish_output_rows(const Problem<S>& P, T* o_tile, S* o, int64_t
 //
 // Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
 // Grid: P.tasks() independent tasks (disjoint output rows), split over threads by at::parallel_for.
-template <typename S, int VB>
+template <typename S, int VB, template <typename, int> class Map>
 AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t begin, int64_t end) {
   using T = compute_t<S>;
   using Vt = Vec<T, VB>;
   constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
   constexpr int W = Blocking<T, VB>::kW, G = Blocking<T, VB>::kGroup, RF = Blocking<T, VB>::kFwdRows;
   const int64_t D = P.head, Dp = P.head_pad, Ep = P.value_pad;
+  const Map<T, VB> map(P.scale, P.map_bias);
   std::vector<T> buffer(BM * Dp + BM * Ep + BM * BN);
   T* q_tile = buffer.data();      // (BM, Dp)  query rows
   T* o_tile = q_tile + BM * Dp;   // (BM, Ep)  output accumulator
-  T* c_tile = o_tile + BM * Ep;   // (BM, BN)  Drop(tanh(S)) of the current key block
+  T* c_tile = o_tile + BM * Ep;   // (BM, BN)  Drop(map(S)) of the current key block
   std::vector<float> keep(RF * BN, 1.0f);
   KeyValuePanels<S> panels;
 
@@ -513,14 +378,8 @@ AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t beg
           for (int64_t col0 = 0; col0 < BN; col0 += G * W) {
             Vt s[RF][G];
             rows_times_panel<T, VB, RF>(q_tile + i * Dp, Dp, k_panel + col0, D, s);
-            for (int r = 0; r < RF; ++r) {
-              for (int c = 0; c < G; ++c) {
-                const int64_t col = col0 + c * W;
-                Vt t = tanh_vec<VB>(s[r][c] * P.scale);
-                if (P.dropout) t *= load_keep<T, VB>(keep.data() + r * BN + col) * P.inv_keep;
-                store<T, VB>(c_tile + (i + r) * BN + col, t);
-              }
-            }
+            map_tile<T, VB, RF>(map, s, P.dropout ? keep.data() + col0 : nullptr, P.inv_keep,
+                                c_tile + i * BN + col0);
           }
           store_mask_rows<RF>(P, mask, keep.data(), b, i0 + i, n_rows - i, j0, n_keys);
         }
@@ -588,16 +447,17 @@ void keep_task_sum(const T* acc, int64_t ld, int64_t keys, int64_t width, S* out
 // Backward tasks [begin, end): task = (batch element b, chunk of row blocks). Writes the task's dq rows, and its dk
 // and dv contributions into dk / dv or its own slices of dk_part / dv_part (keep_task_sum).
 //
-// Per tile: S = q k^T, t = tanh(scale S), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the tanh_relu
-// epilogue), dS = dZ f (1 - t^2) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
+// Per tile: S = q k^T, t = map(scale S + bias), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the
+// tanh_relu epilogue), dS = dZ f map'(t) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
 // Grid: P.tasks() tasks with private outputs, split over threads by at::parallel_for.
-template <typename S, int VB>
+template <typename S, int VB, template <typename, int> class Map>
 AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64_t begin, int64_t end) {
   using T = compute_t<S>;
   using Vt = Vec<T, VB>;
   constexpr int BN = Tile<T>::kBN, BM = Tile<T>::kBM, R = Tile<T>::kAccRows;
   constexpr int W = Blocking<T, VB>::kW, NG = Blocking<T, VB>::kGroup, RB = Blocking<T, VB>::kBwdRows;
   const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
+  const Map<T, VB> map(P.scale, P.map_bias);
   std::vector<T> buffer(BM * Dp + BM * Ep + BM * Dp + 2 * BM * BN);
   T* q_tile = buffer.data();       // (BM, Dp)
   T* do_tile = q_tile + BM * Dp;   // (BM, Ep)  output gradient through the epilogue
@@ -632,16 +492,8 @@ AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64
             Vt s[RB][NG], dz[RB][NG];
             rows_times_panel<T, VB, RB>(q_tile + i * Dp, Dp, k_panel + col0, D, s);
             rows_times_panel<T, VB, RB>(do_tile + i * Ep, Ep, v_panel + col0, E, dz);
-            for (int r = 0; r < RB; ++r) {
-              for (int c = 0; c < NG; ++c) {
-                const int64_t col = col0 + c * W;
-                const Vt t = tanh_vec<VB>(s[r][c] * P.scale);
-                Vt f = splat<T, VB>(1);
-                if (P.dropout) f = load_keep<T, VB>(keep.data() + r * BN + col) * P.inv_keep;
-                store<T, VB>(c_tile + (i + r) * BN + col, t * f);
-                store<T, VB>(ds_tile + (i + r) * BN + col, dz[r][c] * f * (T(1) - t * t) * P.scale);
-              }
-            }
+            grad_tile<T, VB, RB>(map, s, dz, P.dropout ? keep.data() + col0 : nullptr, P.inv_keep, P.scale,
+                                 c_tile + i * BN + col0, ds_tile + i * BN + col0);
           }
         }
         clear_padding(c_tile, n_rows, n_keys);
@@ -663,16 +515,23 @@ AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64
   }
 }
 
-// One entry point per ISA around each kernel body (see simd.h), with that ISA's vector width.
+// One entry point per ISA around each kernel body (see simd.h), with that ISA's vector width; each picks the map
+// (attention_map.h) once per call.
 #define AVK_DEFINE_ISA_ENTRY(attributes, suffix, vector_bytes)                                         \
   template <typename S>                                                                                \
   attributes void forward_tasks_##suffix(const Problem<S>& P, S* o, bool* mask, int64_t b, int64_t e) { \
-    forward_tasks<S, vector_bytes>(P, o, mask, b, e);                                                  \
+    if (P.map == AttentionMap::kSigmoid)                                                               \
+      forward_tasks<S, vector_bytes, SigmoidMap>(P, o, mask, b, e);                                    \
+    else                                                                                               \
+      forward_tasks<S, vector_bytes, TanhMap>(P, o, mask, b, e);                                       \
   }                                                                                                    \
   template <typename S>                                                                                \
   attributes void backward_tasks_##suffix(const Problem<S>& P, const Gradients<S>& G, int64_t b,       \
                                           int64_t e) {                                                 \
-    backward_tasks<S, vector_bytes>(P, G, b, e);                                                       \
+    if (P.map == AttentionMap::kSigmoid)                                                               \
+      backward_tasks<S, vector_bytes, SigmoidMap>(P, G, b, e);                                         \
+    else                                                                                               \
+      backward_tasks<S, vector_bytes, TanhMap>(P, G, b, e);                                            \
   }
 AVK_DEFINE_ISA_ENTRY(, baseline, 16)
 #if AVK_X86_DISPATCH
@@ -746,35 +605,18 @@ void sum_partials(S* out, int64_t groups, int64_t keys, int64_t width, const T* 
   });
 }
 
-void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seed,
-                  double dropout_p, int64_t activation) {
-  check_float_cpu(q, fn, "q");
-  check_float_cpu_like(k, q, fn, "k", "q");
-  check_float_cpu_like(v, q, fn, "v", "q");
-  check_shape(q, {-1, -1, -1}, fn, "q", "(B, Mq, D)");
-  check_shape(k, {q.size(0), -1, q.size(2)}, fn, "k", "(B, N, D)");
-  check_shape(v, {-1, k.size(1), -1}, fn, "v", "(B or 1, N, E)");
-  TORCH_CHECK(v.size(0) == q.size(0) || v.size(0) == 1, fn, ": v must have batch size ", q.size(0),
-              " (like q) or 1 (shared), got ", v.size(0));
-  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), fn, ": seed must be in [0, 2**31), got ", seed);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, fn, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(activation == 0 || activation == 1, fn, ": activation must be 0 (none) or 1 (tanh_relu), got ",
-              activation);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, int64_t seed, double scale,
-                                                          double dropout_p, int64_t activation, bool return_mask) {
-  check_inputs("tanh_attention_forward", q, k, v, seed, dropout_p, activation);
+                                                          const at::Tensor& v, const TanhAttentionArgs& args,
+                                                          bool return_mask) {
   at::Tensor o = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-  const bool with_mask = return_mask && dropout_p > 0.0;
+  const bool with_mask = return_mask && args.dropout_p > 0.0;
   at::Tensor mask = at::empty(with_mask ? at::IntArrayRef{q.size(0), q.size(1), k.size(1)} : at::IntArrayRef{0},
                               q.options().dtype(at::kBool));
   if (o.numel() == 0) return {o, mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tanh_attention_forward", [&] {
-    const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, seed, scale, dropout_p, activation);
+    const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, args);
     scalar_t* o_ptr = o.data_ptr<scalar_t>();
     bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
     if (forward_on_16bit_unit(P, o_ptr, mask_ptr)) return;
@@ -787,32 +629,22 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                                                        const at::Tensor& k, const at::Tensor& v,
-                                                                       const at::Tensor& out, int64_t seed,
-                                                                       double scale, double dropout_p,
-                                                                       int64_t activation, bool deterministic) {
-  (void)deterministic;  // every reduction here runs in a fixed order: always deterministic
-  constexpr const char* fn = "tanh_attention_backward";
-  check_inputs(fn, q, k, v, seed, dropout_p, activation);
-  check_float_cpu_like(dout, q, fn, "dout", "q");
-  check_shape(dout, {q.size(0), q.size(1), v.size(2)}, fn, "dout", "(B, Mq, E)");
-  if (activation == 1) {
-    check_float_cpu_like(out, q, fn, "out", "q");
-    check_shape(out, {q.size(0), q.size(1), v.size(2)}, fn, "out", "(B, Mq, E)");
-  }
+                                                                       const at::Tensor& out,
+                                                                       const TanhAttentionArgs& args) {
   at::Tensor dq = at::zeros(q.sizes(), q.options());  // contiguous, and the answer when a size is 0
   at::Tensor dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0 || dout.numel() == 0) return {dq, dk, dv};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), fn, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tanh_attention_backward", [&] {
     using S = scalar_t;
-    const Problem<S> P = make_problem<S>(q, k, v, seed, scale, dropout_p, activation);
+    const Problem<S> P = make_problem<S>(q, k, v, args);
     Gradients<S> G;
     G.dout = dout.data_ptr<S>();
-    G.out = activation == 1 ? out.data_ptr<S>() : nullptr;
+    G.out = args.tanh_relu ? out.data_ptr<S>() : nullptr;
     for (int d = 0; d < 3; ++d) {
       G.sdo[d] = dout.stride(d);
-      G.so[d] = activation == 1 ? out.stride(d) : 0;
+      G.so[d] = args.tanh_relu ? out.stride(d) : 0;
     }
     G.dq = dq.data_ptr<S>();
     G.dk = dk.data_ptr<S>();
@@ -835,39 +667,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
     if (G.dv_part != nullptr) sum_partials(dv.data_ptr<S>(), v_groups, P.keys, P.value, G.dv_part, dv_parts);
   });
   return {dq, dk, dv};
-}
-
-at::Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_t keys) {
-  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "dropout_uniform: seed must be in [0, 2**31), got ", seed);
-  TORCH_CHECK(first_row >= 0 && rows >= 0 && keys >= 0, "dropout_uniform: first_row, rows and keys must be >= 0, got ",
-              first_row, ", ", rows, ", ", keys);
-  at::Tensor u = at::empty({rows, keys}, at::TensorOptions().dtype(at::kFloat));
-  float* out = u.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < keys; ++j)
-      out[r * keys + j] = philox::uniform(static_cast<uint64_t>(seed), static_cast<uint64_t>(first_row + r),
-                                          static_cast<uint64_t>(j), static_cast<uint64_t>(keys));
-  return u;
-}
-
-at::Tensor dropout_keep(int64_t seed, int64_t first_row, int64_t rows, int64_t keys, double dropout_p) {
-  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "dropout_keep: seed must be in [0, 2**31), got ", seed);
-  TORCH_CHECK(first_row >= 0 && rows >= 0 && keys >= 0, "dropout_keep: first_row, rows and keys must be >= 0, got ",
-              first_row, ", ", rows, ", ", keys);
-  at::Tensor kept = at::empty({rows, keys}, at::TensorOptions().dtype(at::kBool));
-  bool* out = kept.data_ptr<bool>();
-  const uint64_t calls_per_row = philox::calls_per_row(keys);
-  constexpr int64_t kBlock = 64;  // the fp32 kernels' key block
-  float flags[kBlock];
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j0 = 0; j0 < keys; j0 += kBlock) {
-      const int64_t n = std::min(kBlock, keys - j0);
-      keep_flags(static_cast<uint64_t>(seed), (first_row + r) * calls_per_row + j0 / kKeysPerCall,
-                 (n + kKeysPerCall - 1) / kKeysPerCall, static_cast<float>(dropout_p), flags);
-      for (int64_t j = 0; j < n; ++j) out[r * keys + j0 + j] = flags[j] != 0.0f;
-    }
-  }
-  return kept;
 }
 
 }  // namespace cpu

@@ -68,9 +68,10 @@ AVK_INLINE VF clear_padding16(VF x, bool padded_row, int64_t col, int64_t n_keys
 constexpr int kAccRows16 = 8;
 static_assert(Tile<float>::kBM % kAccRows16 == 0 && Tile<float>::kBN % kAccRows16 == 0, "row steps");
 
-template <typename Unit>
+template <typename Unit, template <typename, int> class Map>
 AVK_INLINE void forward_tasks16(const Problem<BF16>& P, BF16* o, bool* mask, int64_t begin, int64_t end) {
   constexpr int VB = 64, BN = Tile<float>::kBN, BM = Tile<float>::kBM, R = Tile<float>::kAccRows;
+  const Map<float, VB> map(P.scale, P.map_bias);
   constexpr int W = 16, G = Blocking<float, VB>::kGroup, RF = Blocking<float, VB>::kFwdRows;
   const int64_t D = P.head, Dp = P.head_pad, Ep = P.value_pad, D2 = (D + 1) / 2;
   std::vector<float> buffer(BM * Dp + BM * Ep + BM * BN);
@@ -103,7 +104,7 @@ AVK_INLINE void forward_tasks16(const Problem<BF16>& P, BF16* o, bool* mask, int
             for (int r = 0; r < RF; ++r) {
               for (int c = 0; c < G; ++c) {
                 const int64_t col = col0 + c * W;
-                VF t = tanh_vec<VB>(s[r][c] * P.scale);
+                VF t = map(s[r][c]);
                 if (P.dropout) t *= load_keep<float, VB>(keep.data() + r * BN + col) * P.inv_keep;
                 store<float, VB>(c_tile + (i + r) * BN + col, clear_padding16(t, i + r >= n_rows, col, n_keys));
               }
@@ -119,9 +120,10 @@ AVK_INLINE void forward_tasks16(const Problem<BF16>& P, BF16* o, bool* mask, int
   }
 }
 
-template <typename Unit>
+template <typename Unit, template <typename, int> class Map>
 AVK_INLINE void backward_tasks16(const Problem<BF16>& P, const Gradients<BF16>& G, int64_t begin, int64_t end) {
   constexpr int VB = 64, BN = Tile<float>::kBN, BM = Tile<float>::kBM, R = kAccRows16;
+  const Map<float, VB> map(P.scale, P.map_bias);
   constexpr int W = 16, NG = Blocking<float, VB>::kGroup, RB = Blocking<float, VB>::kBwdRows;
   static_assert(RB == 2 && NG % 2 == 0, "rows are paired two at a time, columns two vectors at a time");
   const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad, D2 = (D + 1) / 2, E2 = (E + 1) / 2;
@@ -174,11 +176,11 @@ AVK_INLINE void backward_tasks16(const Problem<BF16>& P, const Gradients<BF16>& 
             for (int r = 0; r < RB; ++r) {
               for (int c = 0; c < NG; ++c) {
                 const int64_t col = col0 + c * W;
-                const VF t = tanh_vec<VB>(s[r][c] * P.scale);
+                const VF t = map(s[r][c]);
                 VF f = splat<float, VB>(1);
                 if (P.dropout) f = load_keep<float, VB>(keep.data() + r * BN + col) * P.inv_keep;
                 c_val[r][c] = clear_padding16(t * f, i + r >= n_rows, col, n_keys);
-                ds[r][c] = clear_padding16(dz[r][c] * f * (1.0f - t * t) * P.scale, i + r >= n_rows, col, n_keys);
+                ds[r][c] = clear_padding16(dz[r][c] * f * Map<float, VB>::slope(t) * P.scale, i + r >= n_rows, col, n_keys);
               }
               for (int c = 0; c < NG; c += 2)
                 store<uint32_t, VB>(ds_keys + (i + r) * BN / 2 + (col0 + c * W) / 2,
@@ -211,19 +213,31 @@ AVK_INLINE void backward_tasks16(const Problem<BF16>& P, const Gradients<BF16>& 
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void forward_tasks16_native(const Problem<BF16>& P, BF16* o,
                                                                                     bool* mask, int64_t b,
                                                                                     int64_t e) {
-  forward_tasks16<dot16::Bf16Native>(P, o, mask, b, e);
+  if (P.map == AttentionMap::kSigmoid)
+    forward_tasks16<dot16::Bf16Native, SigmoidMap>(P, o, mask, b, e);
+  else
+    forward_tasks16<dot16::Bf16Native, TanhMap>(P, o, mask, b, e);
 }
 AVK_TARGET_AVX512 void forward_tasks16_emulated(const Problem<BF16>& P, BF16* o, bool* mask, int64_t b, int64_t e) {
-  forward_tasks16<dot16::Bf16Emulated>(P, o, mask, b, e);
+  if (P.map == AttentionMap::kSigmoid)
+    forward_tasks16<dot16::Bf16Emulated, SigmoidMap>(P, o, mask, b, e);
+  else
+    forward_tasks16<dot16::Bf16Emulated, TanhMap>(P, o, mask, b, e);
 }
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void backward_tasks16_native(const Problem<BF16>& P,
                                                                                      const Gradients<BF16>& G,
                                                                                      int64_t b, int64_t e) {
-  backward_tasks16<dot16::Bf16Native>(P, G, b, e);
+  if (P.map == AttentionMap::kSigmoid)
+    backward_tasks16<dot16::Bf16Native, SigmoidMap>(P, G, b, e);
+  else
+    backward_tasks16<dot16::Bf16Native, TanhMap>(P, G, b, e);
 }
 AVK_TARGET_AVX512 void backward_tasks16_emulated(const Problem<BF16>& P, const Gradients<BF16>& G, int64_t b,
                                                  int64_t e) {
-  backward_tasks16<dot16::Bf16Emulated>(P, G, b, e);
+  if (P.map == AttentionMap::kSigmoid)
+    backward_tasks16<dot16::Bf16Emulated, SigmoidMap>(P, G, b, e);
+  else
+    backward_tasks16<dot16::Bf16Emulated, TanhMap>(P, G, b, e);
 }
 
 }  // namespace

@@ -2,12 +2,16 @@
 // their schemas are defined once, by avkernels._C_cpu (csrc/cpu/library.cpp), which avkernels/ops/native.py loads
 // first; the Python side registers their fakes and autograd (avkernels/ops/declaration.py).
 //
-// Deliberately thin: argument checks with messages naming the argument and what was expected, output and
-// workspace allocation, the current stream, and dtype dispatch. All kernels live in the torch-independent
+// Deliberately thin: the ops' front end (argument checks, schema arguments to kernel arguments) is the one shared
+// with the CPU library (csrc/common/front_end.h); this file adds output and workspace allocation, the current
+// stream, and dtype dispatch. All kernels live in the torch-independent
 // csrc/cuda/*.cu files behind the launch functions of their .cuh headers. This file is the only torch-dependent
 // CUDA source and the only csrc/cuda/*.cpp (setup.py compiles it with the host compiler).
 #include "common/op_library.h"  // first: it includes Python.h
 
+#include "common/front_end.h"
+
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -33,8 +37,6 @@ using avk::cuda::TanhAttentionBackwardParams;
 using avk::cuda::TanhAttentionForwardParams;
 using avk::cuda::TanhAttentionProblem;
 
-constexpr int64_t kSeedBound = int64_t(1) << 31;  // Philox keys: the ops draw seeds in [0, 2^31)
-
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -59,49 +61,26 @@ void check_launch(cudaError_t err, const char* op) {
               err == cudaErrorInvalidConfiguration ? " (a size exceeds the CUDA grid limits)" : "");
 }
 
+// The gates' checks (csrc/common/checks.h) on CUDA tensors.
 void check_float_cuda(const at::Tensor& t, const char* op, const char* name) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(t.is_cuda() && (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                              dtype == at::kBFloat16),
-              op, ": ", name, " must be a float32, float64, float16 or bfloat16 CUDA tensor, got a ", dtype, " ",
-              t.device(), " tensor");
+  avk::check_float(t, c10::DeviceType::CUDA, op, name);
 }
 
-// Same dtype and device as `ref` (named `ref_name`).
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type() && t.device() == ref.device(), op, ": ", name,
-              " must be a ", ref.scalar_type(), " tensor on ", ref.device(), " like ", ref_name, ", got a ",
-              t.scalar_type(), " tensor on ", t.device());
+  avk::check_float_like(t, ref, op, name, ref_name);
 }
 
 void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+  avk::check_shape(t, expected, op, name, nullptr);
 }
 
 void copy_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
 }
 
-// Checks q, k, v and the scalars shared by forward and backward; returns the kernels' problem description.
+// The kernels' problem description from q, k, v and the arguments the front end checked.
 TanhAttentionProblem tanh_attention_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            int64_t seed, double scale, double dropout_p, int64_t activation,
-                                            const char* op) {
-  check_float_cuda(q, op, "q");
-  check_like(k, q, op, "k", "q");
-  check_like(v, q, op, "v", "q");
-  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (B, Mq, D), got ", q.sizes());
-  const int64_t batch = q.size(0), head_dim = q.size(2);
-  TORCH_CHECK(k.dim() == 3 && k.size(0) == batch && k.size(2) == head_dim, op, ": k must have shape (", batch,
-              ", N, ", head_dim, ") to match q ", q.sizes(), ", got ", k.sizes());
-  const int64_t keys = k.size(1);
-  TORCH_CHECK(v.dim() == 3 && (v.size(0) == batch || v.size(0) == 1) && v.size(1) == keys, op,
-              ": v must have shape (", batch, " or 1, ", keys, ", E) to match q and k, got ", v.sizes());
-  TORCH_CHECK(seed >= 0 && seed < kSeedBound, op, ": seed must be in [0, 2**31), got ", seed);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  TORCH_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (tanh_relu), got ",
-              activation);
-
+                                            const avk::TanhAttentionArgs& args) {
   TanhAttentionProblem p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -110,28 +89,30 @@ TanhAttentionProblem tanh_attention_problem(const at::Tensor& q, const at::Tenso
   copy_strides(p.q_stride, q);
   copy_strides(p.k_stride, k);
   copy_strides(p.v_stride, v);
-  p.batch = batch;
+  p.batch = q.size(0);
   p.queries = q.size(1);
-  p.keys = keys;
-  p.head_dim = head_dim;
+  p.keys = k.size(1);
+  p.head_dim = q.size(2);
   p.value_dim = v.size(2);
-  p.scale = scale;
-  p.dropout_p = dropout_p;
-  p.seed = static_cast<uint64_t>(seed);
-  p.activation = static_cast<int>(activation);
+  p.scale = args.scale;
+  p.dropout_p = args.dropout_p;
+  p.seed = static_cast<uint64_t>(args.seed);
+  p.activation = args.tanh_relu ? 1 : 0;
+  p.map = args.map;
+  p.map_bias = args.map_bias;
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, int64_t seed, double scale,
-                                                          double dropout_p, int64_t activation, bool return_mask) {
+                                                          const at::Tensor& v, const avk::TanhAttentionArgs& args,
+                                                          bool return_mask) {
   constexpr const char* op = "tanh_attention_forward";
   TanhAttentionForwardParams params{};
-  params.problem = tanh_attention_problem(q, k, v, seed, scale, dropout_p, activation, op);
+  params.problem = tanh_attention_problem(q, k, v, args);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto& p = params.problem;
   at::Tensor o = at::empty({p.batch, p.queries, p.value_dim}, q.options());
-  at::Tensor mask = return_mask && dropout_p > 0.0
+  at::Tensor mask = return_mask && args.dropout_p > 0.0
                         ? at::empty({p.batch, p.queries, p.keys}, q.options().dtype(at::kBool))
                         : at::empty({0}, q.options().dtype(at::kBool));
   params.o = o.data_ptr();
@@ -146,20 +127,18 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
   return {o, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
-    int64_t seed, double scale, double dropout_p, int64_t activation, bool deterministic) {
+// The one kernel whose reduction has a faster order-dependent form (atomics for a v shared over the batch): it
+// takes the fixed order when torch.use_deterministic_algorithms asks for it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                       const at::Tensor& k, const at::Tensor& v,
+                                                                       const at::Tensor& o,
+                                                                       const avk::TanhAttentionArgs& args) {
   constexpr const char* op = "tanh_attention_backward";
   TanhAttentionBackwardParams params{};
-  params.problem = tanh_attention_problem(q, k, v, seed, scale, dropout_p, activation, op);
-  const auto& p = params.problem;
-  check_like(dout, q, op, "do", "q");
-  check_shape(dout, {p.batch, p.queries, p.value_dim}, op, "do");
+  params.problem = tanh_attention_problem(q, k, v, args);
   params.dout = dout.data_ptr();
   copy_strides(params.dout_stride, dout);
-  if (activation == 1) {  // the tanh_relu epilogue's derivative reads the forward output
-    check_like(o, q, op, "o", "q");
-    check_shape(o, {p.batch, p.queries, p.value_dim}, op, "o");
+  if (args.tanh_relu) {  // the tanh_relu epilogue's derivative reads the forward output
     params.o = o.data_ptr();
     copy_strides(params.o_stride, o);
   }
@@ -170,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(
   params.dq = dq.data_ptr();
   params.dk = dk.data_ptr();
   params.dv = dv.data_ptr();
-  params.deterministic = deterministic;
+  params.deterministic = at::globalContext().deterministicAlgorithms();
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor workspace =
       at::empty({avk::cuda::tanh_attention_backward_workspace_elems(params)}, q.options().dtype(acc_dtype));
@@ -254,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixInputs& i
 }
 
 // Gradients of the candidates (C, B, L, d), the weight and the bias. The reductions over rows are always in a
-// fixed order (softmax_mix.cuh), so the `deterministic` flag of the contract needs no separate path here.
+// fixed order (softmax_mix.cuh): deterministic.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixInputs& in,
                                                                      const at::Tensor& dout, const at::Tensor& dgates,
                                                                      const at::Tensor& gates, const at::Tensor& out,
@@ -313,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
-    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau, bool /*deterministic*/) {
+    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
   constexpr const char* op = "gate_backward";
   const auto in = gate_inputs({unattended, attended}, {"unattended", "attended"}, 1, weight, at::Tensor(), tau, op);
   auto [d_candidates, d_weight, d_bias] = softmax_mix_backward(in, dout, dg, g, out, weight, op, "g");
@@ -333,59 +312,26 @@ std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
                                                                    const std::vector<at::Tensor>& stages,
                                                                    const at::Tensor& weight, const at::Tensor& s,
-                                                                   const at::Tensor& out, double tau,
-                                                                   bool /*deterministic*/) {
+                                                                   const at::Tensor& out, double tau) {
   constexpr const char* op = "stage_gate_backward";
   TORCH_CHECK(!stages.empty(), op, ": stages must hold at least one (B, L, d) tensor");
   const auto in = gate_inputs(stages, stage_names(stages.size()), 0, weight, at::Tensor(), tau, op);
   return softmax_mix_backward(in, dout, ds, s, out, weight, op, "s");
 }
 
-// The schemas' arguments to the kernels' (csrc/common/op_library.h): the seed tensor (on the CPU, where the ops draw
-// it) to an int, the activation name to its code, and `deterministic` from torch's global flag.
-std::tuple<at::Tensor, at::Tensor> tanh_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const at::Tensor& seed, double scale, double dropout_p,
-                                                     c10::string_view activation, bool return_mask) {
-  constexpr const char* op = "avkernels::tanh_attention";
-  return tanh_attention_forward(q, k, v, avk::seed_value(seed, op), scale, dropout_p,
-                                avk::activation_code(activation, op), return_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward_op(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
-    const at::Tensor& seed, double scale, double dropout_p, c10::string_view activation) {
-  constexpr const char* op = "avkernels::tanh_attention_backward";
-  return tanh_attention_backward(dout, q, k, v, o, avk::seed_value(seed, op), scale, dropout_p,
-                                 avk::activation_code(activation, op), avk::deterministic());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
-    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
-    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
-  return gate_backward(dout, dg, attended, unattended, weight, g, out, tau, avk::deterministic());
-}
-
-std::tuple<at::Tensor, at::Tensor> stage_gate_op(at::TensorList stages, const at::Tensor& weight,
-                                                 const at::Tensor& bias, double tau) {
-  return stage_gate_forward(stages.vec(), weight, bias, tau);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward_op(const at::Tensor& dout, const at::Tensor& ds,
-                                                                      at::TensorList stages, const at::Tensor& weight,
-                                                                      const at::Tensor& s, const at::Tensor& out,
-                                                                      double tau) {
-  return stage_gate_backward(dout, ds, stages.vec(), weight, s, out, tau, avk::deterministic());
-}
+// The CUDA kernels, as the shared front end (csrc/common/front_end.h) calls them.
+struct CudaKernels {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+  static constexpr auto tanh_attention_forward = &::tanh_attention_forward;
+  static constexpr auto tanh_attention_backward = &::tanh_attention_backward;
+  static constexpr auto gate_forward = &::gate_forward;
+  static constexpr auto gate_backward = &::gate_backward;
+  static constexpr auto stage_gate_forward = &::stage_gate_forward;
+  static constexpr auto stage_gate_backward = &::stage_gate_backward;
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(avkernels, CUDA, m) {
-  m.impl("tanh_attention", &tanh_attention_op);
-  m.impl("tanh_attention_backward", &tanh_attention_backward_op);
-  m.impl("gate", &gate_forward);
-  m.impl("gate_backward", &gate_backward_op);
-  m.impl("stage_gate", &stage_gate_op);
-  m.impl("stage_gate_backward", &stage_gate_backward_op);
-}
+TORCH_LIBRARY_IMPL(avkernels, CUDA, m) { avk::FrontEnd<CudaKernels>::register_kernels(m); }
 
 AVK_PYTHON_MODULE_STUB("avkernels' CUDA kernels: kernels of the torch ops torch.ops.avkernels.* (backend \"cuda\")")

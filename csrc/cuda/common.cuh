@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels of avkernels (csrc/cuda/*.cu): accumulator types, dtype conversion,
-// the tanh used inside the attention map, warp reductions, and the tiled-loop building blocks.
+// the tanh and sigmoid used inside the attention map, warp reductions, and the tiled-loop building blocks.
 //
 // Torch-independent: kernels see plain pointers, int64 sizes and int64 element strides. Every storage dtype
 // (float, double, __half, __nv_bfloat16) is read into an accumulator type (double for double, float otherwise)
@@ -71,6 +71,21 @@ __device__ __forceinline__ acc_t<T> map_tanh(acc_t<T> x) {
     return tanhf(x);
   } else {
     return ::tanh(x);
+  }
+}
+
+// sigmoid for storage dtype T, computed in acc_t<T>, with the same split as map_tanh: 1 / (1 + exp(-x)) in fp32
+// and fp64 (exp(-x) overflows to inf for very negative x, giving the right limit 0), and for fp16/bf16
+// (1 + tanh(x / 2)) / 2 with the special-function tanh.
+template <typename T>
+__device__ __forceinline__ acc_t<T> map_sigmoid(acc_t<T> x) {
+  using Acc = acc_t<T>;
+  if constexpr (is_half_precision_v<T>) {
+    return 0.5f + 0.5f * map_tanh<T>(0.5f * x);
+  } else if constexpr (std::is_same_v<Acc, float>) {
+    return 1.0f / (1.0f + expf(-x));
+  } else {
+    return 1.0 / (1.0 + ::exp(-x));
   }
 }
 

@@ -1,7 +1,8 @@
-// CUDA kernels of tanh_attention (SPEC 1): o = Drop_p(tanh(scale * q @ k^T)) @ v [then ReLU(tanh(o))].
+// CUDA kernels of tanh_attention (SPEC 1): o = Drop_p(map(scale * q @ k^T + bias)) @ v [then ReLU(tanh(o))],
+// with the map (tanh or sigmoid: TanhMap, SigmoidMap below) a template parameter of every kernel.
 //
 // Like FlashAttention, the (Mq x N) map never reaches global memory: every kernel recomputes its tiles of
-// S = scale * q k^T from q and k, applies tanh and the dropout mask (redrawn from Philox for map row b * Mq + i and
+// S = scale * q k^T from q and k, applies the map and the dropout mask (redrawn from Philox for map row b * Mq + i and
 // column j, see csrc/common/philox.h), and contracts the tile immediately.
 //
 // Design (a tiled SIMT first version; tensor cores are not used yet):
@@ -94,6 +95,30 @@ struct Dropout {
   __device__ Acc multiplier(uint64_t row, uint64_t j) const {
     return !enabled ? Acc(1) : (keeps(row, j) ? keep_scale : Acc(0));
   }
+};
+
+// The maps: the value at x = scale * qk (+ bias) of the score qk, and the derivative d map / dx from the value y.
+// The only code that differs between maps (a template parameter of the kernels); a new map is one more struct and
+// one more case in with_map.
+template <typename T>
+struct TanhMap {
+  using Acc = acc_t<T>;
+  Acc scale;
+
+  __device__ explicit TanhMap(const TanhAttentionProblem& p) : scale(static_cast<Acc>(p.scale)) {}
+  __device__ Acc operator()(Acc qk) const { return map_tanh<T>(qk * scale); }
+  __device__ static Acc slope(Acc y) { return Acc(1) - y * y; }
+};
+
+template <typename T>
+struct SigmoidMap {
+  using Acc = acc_t<T>;
+  Acc scale, bias;
+
+  __device__ explicit SigmoidMap(const TanhAttentionProblem& p)
+      : scale(static_cast<Acc>(p.scale)), bias(static_cast<Acc>(p.map_bias)) {}
+  __device__ Acc operator()(Acc qk) const { return map_sigmoid<T>(qk * scale + bias); }
+  __device__ static Acc slope(Acc y) { return y * (Acc(1) - y); }
 };
 
 // Row of map element (b, i, .) in the (B * Mq, N) map: the dropout generator's row and the returned mask's row.
@@ -212,12 +237,13 @@ struct Tiles {
   }
 };
 
-// Forward: o[b, i0:i0+kSize, e0:e0+kSize] = sum over key tiles of Drop(tanh(scale q k^T)) v, then the epilogue.
+// Forward: o[b, i0:i0+kSize, e0:e0+kSize] = sum over key tiles of Drop(map(scale q k^T + bias)) v, then the
+// epilogue.
 //
 // Args: params (see tanh_attention.cuh); o and mask are contiguous.
 // Grid: x = batch * ceil(Mq / kSize) (batch-major), y = max(1, ceil(E / kSize)); kThreads threads.
 // Only blocks with blockIdx.y == 0 write the keep-mask (the others draw the same bits).
-template <typename T>
+template <typename T, class Map>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     tanh_attention_forward_kernel(const TanhAttentionForwardParams params) {
   using Acc = acc_t<T>;
@@ -232,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const auto k = batch_matrix<T>(p.k, p.k_stride, b, p.keys, p.head_dim);
   const auto v = batch_matrix<T>(p.v, p.v_stride, p.v_shared ? 0 : b, p.keys, p.value_dim);
   const Dropout<Acc> dropout(p);
-  const Acc scale = static_cast<Acc>(p.scale);
+  const Map map(p);
   const bool writes_mask = params.mask != nullptr && blockIdx.y == 0;
 
   typename Tl::Regs out;
@@ -248,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     Tl::map_elements(sm, [&](int r, int c, Acc qk, Acc) {
       const int64_t i = i0 + r, j = j0 + c;
       if (i >= p.queries || j >= p.keys) return Acc(0);  // rows/cols past the edge must add nothing
-      const Acc t = map_tanh<T>(qk * scale);
+      const Acc t = map(qk);
       if (!dropout.enabled) return t;
       const uint64_t row = map_row(p, b, i);
       const bool keep = dropout.keeps(row, j);
@@ -276,12 +302,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 }
 
-// dq[b, i0:i0+kSize, d0:d0+kSize] = sum over key tiles of dS k, with dS = (dout_pre v^T) * mask/(1-p) * (1 - t^2)
-// * scale and t = tanh(scale q k^T) recomputed.
+// dq[b, i0:i0+kSize, d0:d0+kSize] = sum over key tiles of dS k, with dS = (dout_pre v^T) * mask/(1-p) * map'
+// * scale and the map recomputed.
 //
 // Args: params (see tanh_attention.cuh); dq contiguous.
 // Grid: x = batch * ceil(Mq / kSize), y = ceil(D / kSize); kThreads threads.
-template <typename T>
+template <typename T, class Map>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     tanh_attention_backward_dq_kernel(const TanhAttentionBackwardParams params) {
   using Acc = acc_t<T>;
@@ -299,6 +325,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                                   batch_matrix<T>(params.o, params.o_stride, b, p.queries, p.value_dim),
                                   p.activation == 1, p.queries, p.value_dim};
   const Dropout<Acc> dropout(p);
+  const Map map(p);
   const Acc scale = static_cast<Acc>(p.scale);
 
   typename Tl::Regs dq;
@@ -316,8 +343,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     Tl::map_elements(sm, [&](int r, int c, Acc qk, Acc dmap) {
       const int64_t i = i0 + r, j = j0 + c;
       if (i >= p.queries || j >= p.keys) return Acc(0);
-      const Acc t = map_tanh<T>(qk * scale);
-      return dmap * dropout.multiplier(map_row(p, b, i), j) * (Acc(1) - t * t) * scale;
+      const Acc t = map(qk);
+      return dmap * dropout.multiplier(map_row(p, b, i), j) * Map::slope(t) * scale;
     });
     Tl::accumulate(dq, sm, k, j0, d0);
   }
@@ -341,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 //
 // Args: params (see tanh_attention.cuh); dk, dv contiguous; workspace as tanh_attention_backward_workspace_elems.
 // Grid: x = batch * ceil(N / kSize), y = ceil(D / kSize) + ceil(E / kSize); kThreads threads.
-template <typename T>
+template <typename T, class Map>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     tanh_attention_backward_dkdv_kernel(const TanhAttentionBackwardParams params) {
   using Acc = acc_t<T>;
@@ -361,6 +388,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                                   batch_matrix<T>(params.o, params.o_stride, b, p.queries, p.value_dim),
                                   p.activation == 1, p.queries, p.value_dim};
   const Dropout<Acc> dropout(p);
+  const Map map(p);
   const Acc scale = static_cast<Acc>(p.scale);
 
   typename Tl::Regs acc;
@@ -380,9 +408,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     Tl::map_elements(sm, [&](int r, int c, Acc qk, Acc dmap) {
       const int64_t j = j0 + r, i = i0 + c;
       if (i >= p.queries || j >= p.keys) return Acc(0);
-      const Acc t = map_tanh<T>(qk * scale);
+      const Acc t = map(qk);
       const Acc m = dropout.multiplier(map_row(p, b, i), j);
-      return computes_dk ? dmap * m * (Acc(1) - t * t) * scale : t * m;
+      return computes_dk ? dmap * m * Map::slope(t) * scale : t * m;
     });
     if (computes_dk) {
       Tl::accumulate(acc, sm, q, i0, c0);
@@ -437,6 +465,13 @@ bool fits_grid(int64_t x, int64_t y) { return x <= kMaxGridX && y <= kMaxGridYZ;
 
 bool reduces_shared_dv(const TanhAttentionProblem& p) { return p.v_shared && p.batch > 1; }
 
+// fn(Map*{}) with Map the map struct p.map names (a null pointer as a type tag): the kernels' instantiation.
+template <typename T, typename Fn>
+cudaError_t with_map(const TanhAttentionProblem& p, Fn&& fn) {
+  return p.map == AttentionMap::kSigmoid ? fn(static_cast<SigmoidMap<T>*>(nullptr))
+                                         : fn(static_cast<TanhMap<T>*>(nullptr));
+}
+
 }  // namespace
 
 int64_t tanh_attention_backward_workspace_elems(const TanhAttentionBackwardParams& params) {
@@ -453,8 +488,11 @@ cudaError_t launch_tanh_attention_forward(const TanhAttentionForwardParams& para
   // At least one column block, so that the keep-mask is drawn even when E == 0.
   const int64_t grid_y = ceil_div(p.value_dim, tile_size<T>()) > 0 ? ceil_div(p.value_dim, tile_size<T>()) : 1;
   if (!fits_grid(grid_x, grid_y)) return cudaErrorInvalidConfiguration;
-  tanh_attention_forward_kernel<T><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
+  return with_map<T>(p, [&](auto tag) -> cudaError_t {
+    using Map = std::remove_pointer_t<decltype(tag)>;
+    tanh_attention_forward_kernel<T, Map><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(params);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -472,16 +510,20 @@ cudaError_t launch_tanh_attention_backward(const TanhAttentionBackwardParams& pa
     const cudaError_t err = cudaMemsetAsync(params.workspace, 0, slice_elems * sizeof(acc_t<T>), stream);
     if (err != cudaSuccess) return err;
   }
-  if (dq_grid_x > 0 && dq_grid_y > 0) {
-    tanh_attention_backward_dq_kernel<T><<<dim3(dq_grid_x, dq_grid_y), kThreads, 0, stream>>>(params);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if (dkdv_grid_x > 0 && dkdv_grid_y > 0) {
-    tanh_attention_backward_dkdv_kernel<T><<<dim3(dkdv_grid_x, dkdv_grid_y), kThreads, 0, stream>>>(params);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = with_map<T>(p, [&](auto tag) -> cudaError_t {
+    using Map = std::remove_pointer_t<decltype(tag)>;
+    if (dq_grid_x > 0 && dq_grid_y > 0) {
+      tanh_attention_backward_dq_kernel<T, Map><<<dim3(dq_grid_x, dq_grid_y), kThreads, 0, stream>>>(params);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    if (dkdv_grid_x > 0 && dkdv_grid_y > 0) {
+      tanh_attention_backward_dkdv_kernel<T, Map><<<dim3(dkdv_grid_x, dkdv_grid_y), kThreads, 0, stream>>>(params);
+      return cudaGetLastError();
+    }
+    return cudaSuccess;
+  });
+  if (err != cudaSuccess) return err;
   if (reduces_dv && slice_elems > 0) {
     const int64_t blocks = ceil_div(slice_elems, 256) < 4096 ? ceil_div(slice_elems, 256) : 4096;
     reduce_shared_dv_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const acc_t<T>*>(params.workspace),

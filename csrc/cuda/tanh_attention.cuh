@@ -1,4 +1,5 @@
-// tanh_attention on CUDA: o = Drop_p(tanh(scale * q @ k^T)) @ v, optional ReLU(tanh(o)) epilogue (SPEC 1).
+// tanh_attention on CUDA: o = Drop_p(map(scale * q @ k^T + map_bias)) @ v, optional ReLU(tanh(o)) epilogue
+// (SPEC 1), the map tanh (map_bias 0) or sigmoid.
 //
 // Host interface of csrc/cuda/tanh_attention.cu, torch-independent: plain pointers, int64 sizes and int64 element
 // strides. The launchers are explicitly instantiated for T = float, double, __half and __nv_bfloat16 (fp32
@@ -8,6 +9,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "common/tanh_attention_args.h"
 
 namespace avk {
 namespace cuda {
@@ -31,6 +34,8 @@ struct TanhAttentionProblem {
   double dropout_p;  // 0 disables dropout; kept where the philox uniform (csrc/common/philox.h) >= (float)dropout_p
   uint64_t seed;     // in [0, 2^31)
   int activation;    // 0: none, 1: ReLU(tanh(o))
+  AttentionMap map;  // the map applied to scale * q k^T + map_bias
+  double map_bias;   // 0 for the tanh map
 };
 
 struct TanhAttentionForwardParams {

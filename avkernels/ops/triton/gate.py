@@ -7,15 +7,8 @@ gradient (per-program partials summed in a fixed order, no atomics) are document
 ``gate`` contract to them.
 """
 
-from typing import List, Tuple
-
 from avkernels.backends import OpImpl, register_impl
-from avkernels.ops.triton.softmax_mix import (
-    softmax_mix_backward,
-    softmax_mix_forward,
-    softmax_mix_specializations,
-    supports,
-)
+from avkernels.ops.triton.softmax_mix import softmax_mix_backward, softmax_mix_forward, supports
 
 ATTENDED_STAGE = 1  # stages are (unattended, attended): g[..., 0] weighs the unattended features, as in SPEC 3
 
@@ -29,12 +22,6 @@ def _backward(dout, dg, attended, unattended, weight, g, out, tau):
         dout, dg, (unattended, attended), weight, g, out, tau, first=ATTENDED_STAGE, stacked=False
     )
     return d_attended, d_unattended, d_weight, d_bias
-
-
-def aot_specializations() -> List[Tuple[object, dict, dict, dict]]:
-    """Every ``(kernel, signature, constexprs, compile options)`` the gate launchers produce (two stages, logits
-    from the attended one), for ahead-of-time compilation checks (tests/test_triton_compile.py)."""
-    return softmax_mix_specializations(2, ATTENDED_STAGE)
 
 
 register_impl("gate", "triton", OpImpl(forward=_forward, backward=_backward, supports=supports))

@@ -34,7 +34,7 @@ Design:
 
 import contextlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -45,9 +45,6 @@ from avkernels.backends import Inputs
 MAX_BLOCK_D = 1024  # widest feature tile held in registers; wider rows are tiled
 REGISTER_BUDGET = 8192  # fp32 values a program keeps live when sizing BLOCK_R (64 per thread at 4 warps)
 MAX_BLOCK_R = 64
-MAX_STAGES_AOT = 4  # GRJCA: T = iterations (+ 1 with stage_include_input); aot_specializations() lists T <= this
-
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 @triton.jit
@@ -370,7 +367,7 @@ def launch_config(n_stages: int, first: int, d: int, n_rows: int, backward: bool
     as many rows as keep the live tiles (stages, ``out`` and ``dout`` in backward, plus the register-held weight
     gradient partials) within :data:`REGISTER_BUDGET`. Warps: 4 for the forward, 8 for the backward (gradients,
     weight rows and addresses on top of the tiles) and for fp64 (two registers a value). Compiled for sm_80/sm_90,
-    every specialisation of :func:`aot_specializations` has no local-memory spill; 7 of 160 keep 8-32 bytes on the
+    every variant of tests/triton_aot.py has no local-memory spill; 7 of 160 keep 8-32 bytes on the
     stack (16 warps made it worse: ptxas then caps registers at 128)."""
     block_d = min(triton.next_power_of_2(max(d, 1)), MAX_BLOCK_D)
     live_tiles = n_stages + (2 if backward else 1)
@@ -499,39 +496,3 @@ def softmax_mix_backward(
     d_weight = dw_partial.sum(0).to(weight.dtype)
     d_bias = db_partial.sum(0).to(weight.dtype)
     return d_stages, d_weight, d_bias
-
-
-def softmax_mix_specializations(n_stages: int, first: int) -> List[Tuple[object, dict, dict, dict]]:
-    """Forward and backward specialisations for ``n_stages`` stages, as ``(kernel, signature, constexprs, compile
-    options)``: every dtype, with one-tile and multi-tile feature layouts (``d`` = 512, the official shape, and 4096).
-    Signature entries of the stage tuples (``XS``, ``X_SB``, ...) are tuples of types, as Triton spells tuple
-    arguments."""
-    specs = []
-    for dtype, ty in _TRITON_DTYPES.items():
-        acc_ty = "fp64" if dtype == torch.float64 else "fp32"
-        stage_ptrs = tuple("*" + ty for _ in range(n_stages))
-        stage_ints = tuple("i32" for _ in range(n_stages))
-        for d in (512, 4096):
-            for backward in (False, True):
-                cfg = launch_config(n_stages, first, d, 1024, backward, fp64=dtype == torch.float64)
-                constexprs = {
-                    "T": n_stages, "FIRST": first, "ACC": _acc_dtype(dtype), "BLOCK_R": cfg.block_r,
-                    "BLOCK_D": cfg.block_d, "BLOCK_T": cfg.block_t, "ONE_TILE": cfg.one_tile,
-                }
-                signature = {"XS": stage_ptrs, "X_SB": stage_ints, "X_SL": stage_ints, "X_SD": stage_ints,
-                             "W": "*" + ty, "w_s0": "i32", "w_s1": "i32", "L": "i32", "d": "i32", "n_rows": "i32",
-                             "tau": "fp64"}
-                if backward:
-                    signature.update({
-                        "DOut": "*" + ty, "do_sb": "i32", "do_sl": "i32", "do_sd": "i32",
-                        "DS": "*" + ty, "ds_sb": "i32", "ds_sl": "i32", "ds_st": "i32",
-                        "S": "*" + ty, "Out": "*" + ty, "DXS": stage_ptrs,
-                        "DW_partial": "*" + acc_ty, "DB_partial": "*" + acc_ty, "n_blocks": "i32",
-                    })
-                    kernel = _softmax_mix_bwd_kernel
-                else:
-                    signature.update({"Bias": "*" + ty, "bias_s": "i32", "Out": "*" + ty, "S": "*" + ty})
-                    kernel = _softmax_mix_fwd_kernel
-                signature.update({name: "constexpr" for name in constexprs})
-                specs.append((kernel, signature, constexprs, {"num_warps": cfg.num_warps}))
-    return specs

@@ -1,4 +1,7 @@
-"""Triton kernels for ``tanh_attention`` (SPEC 1): ``o = Drop_p(tanh(scale * q @ k^T)) @ v``.
+"""Triton kernels for ``tanh_attention`` (SPEC 1): ``o = Drop_p(map(scale * q @ k^T + bias)) @ v``.
+
+The map is a compile-time parameter of the three kernels (``MAP``, ``"tanh"`` or ``"sigmoid"``): its value and its
+derivative are :mod:`avkernels.ops.triton.attention_map`, the only code that differs between maps.
 
 Flash-style: the ``(Mq, N)`` map lives only in registers, one ``(BLOCK_M, BLOCK_N)`` tile at a time, in forward and
 backward alike (backward recomputes it). Three kernels:
@@ -14,7 +17,7 @@ shared over the batch (``Bv == 1``), the dk/dv kernel writes one ``dv`` partial 
 programs busy than looping over the batch inside one program would (the official N = 512 makes only 4 to 8 N blocks).
 
 Dropout draws ``keep = uniform >= p`` from Triton's Philox generator, one ``tl.randint4x`` call per four keys
-(:func:`_dropout_uniform`, the stream of csrc/common/philox.h that the cpp and cuda backends draw too), so backward
+(:mod:`avkernels.ops.triton.dropout`, the stream of csrc/common/philox.h that the cpp and cuda backends draw too), so backward
 redraws the identical mask without storing it; ``return_mask=True`` also writes the keep-mask (debug only).
 
 Numerics: tiles are cast to the accumulator type right after load (fp32, or fp64 for fp64 inputs: gradcheck runs
@@ -22,15 +25,15 @@ through the interpreter; fp64 is refused on CUDA). The dot products on GPU follo
 for fp32 inputs: ``"tf32x3"`` (three TF32 products, rounding like fp32) under ``torch.get_float32_matmul_precision()
 == "highest"``, the default, else one TF32 product; fp16/bf16 inputs use TF32, which represents their values exactly
 and rounds the tanh map to 10 bits, finer than the reference's own rounding of the map to the input dtype. The
-interpreter computes every dot in full fp32/fp64. ``tanh`` is computed exactly from one ``exp`` (no libdevice, which
-the interpreter lacks), with an absolute error of a few ulps of 1.
+interpreter computes every dot in full fp32/fp64. ``tanh`` and ``sigmoid`` are computed from one ``exp`` each (no
+libdevice, which the interpreter lacks), with an absolute error of a few ulps of 1.
 
 Sizes: any ``D``, ``E``, ``Mq``, ``N`` (tails are masked; when ``max(D, E)`` exceeds 64, or 32 with TF32x3, ``D`` and
 ``E`` are processed in chunks of 32), up to
 2**31 - 1 elements per batch element of each tensor and of the map (offsets within a batch element are int32, the
 batch offset and the dropout counter int64).
 Block sizes are picked by the launcher per size class of ``max(D, E)`` (no autotuning, so the interpreter runs the
-same configurations as the GPU); :func:`aot_specializations` lists every kernel variant the launchers can produce, and
+same configurations as the GPU); tests/triton_aot.py lists every kernel variant the launchers can produce, and
 ``tests/test_triton_compile.py`` compiles them for sm_80 and sm_90 and checks that none spills registers (a subset
 by default, all with ``AVKERNELS_AOT_FULL=1``).
 """
@@ -45,21 +48,8 @@ import triton
 import triton.language as tl
 
 from avkernels.backends import Inputs, OpImpl, register_impl
-
-
-@triton.jit
-def _tanh(x, FAST: tl.constexpr):
-    if FAST:
-        # The SFU's tanh (sm_75+): one MUFU.TANH instead of an exp, a division and selects; relative error about
-        # 2**-11, below the rounding of the fp16/bf16 outputs it is used for (see _fast_tanh).
-        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        # exp of -2|x| is in (0, 1]: it never overflows, and (1 - t) / (1 + t) never cancels catastrophically,
-        # unlike 2 * sigmoid(2x) - 1 for large |x|. Absolute error: a few ulps of 1.
-        t = tl.exp(-2.0 * tl.abs(x))
-        y = (1.0 - t) / (1.0 + t)
-        return tl.where(x < 0, -y, y)
+from avkernels.ops.triton.attention_map import map_slope, map_value, tanh
+from avkernels.ops.triton.dropout import keep_mask
 
 
 @triton.jit
@@ -135,25 +125,6 @@ def _dot_grad_out_v_chunked(DO, O, do_rows, stride_do_row, stride_do_e, stride_o
 
 
 @triton.jit
-def _dropout_uniform(seed, row, j, N):
-    """The dropout generator's uniform for map row ``row`` (``b * Mq + i``, int64) and column ``j`` of a map with
-    ``N`` columns (csrc/common/philox.h, which the cpp and cuda backends share): word ``j % 4`` of the Philox call
-    with counter ``row * ceil(N / 4) + j // 4``. Any tiling of the map draws the same numbers, which is how backward
-    redraws the forward's mask; four neighbouring keys share one call, which on CPU makes the draw four times
-    cheaper than one call per element (tl.rand)."""
-    w0, w1, w2, w3 = tl.randint4x(seed, row * ((N + 3) // 4) + j // 4)
-    word = j % 4
-    return tl.uint_to_uniform_float(tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3))))
-
-
-@triton.jit
-def _keep_mask(seed, row_base, i, j, N, dropout_p):
-    """Dropout keep-mask at map positions ``(i, j)`` of one batch element (``i``, ``j`` broadcastable index tiles,
-    ``row_base = b * Mq`` as int64)."""
-    return _dropout_uniform(seed, row_base + i, j, N) >= dropout_p
-
-
-@triton.jit
 def _fp32_pair(hi, lo, ACC: tl.constexpr):
     """``hi + lo`` in ``ACC``: scalars reach the kernel as fp32, and the pair restores fp64 precision when needed."""
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
@@ -176,10 +147,10 @@ def _tanh_attention_fwd_kernel(
     stride_vb, stride_vn, stride_ve,
     stride_ob, stride_om, stride_oe,
     Mq, N, D, E,
-    scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
+    scale_hi, scale_lo, bias_hi, bias_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr, RETURN_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr, MAP: tl.constexpr,
 ):
     """Forward: ``o[b, rows, cols] = act(sum_n Drop(tanh(scale * q k^T))[rows, n] v[n, cols])``.
 
@@ -191,7 +162,7 @@ def _tanh_attention_fwd_kernel(
         stride_*: element strides of each tensor, by axis.
         Mq, N, D, E: sizes.
         scale_hi, scale_lo: the map scale as an fp32 pair (``hi + lo`` carries fp64 precision for fp64 inputs;
-            scalar arguments are fp32 on GPU).
+            scalar arguments are fp32 on GPU). bias_hi, bias_lo: the sigmoid map's bias, likewise (unused by tanh).
         keep_scale_hi, keep_scale_lo: ``1 / (1 - dropout_p)`` as an fp32 pair.
         dropout_p, seed: dropout probability and Philox seed (used when ``DROPOUT``).
         tanh_relu: whether to apply the ``ReLU(tanh(.))`` epilogue (an int, 0 or 1: a runtime flag, one branch per
@@ -205,12 +176,14 @@ def _tanh_attention_fwd_kernel(
             Otherwise the q tile stays in registers for the whole loop.
         FAST_TANH: the hardware ``tanh.approx.f32`` for the map and the epilogue (see :func:`_fast_tanh`); the same
             in the backward kernels, which must recompute the forward's map.
+        MAP: ``"tanh"`` or ``"sigmoid"`` (:mod:`avkernels.ops.triton.attention_map`).
 
     Grid: ``(cdiv(Mq, BLOCK_M) * cdiv(E, BLOCK_E) * B,)``; Mq blocks vary fastest so that programs running together
     share the same ``k`` and ``v`` in L2.
     """
     pid_m, pid_e, b = _split_program_id(tl.cdiv(Mq, BLOCK_M), tl.cdiv(E, BLOCK_E))
     scale = _fp32_pair(scale_hi, scale_lo, ACC)
+    bias = _fp32_pair(bias_hi, bias_lo, ACC)
     keep_scale = _fp32_pair(keep_scale_hi, keep_scale_lo, ACC)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -224,16 +197,16 @@ def _tanh_attention_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         cols_n = n0 + tl.arange(0, BLOCK_N)
         # Out-of-range rows/columns load zeros, and their v rows are 0; their map entries are cleared all the same,
-        # because an infinite q makes them inf * 0 = NaN.
+        # because an infinite q makes them inf * 0 = NaN (and the sigmoid map is not 0 at 0).
         if HEAD_LOOPS:
             s = _dot_nt_chunked(Qb, rows, stride_qm, stride_qd, Mq, Kb, cols_n, stride_kn, stride_kd, N, D,
                                 ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         else:
             k_t = _load_tile(Kb, cols_d, cols_n, stride_kd, stride_kn, D, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
-        c = tl.where(cols_n[None, :] < N, _tanh(s * scale, FAST_TANH), 0.0)
+        c = tl.where(cols_n[None, :] < N, map_value(s, scale, bias, MAP, FAST_TANH), 0.0)
         if DROPOUT:
-            keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
+            keep = keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             c = c * tl.where(keep, keep_scale, 0.0)  # a product, as torch's dropout: a NaN dropped stays NaN
             if RETURN_MASK:
                 if pid_e == 0:
@@ -242,7 +215,7 @@ def _tanh_attention_fwd_kernel(
         v = _load_tile(Vb, cols_n, cols_e, stride_vn, stride_ve, N, E, ACC)
         acc = tl.dot(c, v, acc, input_precision=PRECISION, out_dtype=ACC)
     if tanh_relu:
-        acc = _tanh(acc, FAST_TANH)
+        acc = tanh(acc, FAST_TANH)
         acc = tl.where(acc < 0, 0.0, acc)  # the ReLU keeps NaN, as torch.relu does (tl.maximum need not)
     out_mask = (rows[:, None] < Mq) & (cols_e[None, :] < E)
     out_offsets = rows[:, None] * stride_om + cols_e[None, :] * stride_oe
@@ -259,19 +232,19 @@ def _tanh_attention_bwd_dq_kernel(
     stride_vb, stride_vn, stride_ve,
     stride_dqb, stride_dqm, stride_dqd,
     Mq, N, D, E,
-    scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
+    scale_hi, scale_lo, bias_hi, bias_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr, MAP: tl.constexpr,
 ):
     """Backward for q: ``dq[b, rows, cols] = sum_n dS[rows, n] k[n, cols]`` with
-    ``dS = (do_pre @ v^T) * keep / (1 - p) * (1 - tanh(S)^2) * scale``, the map recomputed tile by tile.
+    ``dS = (do_pre @ v^T) * keep / (1 - p) * map'(S) * scale``, the map recomputed tile by tile.
 
     Args:
         DO: ``(B, Mq, E)`` output gradient, any strides. O: the forward output (read only when ``tanh_relu``).
         Q, K, V: forward inputs (``stride_vb`` 0 when ``v`` is shared). DQ: ``(B, Mq, D)`` output.
-        stride_*, Mq, N, D, E, scale_*, keep_scale_*, dropout_p, seed, tanh_relu, ACC, PRECISION, DROPOUT:
-            as in ``_tanh_attention_fwd_kernel``.
+        stride_*, Mq, N, D, E, scale_*, bias_*, keep_scale_*, dropout_p, seed, tanh_relu, ACC, PRECISION,
+            DROPOUT, MAP: as in ``_tanh_attention_fwd_kernel``.
         BLOCK_M, BLOCK_N: map tile. BLOCK_D: dq columns per program (and the chunk of the S contraction).
             BLOCK_E: covers E, or is the chunk of the ``do @ v^T`` contraction when ``HEAD_LOOPS``.
         HEAD_LOOPS: stream the contractions over D and E in chunks and split D over programs; otherwise the q and
@@ -281,6 +254,7 @@ def _tanh_attention_bwd_dq_kernel(
     """
     pid_m, pid_d, b = _split_program_id(tl.cdiv(Mq, BLOCK_M), tl.cdiv(D, BLOCK_D))
     scale = _fp32_pair(scale_hi, scale_lo, ACC)
+    bias = _fp32_pair(bias_hi, bias_lo, ACC)
     keep_scale = _fp32_pair(keep_scale_hi, keep_scale_lo, ACC)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -308,10 +282,10 @@ def _tanh_attention_bwd_dq_kernel(
             v_t = _load_tile(Vb, cols_e, cols_n, stride_ve, stride_vn, E, N, ACC)
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
             dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=ACC)
-        c = _tanh(s * scale, FAST_TANH)
-        ds = tl.where(cols_n[None, :] < N, dp * (1.0 - c * c) * scale, 0.0)  # past N: NaN when q or do is inf
+        c = map_value(s, scale, bias, MAP, FAST_TANH)
+        ds = tl.where(cols_n[None, :] < N, dp * map_slope(c, MAP) * scale, 0.0)  # past N: NaN when q or do is inf
         if DROPOUT:
-            keep = _keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
+            keep = keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
             ds = ds * tl.where(keep, keep_scale, 0.0)
         if HEAD_LOOPS:
             k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
@@ -334,21 +308,21 @@ def _tanh_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkd,
     stride_dvb, stride_dvn, stride_dve,
     Mq, N, D, E,
-    scale_hi, scale_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
+    scale_hi, scale_lo, bias_hi, bias_lo, keep_scale_hi, keep_scale_lo, dropout_p, seed, tanh_relu,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr,
+    HEAD_LOOPS: tl.constexpr, FAST_TANH: tl.constexpr, MAP: tl.constexpr,
 ):
     """Backward for k and v, on the transposed map (rows are N positions):
     ``dk[b, rows, :] = sum_m dS^T[rows, m] q[m, :]`` and ``dv[b, rows, :] = sum_m P^T[rows, m] do_pre[m, :]`` with
-    ``P = Drop(tanh(S))``.
+    ``P = Drop(map(S))``.
 
     Args:
         DO, O, Q, K, V: as in ``_tanh_attention_bwd_dq_kernel``.
         DK: ``(B, N, D)`` output. DV: ``(B, N, E)`` output in ``ACC``; per-batch partials when ``v`` is shared, summed
             over the batch by the host.
-        stride_*, Mq, N, D, E, scale_*, keep_scale_*, dropout_p, seed, tanh_relu, ACC, PRECISION, DROPOUT:
-            as in ``_tanh_attention_fwd_kernel``.
+        stride_*, Mq, N, D, E, scale_*, bias_*, keep_scale_*, dropout_p, seed, tanh_relu, ACC, PRECISION,
+            DROPOUT, MAP: as in ``_tanh_attention_fwd_kernel``.
         BLOCK_N: rows (N positions) per program. BLOCK_M: Mq positions per loop step. BLOCK_D, BLOCK_E: dk and dv
             columns per program, also the chunks of the contractions over D and E when ``HEAD_LOOPS``.
         HEAD_LOOPS: stream the contractions in chunks and split D and E over programs; otherwise the k and v tiles
@@ -360,6 +334,7 @@ def _tanh_attention_bwd_dkdv_kernel(
     n_chunks = tl.maximum(tl.cdiv(D, BLOCK_D), tl.cdiv(E, BLOCK_E))
     pid_n, chunk, b = _split_program_id(tl.cdiv(N, BLOCK_N), n_chunks)
     scale = _fp32_pair(scale_hi, scale_lo, ACC)
+    bias = _fp32_pair(bias_hi, bias_lo, ACC)
     keep_scale = _fp32_pair(keep_scale_hi, keep_scale_lo, ACC)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -389,9 +364,9 @@ def _tanh_attention_bwd_dkdv_kernel(
             do_t = _load_grad_out(DOb, Ob, cols_e, cols_m, stride_doe, stride_dom, stride_oe, stride_om, E, Mq,
                                   tanh_relu, ACC)
             s_t = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=ACC)
-        c_t = tl.where(cols_m[None, :] < Mq, _tanh(s_t * scale, FAST_TANH), 0.0)  # past Mq: NaN when k is inf
+        c_t = tl.where(cols_m[None, :] < Mq, map_value(s_t, scale, bias, MAP, FAST_TANH), 0.0)  # past Mq: k inf
         if DROPOUT:
-            keep_t = _keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
+            keep_t = keep_mask(seed, b * Mq, cols_m[None, :], rows[:, None], N, dropout_p)
         if has_dv:
             p_t = c_t
             if DROPOUT:
@@ -411,7 +386,7 @@ def _tanh_attention_bwd_dkdv_kernel(
             else:
                 dp_t = tl.dot(v, do_t, input_precision=PRECISION, out_dtype=ACC)
                 q = tl.trans(q_t)
-            ds_t = tl.where(cols_m[None, :] < Mq, dp_t * (1.0 - c_t * c_t) * scale, 0.0)
+            ds_t = tl.where(cols_m[None, :] < Mq, dp_t * map_slope(c_t, MAP) * scale, 0.0)
             if DROPOUT:
                 ds_t = ds_t * tl.where(keep_t, keep_scale, 0.0)
             dk = tl.dot(ds_t, q, dk, input_precision=PRECISION, out_dtype=ACC)
@@ -491,7 +466,7 @@ def _fast_tanh(dtype: torch.dtype) -> bool:
     return not INTERPRET
 
 
-def _meta(dtype: torch.dtype, d: int, e: int):
+def _meta(dtype: torch.dtype, d: int, e: int, map: str):
     """The launch config and the compile-time arguments shared by the three kernels."""
     precision = _precision(dtype)
     configs = _configs(precision)
@@ -502,7 +477,7 @@ def _meta(dtype: torch.dtype, d: int, e: int):
         head, loops = max(16, triton.next_power_of_2(max(d, e))), False
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
-                FAST_TANH=_fast_tanh(dtype))
+                FAST_TANH=_fast_tanh(dtype), MAP=map)
     return configs[(head, loops)], meta
 
 
@@ -519,10 +494,9 @@ def _activation_flag(activation) -> int:
     return int(activation == "tanh_relu")
 
 
-def _scalars(q, k, v, scale, dropout_p, seed, activation) -> List:
-    scale_hi, scale_lo = _split(scale)
-    keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else (1.0, 0.0)
-    return [q.shape[1], k.shape[1], q.shape[2], v.shape[2], scale_hi, scale_lo, keep_hi, keep_lo,
+def _scalars(q, k, v, scale, map_bias, dropout_p, seed, activation) -> List:
+    keep = _split(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else (1.0, 0.0)
+    return [q.shape[1], k.shape[1], q.shape[2], v.shape[2], *_split(scale), *_split(map_bias), *keep,
             float(dropout_p), int(seed), _activation_flag(activation)]
 
 
@@ -563,7 +537,7 @@ def _check_supported(q: torch.Tensor, n: int) -> None:
         raise ValueError(f"tanh_attention: {reason}")
 
 
-def forward(q, k, v, seed, scale, dropout_p, activation, return_mask):
+def forward(q, k, v, seed, scale, dropout_p, activation, return_mask, map, map_bias):
     """The ``tanh_attention`` forward contract (see :mod:`avkernels.ops.tanh_attention`)."""
     batch, mq, d = q.shape
     n, e = k.shape[1], v.shape[2]
@@ -574,18 +548,18 @@ def forward(q, k, v, seed, scale, dropout_p, activation, return_mask):
     dropout = dropout_p > 0
     write_mask = return_mask and dropout
     mask = torch.empty(batch, mq, n if write_mask else 0, dtype=torch.bool, device=q.device)
-    cfg, meta = _meta(q.dtype, d, e)
+    cfg, meta = _meta(q.dtype, d, e, map)
     grid = (triton.cdiv(mq, cfg.block_rows) * triton.cdiv(e, meta["BLOCK_E"]) * batch,)
     _tanh_attention_fwd_kernel[grid](
         q, k, v, o, mask, *q_strides, *k_strides, *v_strides, *o.stride(),
-        *_scalars(q, k, v, scale, dropout_p, seed, activation),
+        *_scalars(q, k, v, scale, map_bias, dropout_p, seed, activation),
         DROPOUT=dropout, RETURN_MASK=write_mask, BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
     )
     return o, (mask if write_mask else None)
 
 
-def backward(do, q, k, v, o, seed, scale, dropout_p, activation):
+def backward(do, q, k, v, o, seed, scale, dropout_p, activation, map, map_bias):
     """The ``tanh_attention`` backward contract (see :mod:`avkernels.ops.tanh_attention`)."""
     batch, mq, d = q.shape
     n, e = k.shape[1], v.shape[2]
@@ -602,9 +576,9 @@ def backward(do, q, k, v, o, seed, scale, dropout_p, activation):
     # dv in the compute dtype, one partial per batch element when v is shared (summed below, deterministically).
     dv_buf = torch.empty(batch, n, e, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                          device=q.device)
-    cfg, meta = _meta(q.dtype, d, e)
+    cfg, meta = _meta(q.dtype, d, e, map)
     tensor_strides = [*do_strides, *o_strides, *q_strides, *k_strides, *v_strides]
-    scalars = _scalars(q, k, v, scale, dropout_p, seed, activation)
+    scalars = _scalars(q, k, v, scale, map_bias, dropout_p, seed, activation)
     dropout = dropout_p > 0
     grid_dq = (triton.cdiv(mq, cfg.block_rows) * triton.cdiv(d, meta["BLOCK_D"]) * batch,)
     _tanh_attention_bwd_dq_kernel[grid_dq](
@@ -624,64 +598,3 @@ def backward(do, q, k, v, o, seed, scale, dropout_p, activation):
 
 
 register_impl("tanh_attention", "triton", OpImpl(forward, backward, supports=supports))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation targets (tests/test_triton_compile.py)
-# ------------------------------------------------------------------------------------------------------------------
-
-_FLOAT_ARGS = ("scale_hi", "scale_lo", "keep_scale_hi", "keep_scale_lo", "dropout_p")
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _signature(kernel, pointer_types: Dict[str, str], constexprs: Dict) -> Dict[str, str]:
-    """Triton signature of ``kernel``: pointers as given, the float scalars fp32, the ints (``tanh_relu`` included) i32
-    (what the launcher passes for tensors under 2**31 elements per batch element)."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = pointer_types[name]
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def aot_specializations() -> List[Tuple]:
-    """Every kernel variant the launchers above can launch on a GPU, as ``(kernel, signature, constexprs, options)``.
-
-    One per kernel x dtype (fp32 with TF32x3 and with TF32 dots, fp16, bf16, each of the two with exact and fast
-    tanh) x size class x dropout (x return_mask for the forward). The activation is a runtime flag, so each variant
-    covers both. fp64 is interpreter-only (refused on CUDA by the launchers).
-    """
-    specs = []
-    variants = [(dtype, precision, fast) for dtype in _GPU_DTYPES
-                for precision in (("tf32x3", "tf32") if dtype == torch.float32 else ("tf32",))
-                for fast in ((False, True) if dtype in _HALF_DTYPES else (False,))]
-    for dtype, precision, fast in variants:
-        ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        for (head, loops), cfg in _configs(precision).items():
-            options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
-                          FAST_TANH=fast)
-            rows_on_mq = dict(BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_loop)
-            for dropout in (False, True):
-                for return_mask in ((False, True) if dropout else (False,)):
-                    consts = dict(shared, DROPOUT=dropout, RETURN_MASK=return_mask, **rows_on_mq)
-                    pointers = {name: ptr for name in "QKVO"}
-                    pointers["MASK"] = "*i1"
-                    specs.append((_tanh_attention_fwd_kernel,
-                                  _signature(_tanh_attention_fwd_kernel, pointers, consts), consts, options))
-                consts = dict(shared, DROPOUT=dropout, **rows_on_mq)
-                pointers = {name: ptr for name in ("DO", "O", "Q", "K", "V", "DQ")}
-                specs.append((_tanh_attention_bwd_dq_kernel,
-                              _signature(_tanh_attention_bwd_dq_kernel, pointers, consts), consts, options))
-                consts = dict(shared, DROPOUT=dropout, BLOCK_M=cfg.block_loop, BLOCK_N=cfg.block_rows)
-                pointers = {name: ptr for name in ("DO", "O", "Q", "K", "V", "DK")}
-                pointers["DV"] = "*fp32"
-                specs.append((_tanh_attention_bwd_dkdv_kernel,
-                              _signature(_tanh_attention_bwd_dkdv_kernel, pointers, consts), consts, options))
-    return specs

@@ -10,10 +10,11 @@ using namespace avk::cuda;
 
 namespace {
 
-// sizes = (B, Mq, N, D, E); strides are 3 per tensor.
+// sizes = (B, Mq, N, D, E); strides are 3 per tensor; map: 0 tanh, 1 sigmoid (avk::AttentionMap).
 TanhAttentionProblem attention_problem(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
                                        const void* v, const int64_t* v_stride, const int64_t* sizes, int v_shared,
-                                       double scale, double dropout_p, uint64_t seed, int activation) {
+                                       double scale, double dropout_p, uint64_t seed, int activation, int map,
+                                       double map_bias) {
   TanhAttentionProblem p{};
   p.q = q;
   p.k = k;
@@ -33,6 +34,8 @@ TanhAttentionProblem attention_problem(const void* q, const int64_t* q_stride, c
   p.dropout_p = dropout_p;
   p.seed = seed;
   p.activation = activation;
+  p.map = static_cast<avk::AttentionMap>(map);
+  p.map_bias = map_bias;
   return p;
 }
 
@@ -64,10 +67,11 @@ SoftmaxMixInputs gate_inputs(int count, int first_logit_candidate, const void* c
 extern "C" int emu_tanh_attention_forward(int is_double, const void* q, const int64_t* q_stride, const void* k,
                                           const int64_t* k_stride, const void* v, const int64_t* v_stride,
                                           const int64_t* sizes, int v_shared, double scale, double dropout_p,
-                                          uint64_t seed, int activation, void* o, uint8_t* mask) {
+                                          uint64_t seed, int activation, int map, double map_bias, void* o,
+                                          uint8_t* mask) {
   TanhAttentionForwardParams params{};
   params.problem = attention_problem(q, q_stride, k, k_stride, v, v_stride, sizes, v_shared, scale, dropout_p, seed,
-                                     activation);
+                                     activation, map, map_bias);
   params.o = o;
   params.mask = mask;
   return is_double ? launch_tanh_attention_forward<double>(params, nullptr)
@@ -77,12 +81,13 @@ extern "C" int emu_tanh_attention_forward(int is_double, const void* q, const in
 extern "C" int emu_tanh_attention_backward(int is_double, const void* q, const int64_t* q_stride, const void* k,
                                            const int64_t* k_stride, const void* v, const int64_t* v_stride,
                                            const int64_t* sizes, int v_shared, double scale, double dropout_p,
-                                           uint64_t seed, int activation, const void* dout, const int64_t* dout_stride,
+                                           uint64_t seed, int activation, int map, double map_bias, const void* dout,
+                                           const int64_t* dout_stride,
                                            const void* o, const int64_t* o_stride, void* dq, void* dk, void* dv,
                                            int deterministic) {
   TanhAttentionBackwardParams params{};
   params.problem = attention_problem(q, q_stride, k, k_stride, v, v_stride, sizes, v_shared, scale, dropout_p, seed,
-                                     activation);
+                                     activation, map, map_bias);
   params.dout = dout;
   params.o = o;
   for (int i = 0; i < 3; ++i) {
