@@ -283,10 +283,11 @@ def _tanh_attention_bwd_dq_kernel(
             s = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=ACC)
             dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=ACC)
         c = map_value(s, scale, bias, MAP, FAST_TANH)
-        ds = tl.where(cols_n[None, :] < N, dp * map_slope(c, MAP) * scale, 0.0)  # past N: NaN when q or do is inf
+        ds = dp * map_slope(c, MAP) * scale
         if DROPOUT:
             keep = keep_mask(seed, b * Mq, rows[:, None], cols_n[None, :], N, dropout_p)
-            ds = ds * tl.where(keep, keep_scale, 0.0)
+            ds = ds * tl.where(keep, keep_scale, 0.0)  # a product: a dropped NaN stays NaN
+        ds = tl.where(cols_n[None, :] < N, ds, 0.0)  # past N: NaN when q or do is inf
         if HEAD_LOOPS:
             k = _load_tile(Kb, cols_n, cols_d, stride_kn, stride_kd, N, D, ACC)
         else:
