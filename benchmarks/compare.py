@@ -267,20 +267,14 @@ def render(result: Dict[str, object]) -> str:
 
 
 def cpu_flags() -> str:
-    """The matrix/vector extensions that decide the 16-bit story (none of AMX, AVX-512 BF16 here means torch's bf16
-    GEMM has no fast kernel)."""
+    """The family/model and the matrix/vector extensions that decide the 16-bit story (none of AMX, AVX-512 BF16
+    here means torch's bf16 GEMM has no fast kernel)."""
+    import roofs
+
+    cpu = roofs.cpu_identity()
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-    fields: Dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return ""
-    flags = fields.get("flags", "").split()
-    return (f"cpu family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; ISA: "
-            + ", ".join(f"{w} {'yes' if w in flags else 'no'}" for w in wanted))
+    return (f"cpu family {cpu['family']} model {cpu['model']}; ISA: "
+            + ", ".join(f"{w} {'yes' if cpu['isa'][w] else 'no'}" for w in wanted))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -213,14 +213,8 @@ def best_floor_seconds(costs: Dict[str, Cost], rates: Dict[str, float]) -> Tuple
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = roofs.cpu_identity()["model_name"]
+    return name if name != "?" else platform.processor() or platform.machine()
 
 
 def _cpp_features() -> Optional[Dict[str, object]]:

@@ -89,6 +89,7 @@ __attribute__((target("avx512f"))) void fma_avx512(int64_t iters) {
   for (int j = 0; j < kChains512; ++j) acc[j] = _mm512_set1_ps(0.5f + 0.01f * j);
   const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
   for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 32  // every accumulator in a register (GCC stops unrolling at 16 and keeps them in memory)
     for (int j = 0; j < kChains512; ++j) acc[j] = _mm512_fmadd_ps(acc[j], b, c);
   __m512 s = acc[0];
   for (int j = 1; j < kChains512; ++j) s = _mm512_add_ps(s, acc[j]);
@@ -100,6 +101,7 @@ __attribute__((target("avx2,fma"))) void fma_avx2(int64_t iters) {
   for (int j = 0; j < kChains256; ++j) acc[j] = _mm256_set1_ps(0.5f + 0.01f * j);
   const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
   for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 32  // every accumulator in a register (GCC stops unrolling at 16 and keeps them in memory)
     for (int j = 0; j < kChains256; ++j) acc[j] = _mm256_fmadd_ps(acc[j], b, c);
   __m256 s = acc[0];
   for (int j = 1; j < kChains256; ++j) s = _mm256_add_ps(s, acc[j]);
@@ -114,6 +116,7 @@ __attribute__((target("avx512f,avx512bf16"))) void dot_bf16_avx512(int64_t iters
   const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(2e-3f));
   const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(3e-3f), _mm512_set1_ps(1e-3f));
   for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 32  // every accumulator in a register (GCC stops unrolling at 16 and keeps them in memory)
     for (int j = 0; j < kChains512; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
   __m512 s = acc[0];
   for (int j = 1; j < kChains512; ++j) s = _mm512_add_ps(s, acc[j]);

@@ -143,8 +143,10 @@ def peaks(refresh: bool = False, threads: Optional[int] = None) -> Dict[str, obj
 
 
 def _at_threads(p: Dict[str, object], name: str, threads: int) -> float:
+    """``min(all cores, threads x one core)``; every core at once is never slower than one (a lower all-core
+    figure was a run disturbed by other work)."""
     one = p["one_core"].get(name, 0.0)
-    return min(p["all_cores"].get(name, 0.0), one * threads)
+    return min(max(p["all_cores"].get(name, 0.0), one), one * threads)
 
 
 def rates(p: Dict[str, object], threads: int) -> Dict[str, object]:
@@ -153,7 +155,8 @@ def rates(p: Dict[str, object], threads: int) -> Dict[str, object]:
     gemm["bf16"] = max(_at_threads(p, n, threads) for n in BF16_LOOPS)
     gemm["fp16"] = gemm["fp32"]
     one = {row[0]: max(row[1:]) for row in p["bandwidth_one_core"]}
-    curve = [[size, min(max(copy, read), one.get(size, 0.0) * threads)] for size, copy, read in p["bandwidth_all_cores"]]
+    curve = [[size, min(max(copy, read, one.get(size, 0.0)), one.get(size, 0.0) * threads)]
+             for size, copy, read in p["bandwidth_all_cores"]]
     out: Dict[str, object] = {f"peak_gflops_{k}": v for k, v in gemm.items()}
     out.update(peak_tanh_gelems=max(_at_threads(p, n, threads) for n in TANH_LOOPS),
                peak_bandwidth_curve=curve, peak_dram_gbs=curve[-1][1], peak_threads=threads,

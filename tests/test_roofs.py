@@ -36,6 +36,9 @@ def test_rates_take_the_best_unit_per_precision_and_scale_with_threads():
     assert one["peak_gflops_fp32"] == 100.0 and one["peak_gflops_bf16"] == 250.0 and one["peak_tanh_gelems"] == 4.0
     assert roofs.rates(PEAKS, 8)["peak_gflops_fp32"] == 190.0  # never above every core's peak
     assert "AMX" in two["peak_absent"]["amx_bf16"]
+    disturbed = json.loads(json.dumps(PEAKS))
+    disturbed["all_cores"]["fma_fp32_avx512"] = 50.0  # an all-core run that other work slowed
+    assert roofs.rates(disturbed, 1)["peak_gflops_fp32"] == 100.0  # one core's peak still holds
 
 
 def test_bandwidth_is_the_rate_of_the_largest_working_set_that_fits():
