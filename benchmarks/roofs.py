@@ -199,10 +199,11 @@ def summary(r: Dict[str, object]) -> str:
     if "peak_gflops_fp32" not in r:
         return ""
     absent = "; ".join(r.get("peak_absent", {}).values())
-    return (f"Physical roofs ({r['peak_threads']} threads, peaks.cpp): fp32 FMA {r['peak_gflops_fp32']:.0f} GFLOP/s, "
+    threads = f"{r['peak_threads']} thread" + ("s" if r["peak_threads"] != 1 else "")
+    return (f"Physical roofs ({threads}, peaks.cpp): fp32 FMA {r['peak_gflops_fp32']:.0f} GFLOP/s, "
             f"bf16 {r['peak_gflops_bf16']:.0f} GFLOP/s, kernels' tanh {r['peak_tanh_gelems']:.2f} G/s, "
             f"DRAM {r['peak_dram_gbs']:.0f} GB/s, fastest cache {max(g for _, g in r['peak_bandwidth_curve']):.0f} "
-            f"GB/s" + (f" (absent: {absent})" if absent else "") + ".")
+            f"GB/s" + (f" ({absent})" if absent else "") + ".")
 
 
 def table(p: Dict[str, object]) -> str:

