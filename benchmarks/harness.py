@@ -191,12 +191,9 @@ def machine_rates(dev_type: str, quick: bool = False) -> Dict[str, float]:
     if dev.type == "cpu":
         try:
             rates.update(roofs.rates(roofs.peaks(), torch.get_num_threads()))
-        except (OSError, RuntimeError) as exc:  # no compiler: the floors fall back to torch's rates, and say so
+        except (OSError, RuntimeError, ValueError) as exc:  # no compiler: the floors use torch's rates, and say so
             rates["peak_error"] = failure_reason(exc)
     return rates
-
-
-gemm_roof = roofs.gemm_roof
 
 
 def floor_seconds(cost: Cost, rates: Dict[str, float], precision: str = "fp32") -> float:
@@ -245,9 +242,9 @@ def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:
     start, end = machine_rates(dev.type, quick), machine_rates.__wrapped__(dev.type, quick)
     info.update({name: max(start[name], end[name]) if isinstance(start[name], float) else start[name]
                  for name in start})
-    best = max(("fp32", "bf16", "fp16"), key=lambda p: gemm_roof(info, p))
+    best = max(("fp32", "bf16", "fp16"), key=lambda p: roofs.gemm_roof(info, p))
     info["matmul_best_precision"] = best
-    info["matmul_gflops_best"] = gemm_roof(info, best)
+    info["matmul_gflops_best"] = roofs.gemm_roof(info, best)
     return info
 
 
