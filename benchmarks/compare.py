@@ -5,6 +5,7 @@ default CPU backend, against ``cpp`` in fp32 and against eager PyTorch under the
                                  [--providers default-bf16,cpp,reference-bf16] [--context]
                                  [--rounds 15] [--budget-s 600] [--threads 2] [--profile]
                                  [--name issue10-bf16] [--note "..."]
+    python benchmarks/compare.py --refloor benchmarks/results/<name>.json   # its floors at this machine's peaks
     make bench BENCH_ARGS="--compare-bf16"     # the same through run.py
 
 Why interleaved: on a machine shared with other work the load changes from minute to minute, and a provider timed
@@ -41,7 +42,7 @@ sys.path.insert(0, HERE)
 ISSUE_PROVIDERS = ("default-bf16", "cpp", "reference-bf16")
 CONTEXT_PROVIDERS = ("reference", "cpp-bf16")
 # (numerator, denominator): numerator time / denominator time = how much faster the denominator runs
-RATIOS = (("cpp", "default-bf16", "cpp fp32 / default bf16 (issue target: >= 3x)"),
+RATIOS = (("cpp", "default-bf16", "cpp fp32 / default bf16"),
           ("reference-bf16", "default-bf16", "eager bf16 / default bf16"),
           ("cpp", "cpp-bf16", "cpp fp32 / cpp bf16"),
           ("reference", "reference-bf16", "eager fp32 / eager bf16"),
@@ -92,9 +93,10 @@ def prepare(entry: Entry, dev) -> None:
         entry.record.update(harness._labels(entry.case, entry.provider, entry.mode, dev))
 
 
-def interleave(entries: List[Entry], dev, rounds: int, min_rounds: int, budget_s: float) -> int:
-    """Time every runnable entry once per round, rotating the order; stop after ``rounds`` rounds, or earlier
-    once ``budget_s`` has passed and ``min_rounds`` are done. Returns the number of rounds run."""
+def interleave(entries: List[Entry], dev, rounds: int, min_rounds: int, budget_s: float, clock: str = "wall") -> int:
+    """Time every runnable entry once per round (on ``clock``, see ``harness.CLOCKS``), rotating the order; stop
+    after ``rounds`` rounds, or earlier once ``budget_s`` (wall) has passed and ``min_rounds`` are done. Returns the
+    number of rounds run."""
     import harness
 
     live = [e for e in entries if e.error is None]
@@ -104,7 +106,7 @@ def interleave(entries: List[Entry], dev, rounds: int, min_rounds: int, budget_s
         order = live[r % len(live):] + live[: r % len(live)] if live else []
         for entry in order:
             try:
-                entry.times.append(harness._timed_call(entry.setup, entry.fn, dev))
+                entry.times.append(harness._timed_call(entry.setup, entry.fn, dev, clock))
             except Exception as exc:  # a failure after warm-up: keep what was timed, say why it stopped
                 entry.error = harness.failure_reason(exc)
         live = [e for e in live if e.error is None]
@@ -121,11 +123,8 @@ def measure(entry: Entry, dev, rates: Dict[str, float]) -> None:
 
     if not entry.times:
         return
-    median = statistics.median(entry.times)
     precision = harness.split_provider(entry.provider)[1]
     costs = harness.costs_by_precision(entry.case, entry.mode)
-    best_floor, best_precision = harness.best_floor_seconds(costs, rates)
-    floor = harness.floor_seconds(costs[precision], rates, precision)
     peak = retained = None
     if entry.error is None:
         try:
@@ -135,12 +134,48 @@ def measure(entry: Entry, dev, rates: Dict[str, float]) -> None:
             entry.error = f"memory measurement: {harness.failure_reason(exc)}"
     entry.record.update(harness._labels(entry.case, entry.provider, entry.mode, dev))  # right after its own call
     entry.record.update({
-        "median_s": median, "min_s": min(entry.times), "iqr_s": _iqr(entry.times), "rounds": len(entry.times),
-        "flops": costs[precision].flops, "bytes": costs[precision].bytes, "floor_s": floor,
-        "best_floor_s": best_floor, "best_floor_precision": best_precision,
-        "fraction_of_floor": floor / median, "fraction_of_best_floor": best_floor / median,
+        "median_s": statistics.median(entry.times), "min_s": min(entry.times), "iqr_s": _iqr(entry.times),
+        "rounds": len(entry.times), **costs[precision].as_dict(), **{f"bytes_{p}": c.bytes for p, c in costs.items()},
         "peak_bytes": peak, "retained_bytes": retained,
     })
+    entry.record.update(floors(entry.record, rates))
+
+
+def floors(record: Dict[str, object], rates: Dict[str, object]) -> Dict[str, object]:
+    """The floor at the record's own precision and the best floor over every precision, and the fractions of both
+    that its median reaches, at the roofs ``rates``."""
+    import roofs
+
+    def at(precision):
+        return roofs.floor_seconds(record["flops"], record[f"bytes_{precision}"], record["transcendentals"], rates,
+                                   precision)
+
+    best_floor, best_precision = min((at(p), p) for p in roofs.PRECISIONS)
+    floor = at(record["precision"])
+    return {"floor_s": floor, "best_floor_s": best_floor, "best_floor_precision": best_precision,
+            "fraction_of_floor": floor / record["median_s"], "fraction_of_best_floor": best_floor / record["median_s"]}
+
+
+def refloor(path: str) -> Dict[str, object]:
+    """A recorded run's floors again at this machine's physical peaks (``roofs.py``), for a run recorded on this
+    machine before its peaks were measured; refuses a run from another CPU."""
+    import roofs
+
+    with open(path) as f:
+        result = json.load(f)
+    here = roofs.cpu_identity()
+    ident = f"cpu family {here['family']} model {here['model']};"
+    if not str(result.get("cpu_flags", "")).startswith(ident) or result["machine_info"]["cpu_model"] != \
+            here["model_name"]:
+        raise SystemExit(f"compare.py --refloor: {path} was recorded on {result['machine_info']['cpu_model']} "
+                         f"({result.get('cpu_flags')}), this is {here['model_name']} ({ident}): its floors need "
+                         f"that machine's peaks; rerun the comparison there")
+    machine = result["machine_info"]
+    machine.update(roofs.rates(roofs.peaks(), int(machine["torch_threads"])))
+    for record in result["entries"]:
+        if record.get("times_s"):
+            record.update(floors(record, machine))
+    return result
 
 
 def ratios(entries: List[Entry]) -> List[Dict[str, object]]:
@@ -183,7 +218,9 @@ def render(result: Dict[str, object]) -> str:
         f"Run of {result['datetime']} on **{m['cpu_model']}** ({m['cpu_cores']} CPU cores, {m['torch_threads']} "
         f"torch threads; {result.get('cpu_flags', '')}), torch {m['torch_version']}, avkernels "
         f"{m['avkernels_version']} (backends: {', '.join(m['avkernels_backends'])}), commit "
-        f"{result['commit'][:10]}. {result['rounds']} interleaved rounds ({result['wall_s']:.0f} s).",
+        f"{result['commit'][:10]}. {result['rounds']} interleaved rounds ({result['wall_s']:.0f} s), "
+        + ("calls timed by the process's CPU time (time.process_time, one thread)."
+           if result.get("clock") == "cpu" else "calls timed by wall clock."),
         roofs_line(m) + f" Load average (1 min) at start / end: {m.get('load_average_start')} / "
         f"{m.get('load_average_end')}.",
     ]
@@ -230,20 +267,14 @@ def render(result: Dict[str, object]) -> str:
 
 
 def cpu_flags() -> str:
-    """The matrix/vector extensions that decide the 16-bit story (none of AMX, AVX-512 BF16 here means torch's bf16
-    GEMM has no fast kernel)."""
+    """The family/model and the matrix/vector extensions that decide the 16-bit story (none of AMX, AVX-512 BF16
+    here means torch's bf16 GEMM has no fast kernel)."""
+    import roofs
+
+    cpu = roofs.cpu_identity()
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-    fields: Dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return ""
-    flags = fields.get("flags", "").split()
-    return (f"cpu family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; ISA: "
-            + ", ".join(f"{w} {'yes' if w in flags else 'no'}" for w in wanted))
+    return (f"cpu family {cpu['family']} model {cpu['model']}; ISA: "
+            + ", ".join(f"{w} {'yes' if cpu['isa'][w] else 'no'}" for w in wanted))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -257,12 +288,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--min-rounds", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=900, help="stop starting rounds after about this long")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="time calls by wall clock, or by the process's CPU time (with --threads 1 on a machine "
+                             "shared with other work: it leaves out the time spent waiting for a core)")
     parser.add_argument("--profile", action="store_true", help="add the batch-8 training-step profile per provider")
     parser.add_argument("--name", default="issue10-bf16")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--note", default="")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, 2 rounds: a check that the script runs")
+    parser.add_argument("--refloor", metavar="JSON", default=None,
+                        help="no run: recompute a recorded run's floors at this machine's physical peaks and write "
+                             "its JSON and markdown again (same CPU only)")
     args = parser.parse_args(argv)
+    if args.refloor:
+        result = refloor(args.refloor)
+        write(result, args.refloor[: -len(".json")] if args.refloor.endswith(".json") else args.refloor)
+        return 0
 
     import torch
 
@@ -290,7 +331,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for entry in entries:
         prepare(entry, dev)
         print(f"warm: {entry.label}" + (f" FAILED {entry.error}" if entry.error else ""), flush=True)
-    rounds = interleave(entries, dev, args.rounds, args.min_rounds, args.budget_s)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        raise SystemExit("compare.py: --clock cpu needs --threads 1 (with more threads, CPU time adds up the "
+                         "threads' time instead of measuring the call's duration)")
+    rounds = interleave(entries, dev, args.rounds, args.min_rounds, args.budget_s, args.clock)
     wall = time.perf_counter() - t0
     machine = harness.machine_info(dev, quick=args.smoke)  # the roofs again at the end, the better one kept
     for entry in entries:
@@ -301,7 +345,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         records.append(dict(e.record, times_s=e.times, **({"error": e.error} if e.error else {})))
     result: Dict[str, object] = {
         "datetime": started, "commit": _commit(), "machine_info": machine, "cpu_flags": cpu_flags(),
-        "rounds": rounds, "wall_s": wall, "note": args.note, "providers": providers, "entries": records,
+        "rounds": rounds, "wall_s": wall, "clock": args.clock, "note": args.note, "providers": providers,
+        "entries": records,
         "ratios": ratios(entries),
     }
     if args.profile:
@@ -314,7 +359,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    f"{torch.get_num_threads()} threads, mean of {steps} profiled steps, ms per step")
 
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, args.name)
+    write(result, os.path.join(args.out_dir, args.name))
+    return 0
+
+
+def write(result: Dict[str, object], stem: str) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1, default=str)
     text = render(result)
@@ -322,7 +371,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(text)
     sys.stdout.write(text)
     print(f"wrote {stem}.json, {stem}.md")
-    return 0
 
 
 if __name__ == "__main__":

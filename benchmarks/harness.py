@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 import avkernels
+import roofs
 from avkernels.backends import OPS, preference
 from avkernels.flops import Cost
 
@@ -146,7 +147,10 @@ def _gemm_gflops(dev: torch.device, dtype: torch.dtype, n: int, repeats: int) ->
 
 @functools.lru_cache(maxsize=None)
 def machine_rates(dev_type: str, quick: bool = False) -> Dict[str, float]:
-    """The roofs of this machine, measured with torch: GEMM FLOP/s per dtype, copy bandwidth, tanh throughput.
+    """What torch reaches on this machine (GEMM FLOP/s per dtype, copy bandwidth, ``torch.tanh`` throughput) and,
+    on CPU, the physical peaks of ``roofs.py`` at the current thread count (``peak_*``), which the floors use: torch's
+    rates are no limit for the kernels (their own tanh beats ``torch.tanh``), so they stay for reference only, and
+    for the GPU, which has no peaks measurement yet.
 
     ``matmul_gflops``: the fp32 GEMM, the better of the two layouts of :func:`_gemm_gflops` (2048 on CPU, 8192 on
     GPU). ``matmul_gflops_bf16`` / ``matmul_gflops_fp16``: the same for 16-bit inputs (torch accumulates them in
@@ -184,23 +188,18 @@ def machine_rates(dev_type: str, quick: bool = False) -> Dict[str, float]:
         "bandwidth_gbs": 2 * big.numel() * big.element_size() / copy / 1e9,
         "tanh_gelems": reps * small.numel() / tanh / 1e9,
     })
+    if dev.type == "cpu":
+        try:
+            rates.update(roofs.rates(roofs.peaks(), torch.get_num_threads()))
+        except (OSError, RuntimeError, ValueError) as exc:  # no compiler: the floors use torch's rates, and say so
+            rates["peak_error"] = failure_reason(exc)
     return rates
-
-
-def gemm_roof(rates: Dict[str, float], precision: str) -> float:
-    """GFLOP/s of ``precision``'s GEMM roof; results recorded before the 16-bit roofs existed have only fp32."""
-    key = "matmul_gflops" if precision == "fp32" else f"matmul_gflops_{precision}"
-    return rates.get(key, rates["matmul_gflops"])
 
 
 def floor_seconds(cost: Cost, rates: Dict[str, float], precision: str = "fp32") -> float:
     """The roofline floor of ``cost`` (counted at ``precision``'s element size) at ``precision``'s roofs: the
-    slowest of its matmul, memory-traffic and tanh times at this machine's measured rates."""
-    return max(
-        cost.flops / (gemm_roof(rates, precision) * 1e9),
-        cost.bytes / (rates["bandwidth_gbs"] * 1e9),
-        cost.transcendentals / (rates["tanh_gelems"] * 1e9),
-    )
+    slowest of its matmul, memory-traffic and tanh times at this machine's physical peaks (``roofs.py``)."""
+    return roofs.floor_seconds(cost.flops, cost.bytes, cost.transcendentals, rates, precision)
 
 
 def best_floor_seconds(costs: Dict[str, Cost], rates: Dict[str, float]) -> Tuple[float, str]:
@@ -211,14 +210,8 @@ def best_floor_seconds(costs: Dict[str, Cost], rates: Dict[str, float]) -> Tuple
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = roofs.cpu_identity()["model_name"]
+    return name if name != "?" else platform.processor() or platform.machine()
 
 
 def _cpp_features() -> Optional[Dict[str, object]]:
@@ -247,10 +240,11 @@ def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:
     }
     # the roofs are peak rates: keep the better of the start-of-run measurement and a fresh one at the end
     start, end = machine_rates(dev.type, quick), machine_rates.__wrapped__(dev.type, quick)
-    info.update({name: max(start[name], end[name]) for name in start})
-    best = max(("fp32", "bf16", "fp16"), key=lambda p: gemm_roof(info, p))
+    info.update({name: max(start[name], end[name]) if isinstance(start[name], float) else start[name]
+                 for name in start})
+    best = max(("fp32", "bf16", "fp16"), key=lambda p: roofs.gemm_roof(info, p))
     info["matmul_best_precision"] = best
-    info["matmul_gflops_best"] = gemm_roof(info, best)
+    info["matmul_gflops_best"] = roofs.gemm_roof(info, best)
     return info
 
 
@@ -322,7 +316,6 @@ def build_mode(case: Case, provider: str, mode: str, dev: torch.device):
     module = _module(case, provider, dev)
     _, precision = split_provider(provider)
     training = mode != "inference"
-    module.train(training)
     torch.manual_seed(1)
     inputs = case.make_inputs(dev, training)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -377,6 +370,15 @@ def build_mode(case: Case, provider: str, mode: str, dev: torch.device):
     else:
         raise ValueError(f"mode: unknown {mode!r}")
 
+    # The module is shared by every mode and batch of its provider, and a caller may build several rows before it
+    # times them (compare.py builds every row, then interleaves them): a mode set here, at build time, would be the
+    # last-built row's mode when an earlier row is timed. So every setup, i.e. every timed call, sets it.
+    mode_free_setup = setup
+
+    def setup():  # noqa: F811 - the same setup, in this row's mode
+        module.train(training)
+        return mode_free_setup()
+
     if dev.type == "cuda":
         timed = fn
 
@@ -388,12 +390,19 @@ def build_mode(case: Case, provider: str, mode: str, dev: torch.device):
     return setup, fn
 
 
-def _timed_call(setup, fn, dev: torch.device) -> float:
+# How a call is timed: "wall" (time.perf_counter, the default) or "cpu" (time.process_time, the CPU time of this
+# process): with one torch thread on a machine shared with other work, CPU time leaves out the time the process
+# waited for a core, which wall time counts (on a 2-core machine at load average 10, several times the call).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _timed_call(setup, fn, dev: torch.device, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
     args, kwargs = setup()
-    start = time.perf_counter()
+    start = now()
     fn(*args, **kwargs)
     synchronize(dev)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def _cpu_peak(setup, fn) -> Tuple[int, int]:

@@ -21,6 +21,8 @@ import sys
 from collections import OrderedDict
 from typing import Callable, Dict, List, Tuple
 
+import roofs
+
 BASELINE = "reference"
 IMPL_ORDER = ("reference", "torch_compile", "default", "cpp", "triton", "cuda")
 PRECISION_ORDER = ("fp32", "bf16", "fp16")
@@ -45,19 +47,13 @@ def _row_key(info: dict) -> Tuple:
     return (info["op"], info["shape"], info["batch"], info["seq_len"], size, info["mode"])
 
 
-def gemm_roof(machine: dict, precision: str) -> float:
-    key = "matmul_gflops" if precision == "fp32" else f"matmul_gflops_{precision}"
-    return machine.get(key, machine["matmul_gflops"])  # runs recorded before the 16-bit roofs: fp32's
-
-
 def floor_seconds(info: dict, machine: dict, precision: str = None) -> float:
     """The roofline floor of one result at ``precision``'s roofs in ``machine_info`` (the better of the start and
     end measurements; each result's own ``extra_info["floor_s"]`` used the start measurement only); by default at
     the result's own precision."""
     precision = precision or info.get("precision", "fp32")
     nbytes = info.get(f"bytes_{precision}", info["bytes"])
-    return max(info["flops"] / (gemm_roof(machine, precision) * 1e9), nbytes / (machine["bandwidth_gbs"] * 1e9),
-               info["transcendentals"] / (machine["tanh_gelems"] * 1e9))
+    return roofs.floor_seconds(info["flops"], nbytes, info["transcendentals"], machine, precision)
 
 
 def best_floor_seconds(info: dict, machine: dict) -> float:
@@ -117,9 +113,13 @@ def roofs_line(m: dict) -> str:
             layouts = [f"{m[k]:.1f} {name}" for name, k in (("a@b", f"matmul_gflops_{p}_nn"),
                                                            ("a@b.T", f"matmul_gflops_{p}_nt")) if k in m]
             parts.append(f"{p} GEMM {m[f'matmul_gflops_{p}']:.1f} GFLOP/s ({', '.join(layouts)})")
-    best = max(PRECISION_ORDER, key=lambda p: gemm_roof(m, p))
-    return (f"Roofs measured in the same run: {'; '.join(parts)} (best: {best}); copy bandwidth "
-            f"{m['bandwidth_gbs']:.1f} GB/s, tanh {m['tanh_gelems']:.2f} G/s.")
+    best = max(PRECISION_ORDER, key=lambda p: roofs.gemm_roof(m, p))
+    torch_rates = (f"{'; '.join(parts)}; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s, torch.tanh "
+                   f"{m['tanh_gelems']:.2f} G/s")
+    if "peak_gflops_fp32" in m:
+        return f"{roofs.summary(m)} Best matrix roof: {best}. What torch reached in the same run: {torch_rates}."
+    why = f" (the peaks could not be measured: {m['peak_error']})" if m.get("peak_error") else ""
+    return (f"Roofs measured with torch in the same run, not physical limits{why}: {torch_rates} (best: {best}).")
 
 
 def header(report: dict, note: str = "") -> str:

@@ -6,6 +6,8 @@ Shapes:
 - ``tanh_attention`` ``rjcma``: the video modality of RJCMA's block (``d = 256 + 128 + 128``, ``d_m = 256``,
   ``L = 300``).
 - ``tanh_attention`` ``additive``: the CVPRW additive form (``q = K_m``, ``k = J^T``, a shared ``(d, 32)`` value).
+- ``tanh_attention`` ``thin`` (the memory sweep): ``Mq = 1``, ``D = E`` in 1, 4, 16, no epilogue, at ``B = 64``,
+  ``N = 20000`` (and ``B = 256``, ``N = 100000`` with ``--bench-full``).
 - ``gate`` and ``stage_gate`` (``T = 2``) on ``(B, 16, 512)``, and the gate on RJCMA's ``(B, 300, 256)``.
 """
 
@@ -52,11 +54,12 @@ class StageGate(nn.Module):
         return avkernels.stage_gate(list(stages), self.linear.weight, self.linear.bias, backend=self.backend)
 
 
-def tanh_attention_case(shape, batch, mq, n, seq_len, *, hidden=None):
-    """``q (B, Mq, L)``, ``k (B, N, L)``; dense: ``v (B, N, L)`` with the epilogue; additive: shared ``v (N, hidden)``."""
+def tanh_attention_case(shape, batch, mq, n, seq_len, *, hidden=None, activation="tanh_relu"):
+    """``q (B, Mq, L)``, ``k (B, N, L)``; dense: ``v (B, N, L)`` with ``activation`` (the dense JCA block's epilogue
+    by default); additive: shared ``v (N, hidden)``, no epilogue."""
     joint = mq if hidden is None else n
     scale = 1.0 / math.sqrt(joint)
-    activation = "tanh_relu" if hidden is None else None
+    activation = activation if hidden is None else None
     e = seq_len if hidden is None else hidden
 
     def make_module(backend):
@@ -72,7 +75,7 @@ def tanh_attention_case(shape, batch, mq, n, seq_len, *, hidden=None):
         "tanh_attention", shape, params, make_module, make_inputs,
         cost=lambda mode, itemsize=4: tanh_attention_cost(batch, mq, n, seq_len, e, shared_v=hidden is not None,
                                                           activation=activation, mode=mode, itemsize=itemsize),
-        key=(shape, mq, n, seq_len, hidden),
+        key=(shape, mq, n, seq_len, hidden, activation),
     )
 
 
@@ -114,6 +117,16 @@ def tanh_attention_cases(level):
     return cases
 
 
+def thin_cases(level):
+    """The memory sweep of thin heads: one query row (``Mq = 1``) over many keys, ``D = E`` in 1, 4, 16, at large
+    batch and ``N``, where per-task buffers padded to a vector width or per batch would dwarf the inputs; every
+    provider's peak memory is recorded beside its time (table 3 of report.py)."""
+    if level == "smoke":
+        return [tanh_attention_case("thin", 3, 1, 37, d, activation=None) for d in (1, 4)]
+    sizes = ((64, 20000),) + (((256, 100000),) if level == "full" else ())
+    return [tanh_attention_case("thin", b, 1, n, d, activation=None) for b, n in sizes for d in (1, 4, 16)]
+
+
 def gate_cases(level):
     if level == "smoke":
         return [gate_case("tiny", 1, 4, 8)]
@@ -128,6 +141,11 @@ def stage_gate_cases(level):
 
 @harness.benchmarks(tanh_attention_cases, MODES)
 def test_tanh_attention(bench, case, mode, provider):
+    bench(case, mode, provider)
+
+
+@harness.benchmarks(thin_cases, MODES)
+def test_tanh_attention_thin(bench, case, mode, provider):
     bench(case, mode, provider)
 
 
