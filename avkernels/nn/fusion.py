@@ -7,6 +7,7 @@ public models are it with the papers' settings. ``forward(*features)`` takes one
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -199,35 +200,23 @@ class RecursiveJointCrossAttention(nn.Module):
 def _preset(name: str, summary: str, iterations: int, gating: Optional[str]) -> type:
     """A fusion class with the papers' settings and the full, explicit signature of the engine (for ``help()``)."""
 
-    def __init__(
-        self,
-        dims: Sequence[int],
-        seq_len: int,
-        *,
-        form: str = "dense",
-        iterations: int = iterations,
-        dropout: float = 0.6,
-        hidden: int = 32,
-        share_weights: bool = False,
-        gating: Optional[str] = gating,
-        tau: float = 0.1,
-        stage_tau: float = 0.1,
-        gate_unattended: str = "previous",
-        stage_include_input: bool = False,
-        backend: Optional[str] = None,
-    ):
-        if gating != __init__.__kwdefaults__["gating"]:
+    def __init__(self, dims: Sequence[int], seq_len: int, **options):
+        options.setdefault("iterations", iterations)
+        if options.setdefault("gating", gating) != gating:
+            chosen = options["gating"]
             raise ValueError(
-                f"gating: {name} is the fusion with gating={__init__.__kwdefaults__['gating']!r}, got {gating!r}; "
-                f"use {GATING_CLASSES[gating] if gating in GATING_CLASSES else 'one of ' + str(GATINGS)} or "
+                f"gating: {name} is the fusion with gating={gating!r}, got {chosen!r}; "
+                f"use {GATING_CLASSES[chosen] if chosen in GATING_CLASSES else 'one of ' + str(GATINGS)} or "
                 "RecursiveJointCrossAttention(..., gating=...) for another gating"
             )
-        RecursiveJointCrossAttention.__init__(
-            self, dims, seq_len, form=form, iterations=iterations, dropout=dropout, hidden=hidden,
-            share_weights=share_weights, gating=gating, tau=tau, stage_tau=stage_tau,
-            gate_unattended=gate_unattended, stage_include_input=stage_include_input, backend=backend,
-        )
+        RecursiveJointCrossAttention.__init__(self, dims, seq_len, **options)
 
+    # help() and inspect.signature show the engine's arguments with this preset's defaults, not **options.
+    engine = inspect.signature(RecursiveJointCrossAttention.__init__)
+    presets = {"iterations": iterations, "gating": gating}
+    __init__.__signature__ = engine.replace(parameters=[
+        p.replace(default=presets[p.name]) if p.name in presets else p for p in engine.parameters.values()
+    ])
     __init__.__doc__ = f"Build {name}; the arguments are those of :class:`RecursiveJointCrossAttention` (below)."
     doc = f"{summary}\n\n    Arguments and defaults as :class:`RecursiveJointCrossAttention`, with ``iterations={iterations}`` " \
           f"and ``gating={gating!r}``.\n\n    " + RecursiveJointCrossAttention.__doc__.split("\n", 1)[1].lstrip()
