@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from avkernels.backends import cast_for_autocast
 from avkernels.nn.linear import Linear
 from avkernels.ops.tanh_attention import tanh_attention
 
@@ -44,15 +45,20 @@ class DenseJointCrossAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-        query = self.query(torch.cat(features, dim=-1)).transpose(1, 2)  # Q^T: (B, d, L)
+        # Under autocast each input is cast once here, not once by every layer that reads it (the query's concat,
+        # the key, the value); the residual adds the input as given, so it keeps its precision (SPEC 8).
+        cast = cast_for_autocast(list(features))
+        query = self.query(torch.cat(cast, dim=-1)).transpose(1, 2)  # Q^T: (B, d, L)
         updated = []
-        for x, key, value, output in zip(features, self.keys, self.values, self.outputs):
-            k = key(x.transpose(1, 2))  # K_m: (B, d_m, L), a learned map on the time axis
-            v = value(x).transpose(1, 2)  # V_m^T: (B, d_m, L)
+        for x, x_cast, key, value, output in zip(features, cast, self.keys, self.values, self.outputs):
+            # Contiguous inputs let F.linear fold the bias into one addmm; a transposed view takes matmul's copy
+            # anyway, then a separate bias add (slow in bf16 on the key's 16-wide rows).
+            k = key(x_cast.transpose(1, 2).contiguous())  # K_m: (B, d_m, L), a learned map on the time axis
+            v = value(x_cast).transpose(1, 2)  # V_m^T: (B, d_m, L)
             h = tanh_attention(
                 query, k, v, scale=self.scale, dropout_p=self.dropout_p, training=self.training,
                 activation="tanh_relu", backend=self.backend,
-            ).transpose(1, 2)  # H_m: (B, L, d)
+            ).transpose(1, 2).contiguous()  # H_m: (B, L, d)
             updated.append(x + self.dropout(torch.relu(output(h))))
         return tuple(updated)
 
