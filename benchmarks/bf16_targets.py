@@ -1,7 +1,7 @@
 """Issue 22's bf16 targets, measured with a plain loop: GRJCA at the official shape, each row in the mode it names.
 
     python benchmarks/bf16_targets.py [--batches 8,64] [--rounds 7] [--threads 2] [--rows default-bf16,cpp-fp32,...]
-                                      [--profile] [--json out.json]
+                                      [--clock wall|cpu] [--profile] [--json out.json]
 
 Rows: ``default-bf16`` (no backend named, bf16 autocast: what a user gets), ``cpp-fp32``, ``eager-bf16``
 (``reference`` backend under bf16 autocast), ``eager-fp32``. Every row has its own module (same seed, same weights),
@@ -9,7 +9,9 @@ so that no other row's mode can leak into it: training rows run ``module.train()
 the residual MLP) and time forward, backward from fixed random output gradients and an Adam step at learning rate 0;
 inference rows run ``module.eval()`` under ``torch.no_grad()``. Rounds are interleaved (one call of every row per
 round, after warm-up) and each row reports its median and its peak memory (torch's CPU allocations during one call,
-from the profiler). ``--profile`` prints a torch.profiler table of the default row's top operators instead.
+from the profiler). ``--clock cpu`` times the calling thread's CPU time instead of wall time: on a machine shared with
+other work, wall time measures the other work too; it needs ``--threads 1`` (torch then runs every op on the calling
+thread). ``--profile`` prints a torch.profiler table of the default row's top operators instead.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ def build(row: str, batch: int, mode: str):
     return (lambda: ((), {})), fn
 
 
-def measure(rows, batches, modes, rounds: int):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def measure(rows, batches, modes, rounds: int, clock=time.perf_counter):
     results = []
     for batch in batches:
         for mode in modes:
@@ -86,9 +91,9 @@ def measure(rows, batches, modes, rounds: int):
                 built[row][1]()
             for _ in range(rounds):
                 for row in rows:
-                    start = time.perf_counter()
+                    start = clock()
                     built[row][1]()
-                    times[row].append(time.perf_counter() - start)
+                    times[row].append(clock() - start)
             for row in rows:
                 peak, _ = _cpu_peak(*built[row])
                 median = 1e3 * statistics.median(times[row])
@@ -116,9 +121,12 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(r for r in ROWS if r != "eager-fp32"))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu times the calling thread only: pass --threads 1")
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
@@ -131,9 +139,9 @@ def main() -> None:
                     profile(batch, mode, row)
         return
     load_before = os.getloadavg()
-    results = measure(rows, batches, modes, args.rounds)
+    results = measure(rows, batches, modes, args.rounds, CLOCKS[args.clock])
     info = {
-        "cpu": cpu_model(), "machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
+        "cpu": cpu_model(), "machine": platform.machine(), "threads": args.threads, "clock": args.clock, "torch": torch.__version__,
         "cpu_features": dict(torch.ops.avkernels.cpu_features()), "load_before": load_before,
         "load_after": os.getloadavg(), "rounds": args.rounds, "results": results,
     }

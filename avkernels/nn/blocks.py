@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from avkernels.backends import cast_for_autocast
 from avkernels.nn.lengths import padding_mask, zero_padded
 from avkernels.nn.linear import Linear
 from avkernels.ops.tanh_attention import tanh_attention
@@ -60,17 +61,22 @@ class DenseJointCrossAttention(nn.Module):
         """``features``: one ``(B, L, d_m)`` tensor per modality; ``lengths``: optional ``(B,)`` valid steps."""
         padded = _time_padding(features, lengths)
         features = [zero_padded(x, padded) for x in features]
-        query = self.query(torch.cat(features, dim=-1)).transpose(1, 2)  # Q^T: (B, d, L)
+        # Under autocast each input is cast once here, not once by every layer that reads it (the query's concat,
+        # the key, the value); the residual adds the input as given, so it keeps its precision (SPEC 8).
+        cast = cast_for_autocast(list(features))
+        query = self.query(torch.cat(cast, dim=-1)).transpose(1, 2)  # Q^T: (B, d, L)
         query = zero_padded(query, padded, time_axis=2)
         updated = []
-        for x, key, value, output in zip(features, self.keys, self.values, self.outputs):
-            k = key(x.transpose(1, 2))  # K_m: (B, d_m, L), a learned map on the time axis
+        for x, x_cast, key, value, output in zip(features, cast, self.keys, self.values, self.outputs):
+            # Contiguous inputs let F.linear fold the bias into one addmm; a transposed view takes matmul's copy
+            # anyway, then a separate bias add (slow in bf16 on the key's 16-wide rows).
+            k = key(x_cast.transpose(1, 2).contiguous())  # K_m: (B, d_m, L), a learned map on the time axis
             k = zero_padded(k, padded, time_axis=2)
-            v = value(x).transpose(1, 2)  # V_m^T: (B, d_m, L)
+            v = value(x_cast).transpose(1, 2)  # V_m^T: (B, d_m, L)
             h = tanh_attention(
                 query, k, v, scale=self.scale, dropout_p=self.dropout_p, training=self.training,
                 activation="tanh_relu", backend=self.backend,
-            ).transpose(1, 2)  # H_m: (B, L, d)
+            ).transpose(1, 2).contiguous()  # H_m: (B, L, d)
             updated.append(x + self.dropout(torch.relu(output(h))))
         return tuple(updated)
 
