@@ -61,9 +61,11 @@ def tanh_attention_variants() -> List[Tuple]:
                     pointers = {name: ptr for name in "QKVO"}
                     pointers["MASK"] = "*i1"
                     specs.append((fwd, _signature(fwd, pointers, consts), consts, options))
-                consts = dict(shared, DROPOUT=dropout, **rows_on_mq)
+                dq_cfg = ta._dq_config(cfg, dropout)
+                consts = dict(shared, DROPOUT=dropout, BLOCK_M=dq_cfg.block_rows, BLOCK_N=dq_cfg.block_loop)
                 pointers = {name: ptr for name in ("DO", "O", "Q", "K", "V", "DQ")}
-                specs.append((bwd_dq, _signature(bwd_dq, pointers, consts), consts, options))
+                dq_options = {"num_warps": dq_cfg.num_warps, "num_stages": dq_cfg.num_stages}
+                specs.append((bwd_dq, _signature(bwd_dq, pointers, consts), consts, dq_options))
                 consts = dict(shared, DROPOUT=dropout, BLOCK_M=cfg.block_loop, BLOCK_N=cfg.block_rows)
                 pointers = {name: ptr for name in ("DO", "O", "Q", "K", "V", "DK")}
                 pointers["DV"] = "*fp32"
