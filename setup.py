@@ -104,7 +104,9 @@ def _extensions():
                 CONFIG["CPU_MODULE"],
                 cpu_sources,
                 include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
-                extra_compile_args={"cxx": list(CONFIG["CPU_CXX_FLAGS"])},
+                extra_compile_args={"cxx": list(CONFIG["CPU_CXX_FLAGS"]) + (
+                    list(CONFIG["CPU_STABLE_ABI_FLAGS"])
+                    if CONFIG["uses_stable_abi"]("CPU", torch.__version__, os.environ) else [])},
                 extra_link_args=list(CONFIG["CPU_LINK_FLAGS"]),
                 py_limited_api=True,
             )

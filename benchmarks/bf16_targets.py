@@ -134,7 +134,7 @@ def main() -> None:
     results = measure(rows, batches, modes, args.rounds)
     info = {
         "cpu": cpu_model(), "machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
-        "cpu_features": dict(torch.ops.avkernels.cpu_features()), "load_before": load_before,
+        "cpu_features": avkernels.cpu_features(), "load_before": load_before,
         "load_after": os.getloadavg(), "rounds": args.rounds, "results": results,
     }
     print(json.dumps({k: v for k, v in info.items() if k != "results"}))
