@@ -7,6 +7,8 @@
 #   TORCH_VERSIONS="2.10.0 2.11.0" scripts/test_stable_wheel.sh
 #                                                 # also one venv per torch version, from PyTorch's CPU index
 #                                                 # (about 200 MB each; needs the network)
+#   TORCH_VERSIONS=2.14.1 TORCH_PIP_ARGS= scripts/test_stable_wheel.sh
+#                                                 # torch from pip's configured indexes instead
 #
 # Writes only under a temporary folder (kept when KEEP=1) and setuptools' build/ folder of the checkout.
 set -euo pipefail
@@ -58,10 +60,11 @@ $python -m venv --system-site-packages "$work/venv-system"
 smoke_in "$work/venv-system"
 
 for version in ${TORCH_VERSIONS:-}; do
-  echo "== venv with torch $version (CPU build from download.pytorch.org)"
+  echo "== venv with torch $version"
   $python -m venv "$work/venv-$version"
+  # shellcheck disable=SC2086  # the pip arguments are words
   "$work/venv-$version/bin/python" -m pip install -q "torch==$version" numpy tqdm \
-    --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    ${TORCH_PIP_ARGS---index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple}
   smoke_in "$work/venv-$version"
 done
 echo "PASS"
