@@ -48,14 +48,15 @@ class BuildPyWithSources(build_py):
 
 def _extensions():
     if os.environ.get("AVKERNELS_NO_EXTENSIONS", "0") == "1":
-        return [], {}
+        return [], {}, {}
     try:
         import torch
+        from torch.utils import cpp_extension as cpp_extension_module
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
         warnings.warn(f"avkernels: torch is not importable at build time ({exc}); building without extensions "
                       "(avkernels compiles the CPU one against the installed torch when first imported)")
-        return [], {}
+        return [], {}, {}
 
     class OptionalBuildExtension(BuildExtension):
         """Builds each extension if it can; a failure is reported and skipped, never fatal.
@@ -104,7 +105,9 @@ def _extensions():
                 CONFIG["CPU_MODULE"],
                 cpu_sources,
                 include_dirs=[os.path.join(HERE, CONFIG["INCLUDE_DIR"])],
-                extra_compile_args={"cxx": list(CONFIG["CPU_CXX_FLAGS"])},
+                extra_compile_args={"cxx": list(CONFIG["CPU_CXX_FLAGS"]) + (
+                    list(CONFIG["CPU_STABLE_ABI_FLAGS"])
+                    if CONFIG["uses_stable_abi"]("CPU", torch.__version__, os.environ) else [])},
                 extra_link_args=list(CONFIG["CPU_LINK_FLAGS"]),
                 py_limited_api=True,
             )
@@ -121,10 +124,17 @@ def _extensions():
                 py_limited_api=True,
             )
         )
-    return ext_modules, {"build_ext": OptionalBuildExtension}
+    # The wheel's tag: the limited API of the oldest Python torch compiles the extensions for (-DPy_LIMITED_API),
+    # e.g. cp310-abi3, so that pip installs it on that Python and every later one. A torch that does not say (older
+    # than 2.6) compiles them without Py_LIMITED_API: then the wheel keeps its interpreter tag.
+    limited = getattr(cpp_extension_module, "min_supported_cpython", None)
+    wheel_options = {}
+    if ext_modules and limited is not None:
+        wheel_options = {"bdist_wheel": {"py_limited_api": f"cp3{(int(limited, 16) >> 16) & 0xFF}"}}
+    return ext_modules, {"build_ext": OptionalBuildExtension}, wheel_options
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, options = _extensions()
 cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
@@ -151,4 +161,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options=options,
 )

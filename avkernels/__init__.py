@@ -7,7 +7,7 @@ ones: :func:`build`.
 """
 
 from avkernels.backends import backend_status, backends
-from avkernels.ops.native import build
+from avkernels.ops.native import build, cpu_features
 from avkernels.ops import gate, stage_gate, tanh_attention
 from avkernels.nn import DCA, GRJCA, JCA, RJCA
 from avkernels import data, losses, metrics, models
@@ -26,6 +26,7 @@ __all__ = [
     "backends",
     "backend_status",
     "build",
+    "cpu_features",
     "models",
     "data",
     "metrics",

@@ -21,6 +21,22 @@ CPU_SOURCES = ("csrc/cpu/*.cpp",)
 # standard its headers require. -g0: no debug info, a faster build.
 CPU_CXX_FLAGS = ("-O3", "-g0", "-fopenmp", "-ffp-contract=fast")
 CPU_LINK_FLAGS = ("-fopenmp",)
+# The CPU library on PyTorch's stable ABI (csrc/common/tensor_api.h) where the building torch has it (>= 2.10): added
+# to CPU_CXX_FLAGS. TORCH_TARGET_VERSION=2.10 hides every stable API newer than 2.10, so the binary calls only C shims
+# that torch 2.10 and every later torch provide. AVKERNELS_STABLE_ABI=0 builds the ATen variant instead (the one
+# older torch gets), e.g. to compare the two.
+STABLE_ABI_FROM = (2, 10)
+CPU_STABLE_ABI_FLAGS = ("-DAVK_STABLE_ABI=1", "-DTORCH_TARGET_VERSION=0x020a000000000000")
+
+
+def uses_stable_abi(prefix, torch_version, environ):
+    """Whether the library of `prefix` ("CPU", "CUDA") is built on the stable ABI for torch `torch_version`. The
+    CUDA library stays on ATen (csrc/cuda/binding.cpp)."""
+    if prefix != "CPU" or environ.get("AVKERNELS_STABLE_ABI", "1") == "0":
+        return False
+    release = torch_version.split("+")[0].split(".")[:2]
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in release) >= STABLE_ABI_FROM
+
 
 CUDA_MODULE = "avkernels._C_cuda"
 CUDA_SOURCES = ("csrc/cuda/*.cu", "csrc/cuda/*.cpp")

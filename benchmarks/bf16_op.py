@@ -36,4 +36,4 @@ for _ in range(7):
         start = time.thread_time()
         f()
         times[name].append(time.thread_time() - start)
-print(ops.cpu_features()["compute_16bit"], {n: f"{1e3 * statistics.median(t):.2f} ms" for n, t in times.items()})
+print(avkernels.cpu_features()["compute_16bit"], {n: f"{1e3 * statistics.median(t):.2f} ms" for n, t in times.items()})

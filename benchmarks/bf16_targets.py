@@ -141,8 +141,8 @@ def main() -> None:
     load_before = os.getloadavg()
     results = measure(rows, batches, modes, args.rounds, CLOCKS[args.clock])
     info = {
-        "cpu": cpu_model(), "machine": platform.machine(), "threads": args.threads, "clock": args.clock, "torch": torch.__version__,
-        "cpu_features": dict(torch.ops.avkernels.cpu_features()), "load_before": load_before,
+        "cpu": cpu_model(), "machine": platform.machine(), "threads": args.threads, "clock": args.clock,
+        "torch": torch.__version__, "cpu_features": avkernels.cpu_features(), "load_before": load_before,
         "load_after": os.getloadavg(), "rounds": args.rounds, "results": results,
     }
     print(json.dumps({k: v for k, v in info.items() if k != "results"}))

@@ -218,7 +218,7 @@ def _cpp_features() -> Optional[Dict[str, object]]:
     """The cpp extension's view of the CPU (ISA variant, 16-bit hardware, how it computes 16-bit inputs)."""
     if "cpp" not in avkernels.backends():
         return None
-    return dict(torch.ops.avkernels.cpu_features())
+    return avkernels.cpu_features()
 
 
 def machine_info(dev: torch.device, quick: bool = False) -> Dict[str, object]:

@@ -321,7 +321,7 @@ def test_half_precision_is_the_fp32_kernel_rounded_once(ext, dtype):
     reruns this with AVKERNELS_CPU_16BIT=fp32."""
     q, k, v, do = _attention_inputs((3, 37, 71, 13, 19), "contiguous", dtype)
     wide = [t.float() for t in (q, k, v, do)]
-    unit_rounds_the_map = dtype == torch.bfloat16 and ext.cpu_features()["compute_16bit"] != "fp32"
+    unit_rounds_the_map = dtype == torch.bfloat16 and avkernels.cpu_features()["compute_16bit"] != "fp32"
     for activation, p in ((None, 0.0), ("tanh_relu", 0.3)):
         (o, *grads), _ = _ext_attention(ext, q, k, v, do, 0.4, activation, p, seed=5)
         act = int(activation == "tanh_relu")
@@ -523,7 +523,7 @@ def test_cuda_backend_request_without_cuda_is_a_clear_error():
 
 
 def test_cpu_features_report_the_16bit_path(ext):
-    features = ext.cpu_features()
+    features = avkernels.cpu_features()
     assert features["isa"] == ext.cpu_isa()
     assert set(features) == {"isa", "f16c", "avx512_bf16", "amx_bf16", "compute_16bit"}
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else None

@@ -167,7 +167,11 @@ def _source_root(lib: NativeLibrary) -> Optional[str]:
 
 
 def _flags(lib: NativeLibrary, kind: str) -> List[str]:
-    return list(_config().get(f"{lib.config}_{kind}_FLAGS", ()))
+    config = _config()
+    flags = list(config.get(f"{lib.config}_{kind}_FLAGS", ()))
+    if kind == "CXX" and config["uses_stable_abi"](lib.config, torch.__version__, os.environ):
+        flags += config[f"{lib.config}_STABLE_ABI_FLAGS"]
+    return flags
 
 
 def build_directory(backend: str = "cpp", root: Optional[str] = None) -> str:
@@ -376,6 +380,15 @@ def _settle(lib: NativeLibrary) -> None:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def cpu_features() -> Dict[str, str]:
+    """The cpp library's view of the CPU: ISA variant (``"isa"``), 16-bit hardware (``"f16c"``, ``"avx512_bf16"``,
+    ``"amx_bf16"``: ``"true"``/``"false"``) and what computes 16-bit inputs (``"compute_16bit"``). The op
+    ``torch.ops.avkernels.cpu_features()`` returns the items as ``"key=value"`` strings, since the stable ABI the
+    library is built on has no dict return."""
+    build("cpp")
+    return dict(item.split("=", 1) for item in torch.ops.avkernels.cpu_features())
 
 
 def build(backend: str = "cpp", *, force: bool = False, verbose: bool = False) -> str:

@@ -4,23 +4,19 @@
 // library provides its kernels as a struct
 //
 //   struct Kernels {
-//     static constexpr c10::DeviceType kDevice = ...;  // where the op's tensors must be
-//     static std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(q, k, v, const TanhAttentionArgs&,
-//                                                                      bool return_mask);
-//     static std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(dout, q, k, v, o,
-//                                                                                   const TanhAttentionArgs&);
+//     static constexpr DeviceType kDevice = ...;  // where the op's tensors must be
+//     static std::tuple<Tensor, Tensor> tanh_attention_forward(q, k, v, const TanhAttentionArgs&,
+//                                                              bool return_mask);
+//     static std::tuple<Tensor, Tensor, Tensor> tanh_attention_backward(dout, q, k, v, o,
+//                                                                       const TanhAttentionArgs&);
 //     ... gate_forward, gate_backward, stage_gate_forward, stage_gate_backward (the ops' own arguments)
 //   };
 //
-// and registers FrontEnd<Kernels>::register_kernels(m) in its TORCH_LIBRARY_IMPL. Determinism is a property of the
-// kernels, not an argument: the CPU kernels always reduce in a fixed order; the CUDA tanh_attention backward, the
-// one kernel with a faster order-dependent reduction, reads torch.use_deterministic_algorithms itself.
+// (Tensor, DeviceType: common/tensor_api.h, ATen's or the stable ABI's) and registers
+// FrontEnd<Kernels>::register_kernels(m) in its AVK_LIBRARY_IMPL. Determinism is a property of the kernels, not an
+// argument: the CPU kernels always reduce in a fixed order; the CUDA tanh_attention backward, the one kernel with a
+// faster order-dependent reduction, reads torch.use_deterministic_algorithms itself.
 #pragma once
-
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-#include <c10/util/string_view.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <string>
@@ -28,47 +24,48 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/tensor_api.h"
 #include "common/tanh_attention_args.h"
 
 namespace avk {
 
 // The seed tensor of the ops: empty (no dropout) or one int64 value in [0, 2^31) (Philox keys).
-inline int64_t seed_value(const at::Tensor& seed, const char* op) {
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() <= 1, op,
-              ": seed must be an empty or one-element int64 tensor, got a ", seed.scalar_type(), " tensor of shape ",
-              seed.sizes());
-  const int64_t value = seed.numel() == 0 ? 0 : seed.item<int64_t>();
-  TORCH_CHECK(value >= 0 && value < (int64_t(1) << 31), op, ": seed must be in [0, 2**31), got ", value);
+inline int64_t seed_value(const Tensor& seed, const char* op) {
+  AVK_CHECK(seed.scalar_type() == ScalarType::Long && seed.numel() <= 1, op,
+            ": seed must be an empty or one-element int64 tensor, got a ", dtype_name(seed.scalar_type()),
+            " tensor of shape ", shape_string(seed.sizes()));
+  const int64_t value = seed.numel() == 0 ? 0 : scalar_value<int64_t>(seed);
+  AVK_CHECK(value >= 0 && value < (int64_t(1) << 31), op, ": seed must be in [0, 2**31), got ", value);
   return value;
 }
 
 // Checks q, k, v and the scalars of tanh_attention; `op` names the op in messages.
-inline TanhAttentionArgs tanh_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& seed, double scale, double dropout_p,
-                                             c10::string_view activation, c10::string_view map, double map_bias,
-                                             c10::DeviceType device, const char* op) {
+inline TanhAttentionArgs tanh_attention_args(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const Tensor& seed, double scale, double dropout_p,
+                                             StrArg activation, StrArg map, double map_bias,
+                                             DeviceType device, const char* op) {
   check_float(q, device, op, "q");
   check_float_like(k, q, op, "k", "q");
   check_float_like(v, q, op, "v", "q");
   check_shape(q, {-1, -1, -1}, op, "q", "(B, Mq, D)");
   check_shape(k, {q.size(0), -1, q.size(2)}, op, "k", "(B, N, D)");
   check_shape(v, {-1, k.size(1), -1}, op, "v", "(B or 1, N, E)");
-  TORCH_CHECK(v.size(0) == q.size(0) || v.size(0) == 1, op, ": v must have batch size ", q.size(0),
-              " (like q) or 1 (shared), got ", v.size(0));
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(activation == "none" || activation == "tanh_relu", op,
-              ": activation must be \"none\" or \"tanh_relu\", got \"", std::string(activation), "\"");
+  AVK_CHECK(v.size(0) == q.size(0) || v.size(0) == 1, op, ": v must have batch size ", q.size(0),
+            " (like q) or 1 (shared), got ", v.size(0));
+  AVK_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  AVK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  AVK_CHECK(activation == "none" || activation == "tanh_relu", op,
+            ": activation must be \"none\" or \"tanh_relu\", got \"", std::string(activation), "\"");
   int map_code = 0;
   while (map_code < kNumMaps && map != kMapNames[map_code]) ++map_code;
   if (map_code == kNumMaps) {
     std::string names;
     for (const char* name : kMapNames) names += std::string(names.empty() ? "\"" : ", \"") + name + "\"";
-    TORCH_CHECK(false, op, ": map must be one of ", names, "; got \"", std::string(map), "\"");
+    AVK_CHECK(false, op, ": map must be one of ", names, "; got \"", std::string(map), "\"");
   }
-  TORCH_CHECK(std::isfinite(map_bias), op, ": map_bias must be finite, got ", map_bias);
-  TORCH_CHECK(map_bias == 0.0 || map == "sigmoid", op, ": map_bias is the sigmoid map's; map \"",
-              std::string(map), "\" takes map_bias=0, got ", map_bias);
+  AVK_CHECK(std::isfinite(map_bias), op, ": map_bias must be finite, got ", map_bias);
+  AVK_CHECK(map_bias == 0.0 || map == "sigmoid", op, ": map_bias is the sigmoid map's; map \"",
+            std::string(map), "\" takes map_bias=0, got ", map_bias);
   TanhAttentionArgs args{};
   args.seed = seed_value(seed, op);
   args.scale = scale;
@@ -81,19 +78,19 @@ inline TanhAttentionArgs tanh_attention_args(const at::Tensor& q, const at::Tens
 
 template <class Kernels>
 struct FrontEnd {
-  static std::tuple<at::Tensor, at::Tensor> tanh_attention(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const at::Tensor& seed, double scale,
-                                                           double dropout_p, c10::string_view activation,
-                                                           bool return_mask, c10::string_view map, double map_bias) {
+  static std::tuple<Tensor, Tensor> tanh_attention(const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const Tensor& seed, double scale,
+                                                   double dropout_p, StrArg activation,
+                                                   bool return_mask, StrArg map, double map_bias) {
     const TanhAttentionArgs args = tanh_attention_args(q, k, v, seed, scale, dropout_p, activation, map, map_bias,
                                                        Kernels::kDevice, "tanh_attention_forward");
     return Kernels::tanh_attention_forward(q, k, v, args, return_mask);
   }
 
   // `o` is read (and checked) only with the tanh_relu epilogue, whose derivative needs it.
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(
-      const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
-      const at::Tensor& seed, double scale, double dropout_p, c10::string_view activation, c10::string_view map,
+  static std::tuple<Tensor, Tensor, Tensor> tanh_attention_backward(
+      const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+      const Tensor& seed, double scale, double dropout_p, StrArg activation, StrArg map,
       double map_bias) {
     constexpr const char* op = "tanh_attention_backward";
     const TanhAttentionArgs args = tanh_attention_args(q, k, v, seed, scale, dropout_p, activation, map, map_bias,
@@ -107,27 +104,27 @@ struct FrontEnd {
     return Kernels::tanh_attention_backward(dout, q, k, v, o, args);
   }
 
-  static std::tuple<at::Tensor, at::Tensor> stage_gate(at::TensorList stages, const at::Tensor& weight,
-                                                       const at::Tensor& bias, double tau) {
-    return Kernels::stage_gate_forward(stages.vec(), weight, bias, tau);
+  static std::tuple<Tensor, Tensor> stage_gate(TensorListArg stages, const Tensor& weight,
+                                               const Tensor& bias, double tau) {
+    return Kernels::stage_gate_forward(tensor_vector(stages), weight, bias, tau);
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout,
-                                                                            const at::Tensor& ds,
-                                                                            at::TensorList stages,
-                                                                            const at::Tensor& weight,
-                                                                            const at::Tensor& s,
-                                                                            const at::Tensor& out, double tau) {
-    return Kernels::stage_gate_backward(dout, ds, stages.vec(), weight, s, out, tau);
+  static std::tuple<Tensor, Tensor, Tensor> stage_gate_backward(const Tensor& dout,
+                                                                const Tensor& ds,
+                                                                TensorListArg stages,
+                                                                const Tensor& weight,
+                                                                const Tensor& s,
+                                                                const Tensor& out, double tau) {
+    return Kernels::stage_gate_backward(dout, ds, tensor_vector(stages), weight, s, out, tau);
   }
 
-  static void register_kernels(torch::Library& m) {
-    m.impl("tanh_attention", &tanh_attention);
-    m.impl("tanh_attention_backward", &tanh_attention_backward);
-    m.impl("gate", Kernels::gate_forward);
-    m.impl("gate_backward", Kernels::gate_backward);
-    m.impl("stage_gate", &stage_gate);
-    m.impl("stage_gate_backward", &stage_gate_backward);
+  static void register_kernels(Library& m) {
+    m.impl("tanh_attention", AVK_KERNEL(&tanh_attention));
+    m.impl("tanh_attention_backward", AVK_KERNEL(&tanh_attention_backward));
+    m.impl("gate", AVK_KERNEL(Kernels::gate_forward));
+    m.impl("gate_backward", AVK_KERNEL(Kernels::gate_backward));
+    m.impl("stage_gate", AVK_KERNEL(&stage_gate));
+    m.impl("stage_gate_backward", AVK_KERNEL(&stage_gate_backward));
   }
 };
 

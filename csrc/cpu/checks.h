@@ -8,11 +8,11 @@ namespace cpu {
 
 using avk::check_shape;
 
-inline void check_float_cpu(const at::Tensor& t, const char* fn, const char* name) {
-  check_float(t, c10::DeviceType::CPU, fn, name);
+inline void check_float_cpu(const Tensor& t, const char* fn, const char* name) {
+  check_float(t, DeviceType::CPU, fn, name);
 }
 
-inline void check_float_cpu_like(const at::Tensor& t, const at::Tensor& ref, const char* fn, const char* name,
+inline void check_float_cpu_like(const Tensor& t, const Tensor& ref, const char* fn, const char* name,
                                  const char* ref_name) {
   check_float_cpu(t, fn, name);
   avk::check_float_like(t, ref, fn, name, ref_name);

@@ -7,19 +7,16 @@
 // buffers, so widening there is nearly free, and each output is rounded once, on its final store.
 //
 // Rounding: round to nearest, ties to even, both ways exact where representable. bf16 NaN stays NaN (quiet, as
-// c10::BFloat16 makes it: 0x7FC0). fp16 goes through F16C (vcvtph2ps / vcvtps2ph) when the running ISA variant is
-// AVX2 or wider, else through c10::Half; both round the same way, so every ISA variant stores the same bits.
+// BFloat16 makes it: 0x7FC0). fp16 goes through F16C (vcvtph2ps / vcvtps2ph) when the running ISA variant is
+// AVX2 or wider, else through Half; both round the same way, so every ISA variant stores the same bits.
 #pragma once
-
-#include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
+#include "common/tensor_api.h"
 #include "simd.h"
 
 #if AVK_X86_DISPATCH
@@ -34,23 +31,23 @@ struct ComputeType {
   using type = S;
 };
 template <>
-struct ComputeType<c10::BFloat16> {
+struct ComputeType<BFloat16> {
   using type = float;
 };
 template <>
-struct ComputeType<c10::Half> {
+struct ComputeType<Half> {
   using type = float;
 };
 template <typename S>
 using compute_t = typename ComputeType<S>::type;
 
 // The dtype of the kernels' intermediate buffers (weight-gradient partials) for inputs of dtype s.
-inline at::ScalarType compute_dtype(at::ScalarType s) {
-  return s == at::kBFloat16 || s == at::kHalf ? at::kFloat : s;
+inline ScalarType compute_dtype(ScalarType s) {
+  return s == ScalarType::BFloat16 || s == ScalarType::Half ? ScalarType::Float : s;
 }
 
 // bf16 is the top half of an fp32: widening is a shift, written on the bits so that the loops vectorise in every
-// ISA variant (c10::BFloat16's operator float goes through memcpy per element, which GCC leaves scalar).
+// ISA variant (BFloat16's operator float goes through memcpy per element, which GCC leaves scalar).
 inline float bf16_bits_to_float(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;
@@ -58,7 +55,7 @@ inline float bf16_bits_to_float(uint16_t bits) {
   return f;
 }
 
-// Round to nearest even on the bits; NaN -> 0x7FC0 like c10::BFloat16 (a NaN whose payload sits in the low half
+// Round to nearest even on the bits; NaN -> 0x7FC0 like BFloat16 (a NaN whose payload sits in the low half
 // would otherwise round to infinity).
 inline uint16_t float_to_bf16_bits(float f) {
   uint32_t u;
@@ -112,7 +109,7 @@ inline void widen_row(T* dst, const S* src, int64_t stride, int64_t n) {
     } else {
       for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
     }
-  } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+  } else if constexpr (std::is_same_v<S, BFloat16>) {
     static_assert(std::is_same_v<T, float>, "bfloat16 widens to float");
     const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
 #if AVK_X86_DISPATCH
@@ -127,7 +124,7 @@ inline void widen_row(T* dst, const S* src, int64_t stride, int64_t n) {
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(bits[i * stride]);
     }
   } else {
-    static_assert(std::is_same_v<S, c10::Half> && std::is_same_v<T, float>, "float16 widens to float");
+    static_assert(std::is_same_v<S, Half> && std::is_same_v<T, float>, "float16 widens to float");
 #if AVK_X86_DISPATCH
     if (stride == 1 && use_avx2_conversions()) {
       widen_half_f16c(dst, reinterpret_cast<const uint16_t*>(src), n);
@@ -143,7 +140,7 @@ template <typename S, typename T>
 inline void narrow_row(S* dst, const T* src, int64_t n) {
   if constexpr (std::is_same_v<S, T>) {
     std::copy(src, src + n, dst);
-  } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+  } else if constexpr (std::is_same_v<S, BFloat16>) {
     static_assert(std::is_same_v<T, float>, "bfloat16 narrows from float");
     uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
 #if AVK_X86_DISPATCH
@@ -154,21 +151,21 @@ inline void narrow_row(S* dst, const T* src, int64_t n) {
 #endif
     for (int64_t i = 0; i < n; ++i) bits[i] = float_to_bf16_bits(src[i]);
   } else {
-    static_assert(std::is_same_v<S, c10::Half> && std::is_same_v<T, float>, "float16 narrows from float");
+    static_assert(std::is_same_v<S, Half> && std::is_same_v<T, float>, "float16 narrows from float");
 #if AVK_X86_DISPATCH
     if (use_avx2_conversions()) {
       narrow_half_f16c(reinterpret_cast<uint16_t*>(dst), src, n);
       return;
     }
 #endif
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Half>(src[i]);
   }
 }
 
 // One value of S as T (for the few scalars read outside the row loops: gate probabilities, saved outputs).
 template <typename T, typename S>
 inline T widen(S x) {
-  if constexpr (std::is_same_v<S, c10::BFloat16>)
+  if constexpr (std::is_same_v<S, BFloat16>)
     return bf16_bits_to_float(x.x);
   else
     return static_cast<T>(x);

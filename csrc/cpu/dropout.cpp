@@ -3,8 +3,6 @@
 // dropout_uniform / dropout_keep (ops.h) that expose the stream to the tests.
 #include "dropout.h"
 
-#include <ATen/ops/empty.h>
-
 #include <algorithm>
 
 #include "common/philox.h"
@@ -55,7 +53,7 @@ void keep_flags_scalar(uint64_t seed, uint64_t counter, int64_t calls, float p, 
 
 // hi and lo 32-bit halves of a * multiplier in every 32-bit lane (multiplier in the even dword of 64-bit lanes).
 __attribute__((target("avx512f,bmi2"))) inline void mul_wide_avx512(__m512i a, __m512i multiplier, __m512i& hi,
-                                                                         __m512i& lo) {
+                                                                    __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(a, multiplier);
   const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), multiplier);
   hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);  // even lanes <- even products' high dwords
@@ -70,7 +68,7 @@ __attribute__((target("avx512f,bmi2"))) inline __mmask16 keeps_avx512(__m512i wo
 }
 
 __attribute__((target("avx512f,bmi2"))) void keep_flags_avx512(uint64_t seed, uint64_t counter, int64_t calls,
-                                                                  float p, float* keep) {
+                                                               float p, float* keep) {
   constexpr int kCalls = 16;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i round_a = _mm512_set1_epi64(philox::kRoundA), round_b = _mm512_set1_epi64(philox::kRoundB);
@@ -121,7 +119,7 @@ __attribute__((target("avx512f,bmi2"))) void keep_flags_avx512(uint64_t seed, ui
 }
 
 __attribute__((target("avx2,bmi2"))) inline void mul_wide_avx2(__m256i a, __m256i multiplier, __m256i& hi,
-                                                                       __m256i& lo) {
+                                                               __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, multiplier);
   const __m256i odd = _mm256_mul_epu32(_mm256_shuffle_epi32(a, 0xF5), multiplier);
   hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, 0xF5), odd, 0xAA);
@@ -135,7 +133,7 @@ __attribute__((target("avx2,bmi2"))) inline uint32_t keeps_avx2(__m256i word, __
 }
 
 __attribute__((target("avx2,bmi2"))) void keep_flags_avx2(uint64_t seed, uint64_t counter, int64_t calls,
-                                                                float p, float* keep) {
+                                                          float p, float* keep) {
   constexpr int kCalls = 8;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i round_a = _mm256_set1_epi64x(philox::kRoundA), round_b = _mm256_set1_epi64x(philox::kRoundB);
@@ -190,12 +188,12 @@ KeepFlagsFn select_keep_flags() {
 
 const KeepFlagsFn keep_flags = select_keep_flags();
 
-at::Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_t keys) {
-  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "dropout_uniform: seed must be in [0, 2**31), got ", seed);
-  TORCH_CHECK(first_row >= 0 && rows >= 0 && keys >= 0, "dropout_uniform: first_row, rows and keys must be >= 0, got ",
-              first_row, ", ", rows, ", ", keys);
-  at::Tensor u = at::empty({rows, keys}, at::TensorOptions().dtype(at::kFloat));
-  float* out = u.data_ptr<float>();
+Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_t keys) {
+  AVK_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "dropout_uniform: seed must be in [0, 2**31), got ", seed);
+  AVK_CHECK(first_row >= 0 && rows >= 0 && keys >= 0, "dropout_uniform: first_row, rows and keys must be >= 0, got ",
+            first_row, ", ", rows, ", ", keys);
+  Tensor u = empty_cpu({rows, keys}, ScalarType::Float);
+  float* out = u.mutable_data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < keys; ++j)
       out[r * keys + j] = philox::uniform(static_cast<uint64_t>(seed), static_cast<uint64_t>(first_row + r),
@@ -203,12 +201,12 @@ at::Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_
   return u;
 }
 
-at::Tensor dropout_keep(int64_t seed, int64_t first_row, int64_t rows, int64_t keys, double dropout_p) {
-  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "dropout_keep: seed must be in [0, 2**31), got ", seed);
-  TORCH_CHECK(first_row >= 0 && rows >= 0 && keys >= 0, "dropout_keep: first_row, rows and keys must be >= 0, got ",
-              first_row, ", ", rows, ", ", keys);
-  at::Tensor kept = at::empty({rows, keys}, at::TensorOptions().dtype(at::kBool));
-  bool* out = kept.data_ptr<bool>();
+Tensor dropout_keep(int64_t seed, int64_t first_row, int64_t rows, int64_t keys, double dropout_p) {
+  AVK_CHECK(seed >= 0 && seed < (int64_t(1) << 31), "dropout_keep: seed must be in [0, 2**31), got ", seed);
+  AVK_CHECK(first_row >= 0 && rows >= 0 && keys >= 0, "dropout_keep: first_row, rows and keys must be >= 0, got ",
+            first_row, ", ", rows, ", ", keys);
+  Tensor kept = empty_cpu({rows, keys}, ScalarType::Bool);
+  bool* out = kept.mutable_data_ptr<bool>();
   const uint64_t calls_per_row = philox::calls_per_row(keys);
   constexpr int64_t kBlock = 64;  // the fp32 kernels' key block
   float flags[kBlock];

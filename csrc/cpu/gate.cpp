@@ -5,8 +5,6 @@
 
 #include "ops.h"
 
-#include <ATen/ops/empty.h>
-
 #include "checks.h"
 #include "softmax_mix.h"
 
@@ -17,8 +15,8 @@ namespace {
 // The candidates' order: g[..., 0] weighs the unattended features, and only the attended one feeds the logits.
 constexpr int64_t kAttended = 1;
 
-void check_gate_inputs(const char* fn, const at::Tensor& attended, const at::Tensor& unattended,
-                       const at::Tensor& weight) {
+void check_gate_inputs(const char* fn, const Tensor& attended, const Tensor& unattended,
+                       const Tensor& weight) {
   check_float_cpu(attended, fn, "attended");
   check_shape(attended, {-1, -1, -1}, fn, "attended", "(B, L, d)");
   check_float_cpu_like(unattended, attended, fn, "unattended", "attended");
@@ -29,21 +27,21 @@ void check_gate_inputs(const char* fn, const at::Tensor& attended, const at::Ten
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
-                                                const at::Tensor& weight, const at::Tensor& bias, double tau) {
+std::tuple<Tensor, Tensor> gate_forward(const Tensor& attended, const Tensor& unattended,
+                                        const Tensor& weight, const Tensor& bias, double tau) {
   constexpr const char* fn = "gate_forward";
   check_gate_inputs(fn, attended, unattended, weight);
   return softmax_mix_forward({fn, "attended", "2", "g"}, {unattended, attended}, kAttended, weight, bias, tau);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
-    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
-    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> gate_backward(
+    const Tensor& dout, const Tensor& dg, const Tensor& attended, const Tensor& unattended,
+    const Tensor& weight, const Tensor& g, const Tensor& out, double tau) {
   constexpr const char* fn = "gate_backward";
   check_gate_inputs(fn, attended, unattended, weight);
   // Two separate tensors: the op's outputs must not alias each other (torch.library.opcheck checks).
-  const at::Tensor d_attended = at::empty(attended.sizes(), attended.options());
-  const at::Tensor d_unattended = at::empty(attended.sizes(), attended.options());
+  const Tensor d_attended = make_empty(attended, attended.sizes());
+  const Tensor d_unattended = make_empty(attended, attended.sizes());
   auto [d_weight, d_bias] = softmax_mix_backward({fn, "attended", "2", "g"}, dout, dg, {unattended, attended},
                                                  kAttended, weight, g, out, tau, {d_unattended, d_attended});
   return {d_attended, d_unattended, d_weight, d_bias};

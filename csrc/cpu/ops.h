@@ -8,53 +8,52 @@
 // the input dtype, rounded once to nearest even; dropout masks depend on the seed and shapes only, never the dtype.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <tuple>
 #include <vector>
 
 #include "common/tanh_attention_args.h"
+#include "common/tensor_api.h"
 
 namespace avk {
 namespace cpu {
 
 // mask is an empty bool tensor unless return_mask and args.dropout_p > 0. The arguments are checked
 // (csrc/common/front_end.h); so are dout and, with the tanh_relu epilogue, out (the forward output).
-std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const TanhAttentionArgs& args,
-                                                          bool return_mask);
+std::tuple<Tensor, Tensor> tanh_attention_forward(const Tensor& q, const Tensor& k,
+                                                  const Tensor& v, const TanhAttentionArgs& args,
+                                                  bool return_mask);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at::Tensor& dout, const at::Tensor& q,
-                                                                       const at::Tensor& k, const at::Tensor& v,
-                                                                       const at::Tensor& out,
-                                                                       const TanhAttentionArgs& args);
+std::tuple<Tensor, Tensor, Tensor> tanh_attention_backward(const Tensor& dout, const Tensor& q,
+                                                           const Tensor& k, const Tensor& v,
+                                                           const Tensor& out,
+                                                           const TanhAttentionArgs& args);
 
 // For tests: the dropout generator (csrc/common/philox.h) on map rows [first_row, first_row + rows) of a map with
 // `keys` columns, as a (rows, keys) tensor: the fp32 uniforms (portable scalar code) and the keep flags drawn the
 // way the kernels draw them (the SIMD code of the running ISA variant).
-at::Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_t keys);
-at::Tensor dropout_keep(int64_t seed, int64_t first_row, int64_t rows, int64_t keys, double dropout_p);
+Tensor dropout_uniform(int64_t seed, int64_t first_row, int64_t rows, int64_t keys);
+Tensor dropout_keep(int64_t seed, int64_t first_row, int64_t rows, int64_t keys, double dropout_p);
 
 // For tests: one instruction of the 16-bit unit over every lane (dot16.h), computed by `unit` = "scalar" (the
 // definition), "emulated" (the stand-in's vector code) or "avx512_bf16" (the instruction): acc + a . b with a, b
 // int32 words holding bf16 pairs (vdpbf16ps), and x rounded to bf16 pairs (vcvtne2ps2bf16, returned as int16).
-at::Tensor dot16_dot(const at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, c10::string_view unit);
-at::Tensor dot16_round(const at::Tensor& x, c10::string_view unit);
+Tensor dot16_dot(const Tensor& acc, const Tensor& a, const Tensor& b, StrArg unit);
+Tensor dot16_round(const Tensor& x, StrArg unit);
 
-std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
-                                                const at::Tensor& weight, const at::Tensor& bias, double tau);
+std::tuple<Tensor, Tensor> gate_forward(const Tensor& attended, const Tensor& unattended,
+                                        const Tensor& weight, const Tensor& bias, double tau);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
-    const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
-    const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gate_backward(
+    const Tensor& dout, const Tensor& dg, const Tensor& attended, const Tensor& unattended,
+    const Tensor& weight, const Tensor& g, const Tensor& out, double tau);
 
-std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tensor>& stages, const at::Tensor& weight,
-                                                      const at::Tensor& bias, double tau);
+std::tuple<Tensor, Tensor> stage_gate_forward(const std::vector<Tensor>& stages, const Tensor& weight,
+                                              const Tensor& bias, double tau);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
-                                                                   const std::vector<at::Tensor>& stages,
-                                                                   const at::Tensor& weight, const at::Tensor& s,
-                                                                   const at::Tensor& out, double tau);
+std::tuple<Tensor, Tensor, Tensor> stage_gate_backward(const Tensor& dout, const Tensor& ds,
+                                                       const std::vector<Tensor>& stages,
+                                                       const Tensor& weight, const Tensor& s,
+                                                       const Tensor& out, double tau);
 
 }  // namespace cpu
 }  // namespace avk

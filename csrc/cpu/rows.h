@@ -3,7 +3,6 @@
 #pragma once
 
 #include "parallel.h"
-#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,8 +16,8 @@ template <typename T>
 struct RowView {
   const T* data;
   int64_t s0, s1, s2, length;
-  explicit RowView(const at::Tensor& t)
-      : data(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), length(t.size(1)) {}
+  explicit RowView(const Tensor& t)
+      : data(t.mutable_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), length(t.size(1)) {}
   const T* row(int64_t r) const { return data + (r / length) * s0 + (r % length) * s1; }
 };
 

@@ -27,6 +27,9 @@
 #else
 #define AVK_X86_DISPATCH 0
 #endif
+#if AVK_X86_DISPATCH
+#include <immintrin.h>  // declares the __builtin_ia32_* used below (the ATen headers used to include it for us)
+#endif
 // Kernel bodies are force-inlined into each ISA entry point, which compiles its own copy for that ISA.
 #define AVK_INLINE inline __attribute__((always_inline))
 

@@ -7,10 +7,6 @@
 
 #include "softmax_mix.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -24,9 +20,9 @@ namespace cpu {
 namespace {
 
 template <typename T>
-std::vector<RowView<T>> row_views(const std::vector<at::Tensor>& tensors) {
+std::vector<RowView<T>> row_views(const std::vector<Tensor>& tensors) {
   std::vector<RowView<T>> views;
-  for (const at::Tensor& t : tensors) views.emplace_back(t);
+  for (const Tensor& t : tensors) views.emplace_back(t);
   return views;
 }
 
@@ -171,34 +167,34 @@ std::string gates_shape(const SoftmaxMixNames& names) { return std::string("(B, 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
-                                                       const std::vector<at::Tensor>& candidates,
-                                                       int64_t first_logit, const at::Tensor& weight,
-                                                       const at::Tensor& bias, double tau) {
+std::tuple<Tensor, Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
+                                               const std::vector<Tensor>& candidates,
+                                               int64_t first_logit, const Tensor& weight,
+                                               const Tensor& bias, double tau) {
   const char* fn = names.fn;
-  const at::Tensor& ref = candidates[0];
+  const Tensor& ref = candidates[0];
   const int64_t n = static_cast<int64_t>(candidates.size());
   check_float_cpu_like(bias, ref, fn, "bias", names.ref_name);
   const std::string bias_shape = std::string("(") + names.count + ",)";
   check_shape(bias, {n}, fn, "bias", bias_shape.c_str());
-  TORCH_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
+  AVK_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
   const auto shape = ref.sizes();
   const int64_t d = shape[2], rows = shape[0] * shape[1];
-  at::Tensor out = at::empty(shape, ref.options());
-  at::Tensor s = at::empty({shape[0], shape[1], n}, ref.options());
+  Tensor out = make_empty(ref, shape);
+  Tensor s = make_empty(ref, {shape[0], shape[1], n});
   if (rows == 0) return {out, s};
-  const at::ScalarType compute = compute_dtype(ref.scalar_type());
-  const at::Tensor w = weight.contiguous().to(compute), bias_c = bias.contiguous().to(compute);  // small
+  const ScalarType compute = compute_dtype(ref.scalar_type());
+  const Tensor w = contiguous_as(weight, compute), bias_c = contiguous_as(bias, compute);  // small
   const int64_t w_cols = (n - first_logit) * d;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ref.scalar_type(), "softmax_mix_forward", [&] {
+  AVK_DISPATCH_FLOATING(ref.scalar_type(), "softmax_mix_forward", [&] {
     using S = scalar_t;
     using T = compute_t<S>;
     const std::vector<RowView<S>> x_rows = row_views<S>(candidates);
-    const T* w_p = w.data_ptr<T>();
-    const T* bias_p = bias_c.data_ptr<T>();
-    S* out_p = out.data_ptr<S>();
-    S* s_p = s.data_ptr<S>();
+    const T* w_p = w.mutable_data_ptr<T>();
+    const T* bias_p = bias_c.mutable_data_ptr<T>();
+    S* out_p = out.mutable_data_ptr<S>();
+    S* s_p = s.mutable_data_ptr<S>();
     const bool unit_stride = !std::is_same_v<S, T>;  // widened rows are unit-stride
     parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch(n * d + d), z(n);  // the candidate rows and the out row in T (16-bit only); gates
@@ -227,14 +223,14 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixNames& na
   return {out, s};
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixNames& names, const at::Tensor& dout,
-                                                        const at::Tensor& dgates,
-                                                        const std::vector<at::Tensor>& candidates, int64_t first_logit,
-                                                        const at::Tensor& weight, const at::Tensor& gates,
-                                                        const at::Tensor& out, double tau,
-                                                        const std::vector<at::Tensor>& d_candidates) {
+std::tuple<Tensor, Tensor> softmax_mix_backward(const SoftmaxMixNames& names, const Tensor& dout,
+                                                const Tensor& dgates,
+                                                const std::vector<Tensor>& candidates, int64_t first_logit,
+                                                const Tensor& weight, const Tensor& gates,
+                                                const Tensor& out, double tau,
+                                                const std::vector<Tensor>& d_candidates) {
   const char* fn = names.fn;
-  const at::Tensor& ref = candidates[0];
+  const Tensor& ref = candidates[0];
   const int64_t n = static_cast<int64_t>(candidates.size());
   const auto shape = ref.sizes();
   const std::string like = std::string("(B, L, d) like ") + names.ref_name, gshape = gates_shape(names);
@@ -247,28 +243,28 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixNames& n
   check_shape(dgates, {shape[0], shape[1], n}, fn, dgates_name.c_str(), gshape.c_str());
   check_float_cpu_like(gates, ref, fn, names.gates_name, names.ref_name);
   check_shape(gates, {shape[0], shape[1], n}, fn, names.gates_name, gshape.c_str());
-  TORCH_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
+  AVK_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
 
   const int64_t d = shape[2], rows = shape[0] * shape[1];
   const int64_t w_cols = (n - first_logit) * d;
-  at::Tensor d_weight = at::zeros({n, w_cols}, ref.options());
-  at::Tensor d_bias = at::zeros({n}, ref.options());
+  Tensor d_weight = make_zeros(ref, {n, w_cols});
+  Tensor d_bias = make_zeros(ref, {n});
   if (rows == 0) return {d_weight, d_bias};
-  const at::ScalarType compute = compute_dtype(ref.scalar_type());
-  const at::Tensor w = weight.contiguous().to(compute);
+  const ScalarType compute = compute_dtype(ref.scalar_type());
+  const Tensor w = contiguous_as(weight, compute);
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   const int64_t part_size = n * w_cols + n;  // weight gradient, then bias gradient
-  at::Tensor part = at::zeros({chunks, part_size}, ref.options().dtype(compute));
+  Tensor part = make_zeros(ref, {chunks, part_size}, compute);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ref.scalar_type(), "softmax_mix_backward", [&] {
+  AVK_DISPATCH_FLOATING(ref.scalar_type(), "softmax_mix_backward", [&] {
     using S = scalar_t;
     using T = compute_t<S>;
     const std::vector<RowView<S>> x_rows = row_views<S>(candidates);
     const RowView<S> o_rows(out), do_rows(dout), s_rows(gates), ds_rows(dgates);
-    const T* w_p = w.data_ptr<T>();
+    const T* w_p = w.mutable_data_ptr<T>();
     std::vector<S*> dx_p;
-    for (const at::Tensor& t : d_candidates) dx_p.push_back(t.data_ptr<S>());
-    T* part_p = part.data_ptr<T>();
+    for (const Tensor& t : d_candidates) dx_p.push_back(t.mutable_data_ptr<S>());
+    T* part_p = part.mutable_data_ptr<T>();
     const bool widened = !std::is_same_v<S, T>;  // widened rows are unit-stride
     parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<T> gate(n), ds(n), dgate(n), dz(n);
@@ -304,10 +300,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixNames& n
         }
       }
     });
-    at::Tensor total = at::empty({part_size}, part.options());
-    sum_chunks(part_p, chunks, part_size, total.data_ptr<T>());
-    d_weight.copy_(total.narrow(0, 0, n * w_cols).view({n, w_cols}));
-    d_bias.copy_(total.narrow(0, n * w_cols, n));
+    Tensor total = make_empty(part, {part_size});
+    sum_chunks(part_p, chunks, part_size, total.mutable_data_ptr<T>());
+    copy_into(d_weight, viewed(narrowed(total, 0, 0, n * w_cols), {n, w_cols}));
+    copy_into(d_bias, narrowed(total, 0, n * w_cols, n));
   });
   return {d_weight, d_bias};
 }

@@ -13,10 +13,10 @@
 // `gates_name` the op's name for the gate values ("g", "s"; their gradient is "d" + gates_name).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <tuple>
 #include <vector>
+
+#include "common/tensor_api.h"
 
 namespace avk {
 namespace cpu {
@@ -29,21 +29,21 @@ struct SoftmaxMixNames {
 };
 
 // Returns (out (B, L, d), gate values (B, L, C)).
-std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
-                                                       const std::vector<at::Tensor>& candidates,
-                                                       int64_t first_logit, const at::Tensor& weight,
-                                                       const at::Tensor& bias, double tau);
+std::tuple<Tensor, Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
+                                               const std::vector<Tensor>& candidates,
+                                               int64_t first_logit, const Tensor& weight,
+                                               const Tensor& bias, double tau);
 
 // Writes the candidates' gradients into d_candidates (C contiguous (B, L, d) tensors of the candidates' dtype, which
 // the front end allocates: one tensor per candidate for the gate, views of one (T, B, L, d) tensor for the stage gate)
 // and returns (d_weight, d_bias). Deterministic: the weight and bias gradients are reduced per chunk of rows, then over
 // chunks in a fixed order, whatever the thread count.
-std::tuple<at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixNames& names, const at::Tensor& dout,
-                                                        const at::Tensor& dgates,
-                                                        const std::vector<at::Tensor>& candidates, int64_t first_logit,
-                                                        const at::Tensor& weight, const at::Tensor& gates,
-                                                        const at::Tensor& out, double tau,
-                                                        const std::vector<at::Tensor>& d_candidates);
+std::tuple<Tensor, Tensor> softmax_mix_backward(const SoftmaxMixNames& names, const Tensor& dout,
+                                                const Tensor& dgates,
+                                                const std::vector<Tensor>& candidates, int64_t first_logit,
+                                                const Tensor& weight, const Tensor& gates,
+                                                const Tensor& out, double tau,
+                                                const std::vector<Tensor>& d_candidates);
 
 }  // namespace cpu
 }  // namespace avk

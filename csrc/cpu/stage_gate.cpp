@@ -5,8 +5,6 @@
 
 #include "ops.h"
 
-#include <ATen/ops/empty.h>
-
 #include <string>
 
 #include "checks.h"
@@ -16,8 +14,8 @@ namespace avk {
 namespace cpu {
 namespace {
 
-void check_stage_inputs(const char* fn, const std::vector<at::Tensor>& stages, const at::Tensor& weight) {
-  TORCH_CHECK(!stages.empty(), fn, ": stages must be a non-empty list of (B, L, d) tensors");
+void check_stage_inputs(const char* fn, const std::vector<Tensor>& stages, const Tensor& weight) {
+  AVK_CHECK(!stages.empty(), fn, ": stages must be a non-empty list of (B, L, d) tensors");
   check_float_cpu(stages[0], fn, "stages[0]");
   check_shape(stages[0], {-1, -1, -1}, fn, "stages[0]", "(B, L, d)");
   for (size_t t = 1; t < stages.size(); ++t) {
@@ -32,24 +30,23 @@ void check_stage_inputs(const char* fn, const std::vector<at::Tensor>& stages, c
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tensor>& stages, const at::Tensor& weight,
-                                                      const at::Tensor& bias, double tau) {
+std::tuple<Tensor, Tensor> stage_gate_forward(const std::vector<Tensor>& stages, const Tensor& weight,
+                                              const Tensor& bias, double tau) {
   constexpr const char* fn = "stage_gate_forward";
   check_stage_inputs(fn, stages, weight);
   return softmax_mix_forward({fn, "stages[0]", "T", "s"}, stages, 0, weight, bias, tau);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Tensor& dout, const at::Tensor& ds,
-                                                                   const std::vector<at::Tensor>& stages,
-                                                                   const at::Tensor& weight, const at::Tensor& s,
-                                                                   const at::Tensor& out, double tau) {
+std::tuple<Tensor, Tensor, Tensor> stage_gate_backward(const Tensor& dout, const Tensor& ds,
+                                                       const std::vector<Tensor>& stages,
+                                                       const Tensor& weight, const Tensor& s,
+                                                       const Tensor& out, double tau) {
   constexpr const char* fn = "stage_gate_backward";
   check_stage_inputs(fn, stages, weight);
   const auto shape = stages[0].sizes();
-  at::Tensor d_stages = at::empty({static_cast<int64_t>(stages.size()), shape[0], shape[1], shape[2]},
-                                  stages[0].options());
+  Tensor d_stages = make_empty(stages[0], {static_cast<int64_t>(stages.size()), shape[0], shape[1], shape[2]});
   auto [d_weight, d_bias] = softmax_mix_backward({fn, "stages[0]", "T", "s"}, dout, ds, stages, 0, weight, s, out,
-                                                 tau, d_stages.unbind(0));
+                                                 tau, unbind0(d_stages));
   return {d_stages, d_weight, d_bias};
 }
 

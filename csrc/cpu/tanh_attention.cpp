@@ -27,10 +27,6 @@
 
 #include "ops.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -232,12 +228,12 @@ struct Problem {
 };
 
 template <typename S>
-Problem<S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TanhAttentionArgs& args) {
+Problem<S> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const TanhAttentionArgs& args) {
   using T = compute_t<S>;
   Problem<S> P;
-  P.q = q.data_ptr<S>();
-  P.k = k.data_ptr<S>();
-  P.v = v.data_ptr<S>();
+  P.q = q.mutable_data_ptr<S>();
+  P.k = k.mutable_data_ptr<S>();
+  P.v = v.mutable_data_ptr<S>();
   P.batch = q.size(0);
   P.rows = q.size(1);
   P.keys = k.size(1);
@@ -345,7 +341,7 @@ AVK_INLINE void finish_output_rows(const Problem<S>& P, T* o_tile, S* o, int64_t
 // Forward tasks [begin, end): task = (batch element, chunk of kBM-row blocks).
 //
 // Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
-// Grid: P.tasks() independent tasks (disjoint output rows), split over threads by at::parallel_for.
+// Grid: P.tasks() independent tasks (disjoint output rows), split over threads by parallel_for (parallel.h).
 template <typename S, int VB, template <typename, int> class Map>
 AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t begin, int64_t end) {
   using T = compute_t<S>;
@@ -449,7 +445,7 @@ void keep_task_sum(const T* acc, int64_t ld, int64_t keys, int64_t width, S* out
 //
 // Per tile: S = q k^T, t = map(scale S + bias), f = keep / (1 - p), C = t f, dZ = do' v^T (do' = do through the
 // tanh_relu epilogue), dS = dZ f map'(t) scale; dq += dS k, dk += dS^T q, dv += C^T do'.
-// Grid: P.tasks() tasks with private outputs, split over threads by at::parallel_for.
+// Grid: P.tasks() tasks with private outputs, split over threads by parallel_for (parallel.h).
 template <typename S, int VB, template <typename, int> class Map>
 AVK_INLINE void backward_tasks(const Problem<S>& P, const Gradients<S>& G, int64_t begin, int64_t end) {
   using T = compute_t<S>;
@@ -561,7 +557,7 @@ bool backward_on_16bit_unit(const Problem<S>&, const Gradients<S>&) {
   return false;
 }
 
-bool forward_on_16bit_unit(const Problem<c10::BFloat16>& P, c10::BFloat16* o, bool* mask) {
+bool forward_on_16bit_unit(const Problem<BFloat16>& P, BFloat16* o, bool* mask) {
 #if AVK_HAVE_DOT16
   const Compute16 unit = compute_16bit();
   if (unit == Compute16::kFp32) return false;
@@ -574,7 +570,7 @@ bool forward_on_16bit_unit(const Problem<c10::BFloat16>& P, c10::BFloat16* o, bo
 #endif
 }
 
-bool backward_on_16bit_unit(const Problem<c10::BFloat16>& P, const Gradients<c10::BFloat16>& G) {
+bool backward_on_16bit_unit(const Problem<BFloat16>& P, const Gradients<BFloat16>& G) {
 #if AVK_HAVE_DOT16
   const Compute16 unit = compute_16bit();
   if (unit == Compute16::kFp32) return false;
@@ -607,18 +603,19 @@ void sum_partials(S* out, int64_t groups, int64_t keys, int64_t width, const T* 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const TanhAttentionArgs& args,
-                                                          bool return_mask) {
-  at::Tensor o = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+std::tuple<Tensor, Tensor> tanh_attention_forward(const Tensor& q, const Tensor& k,
+                                                  const Tensor& v, const TanhAttentionArgs& args,
+                                                  bool return_mask) {
+  Tensor o = make_empty(q, {q.size(0), q.size(1), v.size(2)});
   const bool with_mask = return_mask && args.dropout_p > 0.0;
-  at::Tensor mask = at::empty(with_mask ? at::IntArrayRef{q.size(0), q.size(1), k.size(1)} : at::IntArrayRef{0},
-                              q.options().dtype(at::kBool));
+  const std::vector<int64_t> mask_shape =
+      with_mask ? std::vector<int64_t>{q.size(0), q.size(1), k.size(1)} : std::vector<int64_t>{0};
+  Tensor mask = make_empty(q, mask_shape, ScalarType::Bool);
   if (o.numel() == 0) return {o, mask};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tanh_attention_forward", [&] {
+  AVK_DISPATCH_FLOATING(q.scalar_type(), "tanh_attention_forward", [&] {
     const Problem<scalar_t> P = make_problem<scalar_t>(q, k, v, args);
-    scalar_t* o_ptr = o.data_ptr<scalar_t>();
-    bool* mask_ptr = with_mask ? mask.data_ptr<bool>() : nullptr;
+    scalar_t* o_ptr = o.mutable_data_ptr<scalar_t>();
+    bool* mask_ptr = with_mask ? mask.mutable_data_ptr<bool>() : nullptr;
     if (forward_on_16bit_unit(P, o_ptr, mask_ptr)) return;
     parallel_for(0, P.tasks(), 1, [&](int64_t begin, int64_t end) {
       AVK_DISPATCH_ISA(forward_tasks, scalar_t, P, o_ptr, mask_ptr, begin, end);
@@ -627,44 +624,44 @@ std::tuple<at::Tensor, at::Tensor> tanh_attention_forward(const at::Tensor& q, c
   return {o, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at::Tensor& dout, const at::Tensor& q,
-                                                                       const at::Tensor& k, const at::Tensor& v,
-                                                                       const at::Tensor& out,
-                                                                       const TanhAttentionArgs& args) {
-  at::Tensor dq = at::zeros(q.sizes(), q.options());  // contiguous, and the answer when a size is 0
-  at::Tensor dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+std::tuple<Tensor, Tensor, Tensor> tanh_attention_backward(const Tensor& dout, const Tensor& q,
+                                                           const Tensor& k, const Tensor& v,
+                                                           const Tensor& out,
+                                                           const TanhAttentionArgs& args) {
+  Tensor dq = make_zeros(q, q.sizes());  // contiguous, and the answer when a size is 0
+  Tensor dk = make_zeros(k, k.sizes());
+  Tensor dv = make_zeros(v, v.sizes());
   if (q.numel() == 0 || k.numel() == 0 || dout.numel() == 0) return {dq, dk, dv};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tanh_attention_backward", [&] {
+  AVK_DISPATCH_FLOATING(q.scalar_type(), "tanh_attention_backward", [&] {
     using S = scalar_t;
     const Problem<S> P = make_problem<S>(q, k, v, args);
     Gradients<S> G;
-    G.dout = dout.data_ptr<S>();
-    G.out = args.tanh_relu ? out.data_ptr<S>() : nullptr;
+    G.dout = dout.mutable_data_ptr<S>();
+    G.out = args.tanh_relu ? out.mutable_data_ptr<S>() : nullptr;
     for (int d = 0; d < 3; ++d) {
       G.sdo[d] = dout.stride(d);
       G.so[d] = args.tanh_relu ? out.stride(d) : 0;
     }
-    G.dq = dq.data_ptr<S>();
-    G.dk = dk.data_ptr<S>();
-    G.dv = dv.data_ptr<S>();
+    G.dq = dq.mutable_data_ptr<S>();
+    G.dk = dk.mutable_data_ptr<S>();
+    G.dv = dv.mutable_data_ptr<S>();
     // dk[b] sums the chunks of batch element b; so does dv, or all tasks when v is shared by the batch. Partials
     // only where an output row has several tasks (every task writes its whole slice: no zeroing).
     const int64_t tasks = P.tasks(), v_groups = v.size(0), dv_parts = tasks / v_groups;
-    const at::TensorOptions part_options = q.options().dtype(compute_dtype(q.scalar_type()));
-    const at::Tensor dk_part = at::empty({P.chunks > 1 ? tasks : 0, P.keys, P.head}, part_options);
-    const at::Tensor dv_part = at::empty({dv_parts > 1 ? tasks : 0, P.keys, P.value}, part_options);
+    const ScalarType part_dtype = compute_dtype(q.scalar_type());
+    const Tensor dk_part = make_empty(q, {P.chunks > 1 ? tasks : 0, P.keys, P.head}, part_dtype);
+    const Tensor dv_part = make_empty(q, {dv_parts > 1 ? tasks : 0, P.keys, P.value}, part_dtype);
     using T = compute_t<S>;
-    G.dk_part = P.chunks > 1 ? dk_part.data_ptr<T>() : nullptr;
-    G.dv_part = dv_parts > 1 ? dv_part.data_ptr<T>() : nullptr;
+    G.dk_part = P.chunks > 1 ? dk_part.mutable_data_ptr<T>() : nullptr;
+    G.dv_part = dv_parts > 1 ? dv_part.mutable_data_ptr<T>() : nullptr;
     if (!backward_on_16bit_unit(P, G)) {
       parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         AVK_DISPATCH_ISA(backward_tasks, S, P, G, begin, end);
       });
     }
-    if (G.dk_part != nullptr) sum_partials(dk.data_ptr<S>(), P.batch, P.keys, P.head, G.dk_part, P.chunks);
-    if (G.dv_part != nullptr) sum_partials(dv.data_ptr<S>(), v_groups, P.keys, P.value, G.dv_part, dv_parts);
+    if (G.dk_part != nullptr) sum_partials(dk.mutable_data_ptr<S>(), P.batch, P.keys, P.head, G.dk_part, P.chunks);
+    if (G.dv_part != nullptr) sum_partials(dv.mutable_data_ptr<S>(), v_groups, P.keys, P.value, G.dv_part, dv_parts);
   });
   return {dq, dk, dv};
 }

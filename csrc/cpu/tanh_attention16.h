@@ -22,7 +22,7 @@ namespace avk {
 namespace cpu {
 namespace {
 
-using BF16 = c10::BFloat16;
+using BF16 = BFloat16;
 using dot16::VF;
 
 // The packed key/value blocks of KeyValuePanels as bf16 pairs along each product's contraction.
@@ -211,8 +211,8 @@ AVK_INLINE void backward_tasks16(const Problem<BF16>& P, const Gradients<BF16>& 
 }
 
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void forward_tasks16_native(const Problem<BF16>& P, BF16* o,
-                                                                                    bool* mask, int64_t b,
-                                                                                    int64_t e) {
+                                                                                 bool* mask, int64_t b,
+                                                                                 int64_t e) {
   if (P.map == AttentionMap::kSigmoid)
     forward_tasks16<dot16::Bf16Native, SigmoidMap>(P, o, mask, b, e);
   else
@@ -225,8 +225,8 @@ AVK_TARGET_AVX512 void forward_tasks16_emulated(const Problem<BF16>& P, BF16* o,
     forward_tasks16<dot16::Bf16Emulated, TanhMap>(P, o, mask, b, e);
 }
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void backward_tasks16_native(const Problem<BF16>& P,
-                                                                                     const Gradients<BF16>& G,
-                                                                                     int64_t b, int64_t e) {
+                                                                                  const Gradients<BF16>& G,
+                                                                                  int64_t b, int64_t e) {
   if (P.map == AttentionMap::kSigmoid)
     backward_tasks16<dot16::Bf16Native, SigmoidMap>(P, G, b, e);
   else
