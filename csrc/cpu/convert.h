@@ -26,20 +26,9 @@
 namespace avk {
 namespace cpu {
 
+// The type every tile and sum of an S problem is computed in: fp32 for the 16-bit storage types, S otherwise.
 template <typename S>
-struct ComputeType {
-  using type = S;
-};
-template <>
-struct ComputeType<BFloat16> {
-  using type = float;
-};
-template <>
-struct ComputeType<Half> {
-  using type = float;
-};
-template <typename S>
-using compute_t = typename ComputeType<S>::type;
+using compute_t = std::conditional_t<std::is_same_v<S, BFloat16> || std::is_same_v<S, Half>, float, S>;
 
 // The dtype of the kernels' intermediate buffers (weight-gradient partials) for inputs of dtype s.
 inline ScalarType compute_dtype(ScalarType s) {
@@ -48,18 +37,22 @@ inline ScalarType compute_dtype(ScalarType s) {
 
 // bf16 is the top half of an fp32: widening is a shift, written on the bits so that the loops vectorise in every
 // ISA variant (BFloat16's operator float goes through memcpy per element, which GCC leaves scalar).
-inline float bf16_bits_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+inline float bits_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float bf16_bits_to_float(uint16_t bits) { return bits_float(static_cast<uint32_t>(bits) << 16); }
 
 // Round to nearest even on the bits; NaN -> 0x7FC0 like BFloat16 (a NaN whose payload sits in the low half
 // would otherwise round to infinity).
 inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t u = float_bits(f);
   const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : rounded;
 }

@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "convert.h"  // bits_float, float_bits
 #include "simd.h"
 
 #if AVK_X86_DISPATCH
@@ -74,16 +75,6 @@ namespace dot16 {
 // The semantics, one lane at a time (the definition the vector code is tested against).
 // ---------------------------------------------------------------------------------------------------------------
 
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
 inline bool is_nan_bits(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
 inline uint32_t flush_bits(uint32_t u) { return (u & 0x7F800000u) == 0 ? u & 0x80000000u : u; }
 

@@ -342,6 +342,12 @@ AVK_INLINE void finish_output_rows(const Problem<S>& P, T* o_tile, S* o, int64_t
 //
 // Args: P the problem; o the contiguous (B, Mq, E) output; mask the contiguous (B, Mq, N) keep-mask or null.
 // Grid: P.tasks() independent tasks (disjoint output rows), split over threads by parallel_for (parallel.h).
+// Rows i0 .. i0 + n_rows of batch element b's q as a (kBM, head_pad) tile, zero past n_rows and D.
+template <typename S, typename T>
+AVK_INLINE void pack_query_rows(const Problem<S>& P, T* q_tile, int64_t b, int64_t i0, int64_t n_rows) {
+  pack(q_tile, P.head_pad, Tile<T>::kBM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, P.head);
+}
+
 template <typename S, int VB, template <typename, int> class Map>
 AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t begin, int64_t end) {
   using T = compute_t<S>;
@@ -362,7 +368,7 @@ AVK_INLINE void forward_tasks(const Problem<S>& P, S* o, bool* mask, int64_t beg
     panels.pack_for(P, b, /*backward=*/false);
     for (int64_t block = P.first_block(task); block < P.end_block(task); ++block) {
       const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
-      pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
+      pack_query_rows(P, q_tile, b, i0, n_rows);
       std::fill(o_tile, o_tile + BM * Ep, T(0));
 
       for (int64_t kb = 0; kb < P.key_blocks; ++kb) {
@@ -413,8 +419,8 @@ template <typename S, typename T = compute_t<S>>
 void pack_gradient_rows(const Problem<S>& P, const Gradients<S>& G, T* q_tile, T* do_tile, int64_t b, int64_t i0,
                         int64_t n_rows) {
   constexpr int BM = Tile<T>::kBM;
-  const int64_t D = P.head, E = P.value, Dp = P.head_pad, Ep = P.value_pad;
-  pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
+  const int64_t E = P.value, Ep = P.value_pad;
+  pack_query_rows(P, q_tile, b, i0, n_rows);
   pack(do_tile, Ep, BM, G.dout + b * G.sdo[0] + i0 * G.sdo[1], G.sdo[1], G.sdo[2], n_rows, E);
   if (!P.tanh_relu) return;
   for (int64_t r = 0; r < n_rows; ++r) {

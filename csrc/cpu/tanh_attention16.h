@@ -88,7 +88,7 @@ AVK_INLINE void forward_tasks16(const Problem<BF16>& P, BF16* o, bool* mask, int
     panels.pack_for(P, wide, b, /*backward=*/false);
     for (int64_t block = P.first_block(task); block < P.end_block(task); ++block) {
       const int64_t i0 = block * BM, n_rows = std::min<int64_t>(BM, P.rows - i0);
-      pack(q_tile, Dp, BM, P.q + b * P.sq[0] + i0 * P.sq[1], P.sq[1], P.sq[2], n_rows, D);
+      pack_query_rows(P, q_tile, b, i0, n_rows);
       dot16::pairs_along_columns(q_pairs.data(), Dp / 2, q_tile, Dp, BM, Dp / 2);
       std::fill(o_tile, o_tile + BM * Ep, 0.0f);
 
