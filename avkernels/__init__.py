@@ -6,7 +6,7 @@ Functional ops: :func:`tanh_attention`, :func:`gate`, :func:`stage_gate`. Fusion
 ones: :func:`build`.
 """
 
-from avkernels.backends import backend_status, backends
+from avkernels.dispatch import backend_status, backends
 from avkernels.ops.native import build, cpu_features
 from avkernels.ops import gate, stage_gate, tanh_attention
 from avkernels.nn import DCA, GRJCA, JCA, RJCA

@@ -31,7 +31,7 @@ def _build(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from avkernels import export, predict
     from avkernels.ops import native
-    from avkernels.backends import OPS
+    from avkernels.dispatch import OPS
 
     parser = argparse.ArgumentParser(prog="python -m avkernels",
                                      description="avkernels: fused kernels for audio-visual joint cross-attention")

@@ -4,7 +4,7 @@ The fused ops are torch ops whose kernels live in the C++/CUDA/Triton backends: 
 ``.gate``, ``.stage_gate`` (defined in C++, kernels of ``cpp`` and ``cuda``) and each Python-kernel backend's own
 ops (``.triton_tanh_attention``, ...; see :mod:`avkernels.ops.declaration`). ONNX Runtime has none of those. So while
 one of torch's ONNX exporters traces a model (``torch.onnx.is_in_onnx_export()``), the ops run the reference's plain
-ATen ops instead (:func:`avkernels.backends.runs_reference`): the same arithmetic, written by either exporter as
+ATen ops instead (:func:`avkernels.dispatch.runs_reference`): the same arithmetic, written by either exporter as
 standard ONNX operators (MatMul, Tanh, Softmax, ...). Plain ``torch.onnx.export`` therefore works with any backend,
 and nothing global is registered: torch's decomposition table, which ``torch.compile`` reads too, stays untouched,
 and ``torch.export`` / AOTInductor keep the fused ops (:func:`export_program`).
@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from avkernels.backends import ExportError
+from avkernels.dispatch import ExportError
 
 ONNX_REQUIREMENTS = ("onnx", "onnxscript")
 AV_MODALITIES = ("video", "audio")  # the order of the features a regressor or fusion takes (then any others)

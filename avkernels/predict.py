@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from avkernels import checkpoint as checkpoints
-from avkernels.backends import backend_status, registered
+from avkernels.dispatch import backend_status, registered
 from avkernels.data import RECOLA, AffWild2VA, IEMOCAPFold, SyntheticAV, SyntheticAVConfig
 from avkernels.metrics import SMOOTHING_WINDOWS, smooth_predictions
 from avkernels.models import AVRegressor, CrossAttentionClassifier, SelfAttentionClassifier

@@ -51,7 +51,7 @@ from torch import nn
 
 import avkernels
 import roofs
-from avkernels.backends import OPS, preference
+from avkernels.dispatch import OPS, preference
 from avkernels.flops import Cost
 
 LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -447,9 +447,9 @@ def _labels(case: Case, provider: str, mode: str, dev: torch.device) -> Dict[str
 
 def _dispatch_record() -> Dict[str, Dict[str, str]]:
     """The dispatch's record of what the last ``backend=None`` call of each op passed over (``{}``: its first
-    choice ran). Private to avkernels.backends; read here because ``backend_status(op)`` cannot tell an op that was
+    choice ran). Private to avkernels.dispatch; read here because ``backend_status(op)`` cannot tell an op that was
     not called from one whose first choice ran."""
-    return getattr(sys.modules["avkernels.backends"], "_PASSED_OVER", {})
+    return getattr(sys.modules["avkernels.dispatch"], "_PASSED_OVER", {})
 
 
 def forget_dispatch() -> None:

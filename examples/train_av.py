@@ -38,7 +38,7 @@ from avkernels.data import INVALID_LABEL, AffWild2VA, RECOLA, SyntheticAV, Synth
 from avkernels.losses import CCCLoss  # noqa: E402
 from avkernels.data.synthetic import CONDITIONS, PRESETS, parse_overrides, preset_config  # noqa: E402
 from avkernels.metrics import SMOOTHING_WINDOWS, ccc, grouped_ccc, smooth_predictions  # noqa: E402
-from avkernels.backends import registered  # noqa: E402
+from avkernels.dispatch import registered  # noqa: E402
 from avkernels.models import AVRegressor  # noqa: E402
 from avkernels.predict import check_backend  # noqa: E402
 

@@ -19,7 +19,7 @@ import torch
 import avkernels
 from avkernels.models import AVRegressor, CrossAttentionClassifier, ModalitySpec, SelfAttentionClassifier
 
-registry = importlib.import_module("avkernels.backends")  # the module, not the function avkernels.backends()
+registry = importlib.import_module("avkernels.dispatch")
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 CPU = torch.device("cpu")

@@ -17,10 +17,10 @@ import torch
 import avkernels
 import reference_spec as spec  # tests/ is on sys.path (pytest's rootdir-less conftest layout)
 from avkernels import reference as lib_reference
-from avkernels.backends import BACKEND_ENV_VAR, BackendInfo, Inputs, OpImpl
+from avkernels.dispatch import BACKEND_ENV_VAR, BackendInfo, Inputs, OpImpl
 
 # The module, not the function avkernels.backends() that the package exports under the same name.
-registry = importlib.import_module("avkernels.backends")
+registry = importlib.import_module("avkernels.dispatch")
 F64 = torch.float64
 CPU = torch.device("cpu")
 

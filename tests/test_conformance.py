@@ -1,6 +1,6 @@
 """One conformance suite: each op's test body runs on every registered backend x dtype x shape.
 
-Backends come from the registry (``avkernels.backends.registered()``), so a new backend is tested by registering
+Backends come from the registry (``avkernels.dispatch.registered()``), so a new backend is tested by registering
 it; a backend that cannot run a case is skipped with the reason dispatch gives (``why_not``). Every case goes
 through the public functions (``avkernels.tanh_attention(..., backend=name)`` and so on), checks the outputs and
 every gradient (including the gradient through the gate values) against the reference backend run in float64, with
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import avkernels
-from avkernels.backends import OPS, Inputs, registered, why_not
+from avkernels.dispatch import OPS, Inputs, registered, why_not
 from avkernels import reference
 from avkernels.ops.declaration import declarations
 from comparison import assert_all_close, assert_same_nonfinite

@@ -14,10 +14,10 @@ import torch
 
 import avkernels
 from avkernels import reference
-from avkernels.backends import BackendInfo, OpImpl
+from avkernels.dispatch import BackendInfo, OpImpl
 from test_conformance import ATTENTION_SHAPES, GATE_SHAPES, attention_case, conforms, gate_grad_outputs, gate_leaves
 
-registry = importlib.import_module("avkernels.backends")  # the module (avkernels.backends is also a function)
+registry = importlib.import_module("avkernels.dispatch")
 NAME = "planted"
 
 

@@ -481,7 +481,7 @@ def test_fusion_modules_match_reference(ext, model, form):
 def test_backend_is_registered_and_default_on_cpu(ext):
     assert "cpp" in avkernels.backends()
     assert avkernels.backend_status()["cpp"] == "available"
-    from avkernels.backends import Inputs, resolve
+    from avkernels.dispatch import Inputs, resolve
 
     assert resolve(None, Inputs("tanh_attention", torch.device("cpu"), torch.float32)) == "cpp"
 

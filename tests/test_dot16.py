@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import avkernels  # noqa: F401 - loads the extension
-from avkernels.backends import backend_status
+from avkernels.dispatch import backend_status
 
 pytestmark = pytest.mark.skipif("cpp" not in avkernels.backends(), reason=f"cpp: {backend_status().get('cpp')}")
 

@@ -173,7 +173,7 @@ def test_nothing_global_is_registered_and_torch_export_keeps_the_fused_ops():
 
 
 def test_ops_take_the_reference_path_only_while_an_onnx_exporter_traces(monkeypatch):
-    from avkernels.backends import runs_reference
+    from avkernels.dispatch import runs_reference
 
     assert not runs_reference("cpp") and runs_reference("reference")
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)

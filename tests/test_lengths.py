@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import avkernels
-from avkernels.backends import Inputs, registered, why_not
+from avkernels.dispatch import Inputs, registered, why_not
 from avkernels.data import AVVideo, AVWindowDataset
 from avkernels.models import AVRegressor, CrossAttentionClassifier, ModalitySpec, ResidualBiLSTM, SelfAttentionClassifier
 

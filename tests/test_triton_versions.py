@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 import avkernels  # noqa: E402
 from avkernels.ops.triton import _compat  # noqa: E402
 
-registry = importlib.import_module("avkernels.backends")
+registry = importlib.import_module("avkernels.dispatch")
 CPU = torch.device("cpu")
 
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from avkernels.backends import cast_for_autocast
+from avkernels.dispatch import cast_for_autocast
 from avkernels.nn.lengths import padding_mask, zero_padded
 from avkernels.nn.linear import Linear
 from avkernels.ops.tanh_attention import tanh_attention

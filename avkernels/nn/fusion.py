@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from avkernels._validation import check_float_tensor, check_positive, check_probability, check_same
-from avkernels.backends import registered
+from avkernels.dispatch import registered
 from avkernels.nn.blocks import AdditiveJointCrossAttention, DenseJointCrossAttention
 from avkernels.nn.gates import Gate, StageGate
 from avkernels.nn.lengths import check_time_shape, drop_exporter_defaults, padding_mask, zero_padded

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avkernels.backends import active_autocast_dtype, cast_for_autocast
+from avkernels.dispatch import active_autocast_dtype, cast_for_autocast
 
 
 def _cpu_has_16bit_matrix_units(dtype: torch.dtype) -> bool:

@@ -1,6 +1,6 @@
 """Functional ops, one file per op. Importing this package registers every backend that can load here."""
 
-from avkernels.backends import BackendInfo, register_backend
+from avkernels.dispatch import BackendInfo, register_backend
 
 # Plain PyTorch: every device and dtype. It closes every preference list without a rank of its own.
 register_backend(BackendInfo("reference", unavailable_reason=lambda: None, input_reason=lambda inputs: None))

@@ -9,14 +9,14 @@ the inputs' gradients. From that one declaration this module registers:
   ``avkernels::<op>`` and ``avkernels::<op>_backward``, when :mod:`avkernels.ops.native` has loaded the library
   (:func:`define_library_ops`; at import, after a build if one was needed). The C++ schemas must be the declared ones: a
   library built from other sources is refused, with both schemas in the reason;
-* for a backend whose kernels are Python callables (an :class:`~avkernels.backends.OpImpl` with ``forward`` and
+* for a backend whose kernels are Python callables (an :class:`~avkernels.dispatch.OpImpl` with ``forward`` and
   ``backward``: ``triton``, a test's stand-in): the backend's own pair of custom ops, ``avkernels::<backend>_<op>``
   and its ``_backward``, with the same schema, fakes and autograd, created when the implementation is registered
   (before any call, so that ``torch.compile`` never traces a registration). Two backends whose kernels both run on
   CUDA tensors cannot share one op's CUDA key, hence one op per Python-kernel backend.
 
 A public function ends with ``DECLARATION.run(backend, inputs, reference, op_args)``: dispatch
-(:func:`avkernels.backends.resolve`) picks a backend, and the op that runs that backend's kernels
+(:func:`avkernels.dispatch.resolve`) picks a backend, and the op that runs that backend's kernels
 (``DECLARATION.op(backend)``) or the reference runs.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from avkernels.backends import (OPS, Inputs, OpImpl, get_impl, on_register_impl, outside_autocast, resolve,
+from avkernels.dispatch import (OPS, Inputs, OpImpl, get_impl, on_register_impl, outside_autocast, resolve,
                                 runs_reference)
 
 NAMESPACE = "avkernels"
@@ -44,7 +44,7 @@ class OpDeclaration:
     """Everything ``torch.library`` needs to know about one op, whichever backend runs it.
 
     Attributes:
-        name: the op's name, one of :data:`avkernels.backends.OPS`.
+        name: the op's name, one of :data:`avkernels.dispatch.OPS`.
         schema: the forward's arguments and returns, e.g. ``"(Tensor x, float tau) -> (Tensor, Tensor)"``: the same
             text as the op's ``m.def`` in ``csrc/cpu/library.cpp`` (checked when the library loads).
         backward_schema: the same for the backward op ``<name>_backward``.
@@ -142,7 +142,7 @@ def _overload(qualname: str) -> torch._ops.OpOverload:
 def declare(declaration: OpDeclaration) -> OpDeclaration:
     """Registers ``declaration``; Python-kernel backends' implementations registered from now on get their ops."""
     if declaration.name not in OPS:
-        raise ValueError(f"op must be one of {OPS} (avkernels.backends.OPS), got {declaration.name!r}")
+        raise ValueError(f"op must be one of {OPS} (avkernels.dispatch.OPS), got {declaration.name!r}")
     _DECLARATIONS[declaration.name] = declaration
     return declaration
 
@@ -152,7 +152,7 @@ def declarations() -> Tuple[OpDeclaration, ...]:
 
 
 def _define_python_ops(op: str, backend: str, impl: OpImpl) -> None:
-    """The ``avkernels::<backend>_<op>`` pair of ``backend`` (a registration listener of avkernels.backends)."""
+    """The ``avkernels::<backend>_<op>`` pair of ``backend`` (a registration listener of avkernels.dispatch)."""
     if impl.kernels_in_torch:
         return
     declaration = _DECLARATIONS.get(op)

@@ -3,7 +3,7 @@
 ``g = softmax((attended @ W^T + b) / tau)``, ``out = ReLU(g[..., 0] * unattended + g[..., 1] * attended)``.
 
 Public functional op plus the op's declaration (:mod:`avkernels.ops.declaration`). A Python-kernel backend
-registers an :class:`~avkernels.backends.OpImpl` under ``"gate"`` with
+registers an :class:`~avkernels.dispatch.OpImpl` under ``"gate"`` with
 
 ``forward(attended, unattended, weight, bias, tau) -> (out, g)``
     ``attended``/``unattended`` ``(B, L, d)`` of arbitrary strides, ``weight (2, d)``, ``bias (2,)``; returns
@@ -22,7 +22,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast
+from avkernels.dispatch import Inputs, cast_for_autocast
 from avkernels.ops.declaration import OpDeclaration, declare
 
 

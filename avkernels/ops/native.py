@@ -46,7 +46,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from avkernels.backends import OPS, BackendInfo, Inputs, OpImpl, dtype_reason, register_backend, register_impl
+from avkernels.dispatch import OPS, BackendInfo, Inputs, OpImpl, dtype_reason, register_backend, register_impl
 from avkernels.ops import declaration
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

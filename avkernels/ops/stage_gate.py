@@ -3,7 +3,7 @@
 ``s = softmax((concat_t X_t @ W^T + b) / tau)``, ``out = ReLU(sum_t s[..., t] * X_t)``.
 
 Public functional op plus the op's declaration (:mod:`avkernels.ops.declaration`). A Python-kernel backend
-registers an :class:`~avkernels.backends.OpImpl` under ``"stage_gate"`` with
+registers an :class:`~avkernels.dispatch.OpImpl` under ``"stage_gate"`` with
 
 ``forward(stages, weight, bias, tau) -> (out, s)``
     ``stages`` a list of ``T`` tensors ``(B, L, d)`` of arbitrary strides, ``weight (T, T * d)``, ``bias (T,)``;
@@ -22,7 +22,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_float_tensor, check_positive, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast
+from avkernels.dispatch import Inputs, cast_for_autocast
 from avkernels.ops.declaration import OpDeclaration, declare
 
 

@@ -6,7 +6,7 @@
 This module holds the public functional op (input checks, backend choice) and the op's declaration
 (:mod:`avkernels.ops.declaration`): its schema, fakes and autograd, from which the op ``avkernels::tanh_attention``
 (defined in C++, kernels of ``cpp`` and ``cuda``) and each Python-kernel backend's own op get their registrations.
-A Python-kernel backend provides an :class:`~avkernels.backends.OpImpl` registered under ``"tanh_attention"`` with
+A Python-kernel backend provides an :class:`~avkernels.dispatch.OpImpl` registered under ``"tanh_attention"`` with
 
 ``forward(q, k, v, seed, scale, dropout_p, activation, return_mask, map, map_bias) -> (o, mask)``
     ``q (B, Mq, D)``, ``k (B, N, D)``, ``v (Bv, N, E)`` with ``Bv`` 1 (shared over the batch) or ``B``, all of one
@@ -31,7 +31,7 @@ import torch
 
 from avkernels import reference
 from avkernels._validation import check_finite, check_float_tensor, check_probability, check_same, check_shape
-from avkernels.backends import Inputs, cast_for_autocast
+from avkernels.dispatch import Inputs, cast_for_autocast
 from avkernels.ops.declaration import OpDeclaration, declare
 
 ACTIVATIONS = (None, "tanh_relu")
@@ -125,7 +125,7 @@ def tanh_attention(
             same dropout, dtypes and strides.
         map_bias: the sigmoid map's scalar bias (e.g. ``-log(N)``); must be 0 for ``"tanh"``.
         backend: ``None`` (the first backend, fastest first, that can run these inputs; or ``$AVKERNELS_BACKEND``),
-            or a backend's name: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` (see :mod:`avkernels.backends`).
+            or a backend's name: ``"reference"``, ``"triton"``, ``"cpp"``, ``"cuda"`` (see :mod:`avkernels.dispatch`).
     Returns:
         ``o`` of shape ``(B, Mq, E)``, or ``(o, mask)`` when ``return_mask``.
 

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from avkernels.backends import BackendInfo, Inputs, dtype_reason, register_backend
+from avkernels.dispatch import BackendInfo, Inputs, dtype_reason, register_backend
 from avkernels.ops.triton import _compat
 
 try:

@@ -7,7 +7,7 @@ gradient (per-program partials summed in a fixed order, no atomics) are document
 ``gate`` contract to them.
 """
 
-from avkernels.backends import OpImpl, register_impl
+from avkernels.dispatch import OpImpl, register_impl
 from avkernels.ops.triton.softmax_mix import softmax_mix_backward, softmax_mix_forward, supports
 
 ATTENDED_STAGE = 1  # stages are (unattended, attended): g[..., 0] weighs the unattended features, as in SPEC 3

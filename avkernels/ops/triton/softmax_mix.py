@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from avkernels.backends import Inputs
+from avkernels.dispatch import Inputs
 
 MAX_BLOCK_D = 1024  # widest feature tile held in registers; wider rows are tiled
 REGISTER_BUDGET = 8192  # fp32 values a program keeps live when sizing BLOCK_R (64 per thread at 4 warps)

@@ -6,7 +6,7 @@ every stage (``first=0``, ``W`` is ``(T, T * d)``): ``s = softmax((concat_t X_t 
 ``stage_gate`` contract to them.
 """
 
-from avkernels.backends import OpImpl, register_impl
+from avkernels.dispatch import OpImpl, register_impl
 from avkernels.ops.triton.softmax_mix import softmax_mix_backward, softmax_mix_forward, supports
 
 

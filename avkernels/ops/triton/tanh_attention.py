@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from avkernels.backends import Inputs, OpImpl, register_impl
+from avkernels.dispatch import Inputs, OpImpl, register_impl
 from avkernels.ops.triton.attention_map import map_slope, map_value, tanh
 from avkernels.ops.triton.dropout import keep_mask
 
