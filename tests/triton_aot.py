@@ -50,7 +50,7 @@ def tanh_attention_variants() -> List[Tuple]:
     bwd_dkdv = ta._tanh_attention_bwd_dkdv_kernel
     for dtype, precision, fast, map in variants:
         ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        for (head, loops), cfg in ta._configs(precision).items():
+        for (head, loops), cfg in ta.configs(precision).items():
             options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             shared = dict(ACC=tl.float32, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
                           FAST_TANH=fast, MAP=map)
@@ -61,7 +61,7 @@ def tanh_attention_variants() -> List[Tuple]:
                     pointers = {name: ptr for name in "QKVO"}
                     pointers["MASK"] = "*i1"
                     specs.append((fwd, _signature(fwd, pointers, consts), consts, options))
-                dq_cfg = ta._dq_config(cfg, dropout)
+                dq_cfg = ta.dq_config(cfg, dropout)
                 consts = dict(shared, DROPOUT=dropout, BLOCK_M=dq_cfg.block_rows, BLOCK_N=dq_cfg.block_loop)
                 pointers = {name: ptr for name in ("DO", "O", "Q", "K", "V", "DQ")}
                 dq_options = {"num_warps": dq_cfg.num_warps, "num_stages": dq_cfg.num_stages}

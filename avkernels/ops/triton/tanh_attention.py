@@ -22,7 +22,7 @@ redraws the identical mask without storing it; ``return_mask=True`` also writes 
 
 Numerics: tiles are cast to the accumulator type right after load (fp32, or fp64 for fp64 inputs: gradcheck runs
 through the interpreter; fp64 is refused on CUDA). The dot products on GPU follow torch's matmul precision setting
-for fp32 inputs: ``"tf32x3"`` (three TF32 products, rounding like fp32) under ``torch.get_float32_matmul_precision()
+for fp32 inputs: ``"tf32x3"`` (three TF32 products, rounding like fp32) under ``torch.get_float32_matmulprecision()
 == "highest"``, the default, else one TF32 product; fp16/bf16 inputs use TF32, which represents their values exactly
 and rounds the tanh map to 10 bits, finer than the reference's own rounding of the map to the input dtype. The
 interpreter computes every dot in full fp32/fp64. ``tanh`` and ``sigmoid`` are computed from one ``exp`` each (no
@@ -41,7 +41,7 @@ by default, all with ``AVKERNELS_AOT_FULL=1``).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -50,6 +50,7 @@ import triton.language as tl
 from avkernels.dispatch import Inputs, OpImpl, register_impl
 from avkernels.ops.triton.attention_map import map_slope, map_value, tanh
 from avkernels.ops.triton.dropout import keep_mask
+from avkernels.ops.triton.tanh_attention_launch import configs, dot_precision, dq_config
 
 
 @triton.jit
@@ -406,58 +407,6 @@ def _tanh_attention_bwd_dkdv_kernel(
 _INT32_LIMIT = 2**31
 
 
-class LaunchConfig(NamedTuple):
-    """Tile sizes, warps and pipeline stages of one size class. ``block_rows`` is the program's own axis (Mq in the
-    forward and dq kernels, N in the dk/dv kernel), ``block_loop`` the axis it loops over."""
-
-    block_rows: int
-    block_loop: int
-    num_warps: int
-    num_stages: int
-
-
-# Keyed by (head block, head loops). Heads up to the widest block without loops take the power of two covering
-# max(D, E) (at least 16, the smallest MMA); wider heads take the entry with loops and go through D and E in chunks of
-# its block. At small heads the work per map element is one MMA step and one tanh, so tall tiles over 8 warps keep
-# many tanh in flight; wider heads spend the registers on operand tiles and accumulators instead. Every entry
-# compiles without register spills for sm_80 and sm_90 (tests/test_triton_compile.py with AVKERNELS_AOT_FULL=1).
-_CONFIGS: Dict[Tuple[int, bool], LaunchConfig] = {
-    (16, False): LaunchConfig(block_rows=128, block_loop=32, num_warps=8, num_stages=2),
-    (32, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=2),
-    (64, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=1),
-    (32, True): LaunchConfig(block_rows=64, block_loop=32, num_warps=8, num_stages=1),
-}
-# TF32x3 (fp32 inputs at torch's default "highest" precision) keeps the split operands live: half-height tiles, and
-# heads looped from 32 on. At the smallest head, 4 warps (up to 255 registers per thread): with 8 the dropout
-# variants of the backward kernels, which keep the four Philox words of each key live, spilled 16-24 bytes.
-_CONFIGS_TF32X3: Dict[Tuple[int, bool], LaunchConfig] = {
-    (16, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=4, num_stages=2),
-    (32, False): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=1),
-    (32, True): LaunchConfig(block_rows=64, block_loop=16, num_warps=8, num_stages=1),
-}
-
-
-def _dq_config(cfg: LaunchConfig, dropout: bool) -> LaunchConfig:
-    """The dq kernel's launch: with dropout it holds the Philox words, the dropout product and the select that clears
-    the columns past N at once, which at the tall tiles of the smallest head spilled 16-24 bytes on sm_80 (triton
-    3.6); it takes tiles of at most 64 rows there."""
-    return cfg._replace(block_rows=min(cfg.block_rows, 64)) if dropout else cfg
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 follows torch's matmul setting ("highest", the default, gets "tf32x3", three
-    TF32 products that round like fp32; "high"/"medium" get one TF32 product); fp16/bf16 values are exact in TF32."""
-    if dtype == torch.float64:
-        return "ieee"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "tf32x3"
-    return "tf32"
-
-
-def _configs(precision: str) -> Dict[Tuple[int, bool], LaunchConfig]:
-    return _CONFIGS_TF32X3 if precision == "tf32x3" else _CONFIGS
-
-
 FAST_TANH_ENV_VAR = "AVKERNELS_TRITON_FAST_TANH"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -476,17 +425,17 @@ def _fast_tanh(dtype: torch.dtype) -> bool:
 
 def _meta(dtype: torch.dtype, d: int, e: int, map: str):
     """The launch config and the compile-time arguments shared by the three kernels."""
-    precision = _precision(dtype)
-    configs = _configs(precision)
-    widest = max(head for head, loops in configs if not loops)
+    precision = dot_precision(dtype)
+    table = configs(precision)
+    widest = max(head for head, loops in table if not loops)
     if max(d, e) > widest:
-        head, loops = next(key for key in configs if key[1])
+        head, loops = next(key for key in table if key[1])
     else:
         head, loops = max(16, triton.next_power_of_2(max(d, e))), False
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     meta = dict(ACC=acc, PRECISION=precision, BLOCK_D=head, BLOCK_E=head, HEAD_LOOPS=loops,
                 FAST_TANH=_fast_tanh(dtype), MAP=map)
-    return configs[(head, loops)], meta
+    return table[(head, loops)], meta
 
 
 def _split(x: float) -> Tuple[float, float]:
@@ -588,7 +537,7 @@ def backward(do, q, k, v, o, seed, scale, dropout_p, activation, map, map_bias):
     tensor_strides = [*do_strides, *o_strides, *q_strides, *k_strides, *v_strides]
     scalars = _scalars(q, k, v, scale, map_bias, dropout_p, seed, activation)
     dropout = dropout_p > 0
-    dq_cfg = _dq_config(cfg, dropout)
+    dq_cfg = dq_config(cfg, dropout)
     grid_dq = (triton.cdiv(mq, dq_cfg.block_rows) * triton.cdiv(d, meta["BLOCK_D"]) * batch,)
     _tanh_attention_bwd_dq_kernel[grid_dq](
         do, o, q, k, v, dq, *tensor_strides, *dq.stride(), *scalars,
