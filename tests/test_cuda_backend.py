@@ -295,11 +295,11 @@ def test_gates_reject_bad_inputs():
     w, bias = _rand(2, 6), _rand(2)
     with pytest.raises(RuntimeError, match="unattended must be a float32, float64, bfloat16 or float16 CUDA tensor"):
         C.gate(x, x.cpu(), w, bias, 0.1)
-    with pytest.raises(RuntimeError, match=r"weight must have shape \[2, 6\]"):
+    with pytest.raises(RuntimeError, match=r"gate_forward: weight must have shape \(2, d\) = \[2, 6\]"):
         C.gate(x, x, _rand(2, 5), bias, 0.1)
-    with pytest.raises(RuntimeError, match="tau must be a positive number"):
+    with pytest.raises(RuntimeError, match="gate_forward: tau must be a finite positive number"):
         C.gate(x, x, w, bias, 0.0)
-    with pytest.raises(RuntimeError, match=r"stages\[1\] must have shape \[2, 4, 6\]"):
+    with pytest.raises(RuntimeError, match=r"stages\[1\] must have shape \(B, L, d\) like stages\[0\] = \[2, 4, 6\]"):
         C.stage_gate([x, _rand(2, 4, 7)], _rand(2, 12), bias, 0.1)
     with pytest.raises(RuntimeError, match="expected 1 to 8 stages, got 9"):
         C.stage_gate([x] * 9, _rand(9, 54), _rand(9), 0.1)

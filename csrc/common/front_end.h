@@ -9,7 +9,8 @@
 //                                                              bool return_mask);
 //     static std::tuple<Tensor, Tensor, Tensor> tanh_attention_backward(dout, q, k, v, o,
 //                                                                       const TanhAttentionArgs&);
-//     ... gate_forward, gate_backward, stage_gate_forward, stage_gate_backward (the ops' own arguments)
+//     ... gate_forward, gate_backward, stage_gate_forward, stage_gate_backward (the ops' own arguments, checked
+//         here first: common/gate_args.h)
 //   };
 //
 // (Tensor, DeviceType: common/tensor_api.h, ATen's or the stable ABI's) and registers
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/gate_args.h"
 #include "common/tensor_api.h"
 #include "common/tanh_attention_args.h"
 
@@ -104,9 +106,32 @@ struct FrontEnd {
     return Kernels::tanh_attention_backward(dout, q, k, v, o, args);
   }
 
+  // The gate's candidates are (unattended, attended): g[..., 0] weighs the unattended features.
+  static std::tuple<Tensor, Tensor> gate(const Tensor& attended, const Tensor& unattended, const Tensor& weight,
+                                         const Tensor& bias, double tau) {
+    constexpr SoftmaxMixNames names{"gate_forward", "attended", "2", "g"};
+    check_gate_inputs(names.op, attended, unattended, weight, Kernels::kDevice);
+    check_mix_forward(names, attended, 2, bias, tau);
+    return Kernels::gate_forward(attended, unattended, weight, bias, tau);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> gate_backward(const Tensor& dout, const Tensor& dg,
+                                                                  const Tensor& attended, const Tensor& unattended,
+                                                                  const Tensor& weight, const Tensor& g,
+                                                                  const Tensor& out, double tau) {
+    constexpr SoftmaxMixNames names{"gate_backward", "attended", "2", "g"};
+    check_gate_inputs(names.op, attended, unattended, weight, Kernels::kDevice);
+    check_mix_backward(names, attended, 2, dout, dg, g, out, tau);
+    return Kernels::gate_backward(dout, dg, attended, unattended, weight, g, out, tau);
+  }
+
   static std::tuple<Tensor, Tensor> stage_gate(TensorListArg stages, const Tensor& weight,
                                                const Tensor& bias, double tau) {
-    return Kernels::stage_gate_forward(tensor_vector(stages), weight, bias, tau);
+    constexpr SoftmaxMixNames names{"stage_gate_forward", "stages[0]", "T", "s"};
+    const std::vector<Tensor>& list = tensor_vector(stages);
+    check_stage_inputs(names.op, list, weight, Kernels::kDevice);
+    check_mix_forward(names, list[0], static_cast<int64_t>(list.size()), bias, tau);
+    return Kernels::stage_gate_forward(list, weight, bias, tau);
   }
 
   static std::tuple<Tensor, Tensor, Tensor> stage_gate_backward(const Tensor& dout,
@@ -115,14 +140,18 @@ struct FrontEnd {
                                                                 const Tensor& weight,
                                                                 const Tensor& s,
                                                                 const Tensor& out, double tau) {
-    return Kernels::stage_gate_backward(dout, ds, tensor_vector(stages), weight, s, out, tau);
+    constexpr SoftmaxMixNames names{"stage_gate_backward", "stages[0]", "T", "s"};
+    const std::vector<Tensor>& list = tensor_vector(stages);
+    check_stage_inputs(names.op, list, weight, Kernels::kDevice);
+    check_mix_backward(names, list[0], static_cast<int64_t>(list.size()), dout, ds, s, out, tau);
+    return Kernels::stage_gate_backward(dout, ds, list, weight, s, out, tau);
   }
 
   static void register_kernels(Library& m) {
     m.impl("tanh_attention", AVK_KERNEL(&tanh_attention));
     m.impl("tanh_attention_backward", AVK_KERNEL(&tanh_attention_backward));
-    m.impl("gate", AVK_KERNEL(Kernels::gate_forward));
-    m.impl("gate_backward", AVK_KERNEL(Kernels::gate_backward));
+    m.impl("gate", AVK_KERNEL(&gate));
+    m.impl("gate_backward", AVK_KERNEL(&gate_backward));
     m.impl("stage_gate", AVK_KERNEL(&stage_gate));
     m.impl("stage_gate_backward", AVK_KERNEL(&stage_gate_backward));
   }

@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "checks.h"
+#include "common/tensor_api.h"
 #include "dot16.h"
 
 namespace avk {

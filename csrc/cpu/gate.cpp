@@ -1,11 +1,10 @@
 // The two-way gate of DCA / GRJCA (SPEC 3): the softmax mix (softmax_mix.h) of the candidates (unattended, attended),
 // with logits from the attended features only:
 //   g = softmax((a W^T + b) / tau) per row (b, l),  out = ReLU(g0 * u + g1 * a)
-// with a = attended, u = unattended, W (2, d). This file checks the arguments under the gate's names and adapts them.
+// with a = attended, u = unattended, W (2, d). The front end (common/front_end.h) has checked the arguments.
 
 #include "ops.h"
 
-#include "checks.h"
 #include "softmax_mix.h"
 
 namespace avk {
@@ -15,35 +14,21 @@ namespace {
 // The candidates' order: g[..., 0] weighs the unattended features, and only the attended one feeds the logits.
 constexpr int64_t kAttended = 1;
 
-void check_gate_inputs(const char* fn, const Tensor& attended, const Tensor& unattended,
-                       const Tensor& weight) {
-  check_float_cpu(attended, fn, "attended");
-  check_shape(attended, {-1, -1, -1}, fn, "attended", "(B, L, d)");
-  check_float_cpu_like(unattended, attended, fn, "unattended", "attended");
-  check_shape(unattended, attended.sizes(), fn, "unattended", "(B, L, d) like attended");
-  check_float_cpu_like(weight, attended, fn, "weight", "attended");
-  check_shape(weight, {2, attended.size(2)}, fn, "weight", "(2, d)");
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> gate_forward(const Tensor& attended, const Tensor& unattended,
                                         const Tensor& weight, const Tensor& bias, double tau) {
-  constexpr const char* fn = "gate_forward";
-  check_gate_inputs(fn, attended, unattended, weight);
-  return softmax_mix_forward({fn, "attended", "2", "g"}, {unattended, attended}, kAttended, weight, bias, tau);
+  return softmax_mix_forward({unattended, attended}, kAttended, weight, bias, tau);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gate_backward(
     const Tensor& dout, const Tensor& dg, const Tensor& attended, const Tensor& unattended,
     const Tensor& weight, const Tensor& g, const Tensor& out, double tau) {
-  constexpr const char* fn = "gate_backward";
-  check_gate_inputs(fn, attended, unattended, weight);
   // Two separate tensors: the op's outputs must not alias each other (torch.library.opcheck checks).
   const Tensor d_attended = make_empty(attended, attended.sizes());
   const Tensor d_unattended = make_empty(attended, attended.sizes());
-  auto [d_weight, d_bias] = softmax_mix_backward({fn, "attended", "2", "g"}, dout, dg, {unattended, attended},
-                                                 kAttended, weight, g, out, tau, {d_unattended, d_attended});
+  auto [d_weight, d_bias] = softmax_mix_backward(dout, dg, {unattended, attended}, kAttended, weight, g, out, tau,
+                                                 {d_unattended, d_attended});
   return {d_attended, d_unattended, d_weight, d_bias};
 }
 

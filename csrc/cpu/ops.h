@@ -17,8 +17,10 @@
 namespace avk {
 namespace cpu {
 
-// mask is an empty bool tensor unless return_mask and args.dropout_p > 0. The arguments are checked
-// (csrc/common/front_end.h); so are dout and, with the tanh_relu epilogue, out (the forward output).
+// Every op's arguments are checked before these run (csrc/common/front_end.h, csrc/common/gate_args.h).
+//
+// mask is an empty bool tensor unless return_mask and args.dropout_p > 0. dout is checked, and so, with the tanh_relu
+// epilogue, is out (the forward output).
 std::tuple<Tensor, Tensor> tanh_attention_forward(const Tensor& q, const Tensor& k,
                                                   const Tensor& v, const TanhAttentionArgs& args,
                                                   bool return_mask);

@@ -8,10 +8,8 @@
 #include "softmax_mix.h"
 
 #include <cmath>
-#include <string>
 #include <type_traits>
 
-#include "checks.h"
 #include "convert.h"
 #include "rows.h"
 
@@ -162,22 +160,13 @@ void backward_row(const BackwardRow<S, T>& p) {
       with_pair(k + 1 < p.n, [&](auto pair) { logit_grad_pass<pair.value, St>(p, c, k); });
 }
 
-// (B, L, C) in the op's words, e.g. "(B, L, 2)".
-std::string gates_shape(const SoftmaxMixNames& names) { return std::string("(B, L, ") + names.count + ")"; }
-
 }  // namespace
 
-std::tuple<Tensor, Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
-                                               const std::vector<Tensor>& candidates,
+std::tuple<Tensor, Tensor> softmax_mix_forward(const std::vector<Tensor>& candidates,
                                                int64_t first_logit, const Tensor& weight,
                                                const Tensor& bias, double tau) {
-  const char* fn = names.fn;
   const Tensor& ref = candidates[0];
   const int64_t n = static_cast<int64_t>(candidates.size());
-  check_float_cpu_like(bias, ref, fn, "bias", names.ref_name);
-  const std::string bias_shape = std::string("(") + names.count + ",)";
-  check_shape(bias, {n}, fn, "bias", bias_shape.c_str());
-  AVK_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
   const auto shape = ref.sizes();
   const int64_t d = shape[2], rows = shape[0] * shape[1];
   Tensor out = make_empty(ref, shape);
@@ -223,28 +212,15 @@ std::tuple<Tensor, Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
   return {out, s};
 }
 
-std::tuple<Tensor, Tensor> softmax_mix_backward(const SoftmaxMixNames& names, const Tensor& dout,
+std::tuple<Tensor, Tensor> softmax_mix_backward(const Tensor& dout,
                                                 const Tensor& dgates,
                                                 const std::vector<Tensor>& candidates, int64_t first_logit,
                                                 const Tensor& weight, const Tensor& gates,
                                                 const Tensor& out, double tau,
                                                 const std::vector<Tensor>& d_candidates) {
-  const char* fn = names.fn;
   const Tensor& ref = candidates[0];
   const int64_t n = static_cast<int64_t>(candidates.size());
   const auto shape = ref.sizes();
-  const std::string like = std::string("(B, L, d) like ") + names.ref_name, gshape = gates_shape(names);
-  const std::string dgates_name = std::string("d") + names.gates_name;
-  check_float_cpu_like(dout, ref, fn, "dout", names.ref_name);
-  check_shape(dout, shape, fn, "dout", like.c_str());
-  check_float_cpu_like(out, ref, fn, "out", names.ref_name);
-  check_shape(out, shape, fn, "out", like.c_str());
-  check_float_cpu_like(dgates, ref, fn, dgates_name.c_str(), names.ref_name);
-  check_shape(dgates, {shape[0], shape[1], n}, fn, dgates_name.c_str(), gshape.c_str());
-  check_float_cpu_like(gates, ref, fn, names.gates_name, names.ref_name);
-  check_shape(gates, {shape[0], shape[1], n}, fn, names.gates_name, gshape.c_str());
-  AVK_CHECK(std::isfinite(tau) && tau > 0.0, fn, ": tau must be a finite positive number, got ", tau);
-
   const int64_t d = shape[2], rows = shape[0] * shape[1];
   const int64_t w_cols = (n - first_logit) * d;
   Tensor d_weight = make_zeros(ref, {n, w_cols});

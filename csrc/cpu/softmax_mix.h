@@ -7,10 +7,7 @@
 //   gate:       candidates (unattended, attended), first_logit = 1, W (2, d)
 //   stage_gate: candidates stages[0 .. T),          first_logit = 0, W (T, T * d)
 //
-// The front ends check the candidates and the weight under their own argument names; these functions check the rest
-// (bias, tau, the backward's dout / out / gate tensors), naming them as the op names them. `ref_name` is the
-// argument the others are checked against ("attended", "stages[0]"), `count` how the op writes C ("2", "T"), and
-// `gates_name` the op's name for the gate values ("g", "s"; their gradient is "d" + gates_name).
+// The arguments are checked by the front end (common/front_end.h, common/gate_args.h).
 #pragma once
 
 #include <tuple>
@@ -21,24 +18,16 @@
 namespace avk {
 namespace cpu {
 
-struct SoftmaxMixNames {
-  const char* fn;          // the op function, e.g. "gate_forward"
-  const char* ref_name;    // e.g. "attended"
-  const char* count;       // e.g. "2"
-  const char* gates_name;  // e.g. "g"
-};
-
 // Returns (out (B, L, d), gate values (B, L, C)).
-std::tuple<Tensor, Tensor> softmax_mix_forward(const SoftmaxMixNames& names,
-                                               const std::vector<Tensor>& candidates,
+std::tuple<Tensor, Tensor> softmax_mix_forward(const std::vector<Tensor>& candidates,
                                                int64_t first_logit, const Tensor& weight,
                                                const Tensor& bias, double tau);
 
 // Writes the candidates' gradients into d_candidates (C contiguous (B, L, d) tensors of the candidates' dtype, which
-// the front end allocates: one tensor per candidate for the gate, views of one (T, B, L, d) tensor for the stage gate)
+// gate.cpp and stage_gate.cpp allocate: one tensor per candidate for the gate, views of one (T, B, L, d) tensor for the stage gate)
 // and returns (d_weight, d_bias). Deterministic: the weight and bias gradients are reduced per chunk of rows, then over
 // chunks in a fixed order, whatever the thread count.
-std::tuple<Tensor, Tensor> softmax_mix_backward(const SoftmaxMixNames& names, const Tensor& dout,
+std::tuple<Tensor, Tensor> softmax_mix_backward(const Tensor& dout,
                                                 const Tensor& dgates,
                                                 const std::vector<Tensor>& candidates, int64_t first_logit,
                                                 const Tensor& weight, const Tensor& gates,

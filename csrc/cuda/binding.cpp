@@ -19,8 +19,6 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -42,7 +40,7 @@ struct TypeTag {
   using type = T;
 };
 
-// Calls fn(TypeTag<T>{}) with the CUDA storage type of `dtype` (checked beforehand by check_float_cuda).
+// Calls fn(TypeTag<T>{}) with the CUDA storage type of `dtype` (checked beforehand by the front end).
 template <typename Fn>
 cudaError_t dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   switch (dtype) {
@@ -59,19 +57,6 @@ cudaError_t dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err),
               err == cudaErrorInvalidConfiguration ? " (a size exceeds the CUDA grid limits)" : "");
-}
-
-// The gates' checks (csrc/common/checks.h) on CUDA tensors.
-void check_float_cuda(const at::Tensor& t, const char* op, const char* name) {
-  avk::check_float(t, c10::DeviceType::CUDA, op, name);
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
-  avk::check_float_like(t, ref, op, name, ref_name);
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
-  avk::check_shape(t, expected, op, name, nullptr);
 }
 
 void copy_strides(int64_t (&dst)[3], const at::Tensor& t) {
@@ -164,36 +149,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tanh_attention_backward(const at:
   return {dq, dk, dv};
 }
 
-// Checks the candidates (each (B, L, d), like candidates[0]), weight and bias (undefined in the backward, which does
-// not read it); fills the kernels' inputs.
-SoftmaxMixInputs gate_inputs(const std::vector<at::Tensor>& candidates, const std::vector<std::string>& names,
-                              int first_logit_candidate, const at::Tensor& weight, const at::Tensor& bias,
-                              double tau, const char* op) {
+// The kernels' inputs from the candidates (each (B, L, d)), weight and bias (undefined in the backward, which does
+// not read it), as the front end checked them. The kernels take at most kMaxGateCandidates candidates: a limit of
+// this library, not of the op, so checked here.
+SoftmaxMixInputs gate_inputs(const std::vector<at::Tensor>& candidates, int first_logit_candidate,
+                              const at::Tensor& weight, const at::Tensor& bias, double tau, const char* op) {
   const int count = static_cast<int>(candidates.size());
-  TORCH_CHECK(count >= 1 && count <= kMaxGateCandidates, op, ": expected 1 to ", kMaxGateCandidates,
-              " stages, got ", count);
+  TORCH_CHECK(count <= kMaxGateCandidates, op, ": expected 1 to ", kMaxGateCandidates, " stages, got ", count);
   const at::Tensor& first = candidates[0];
-  check_float_cuda(first, op, names[0].c_str());
-  TORCH_CHECK(first.dim() == 3, op, ": ", names[0], " must have shape (B, L, d), got ", first.sizes());
-  for (int t = 1; t < count; ++t) {
-    check_like(candidates[t], first, op, names[t].c_str(), names[0].c_str());
-    check_shape(candidates[t], first.sizes(), op, names[t].c_str());
-  }
-  const int64_t features = first.size(2);
-  check_like(weight, first, op, "weight", names[0].c_str());
-  check_shape(weight, {count, (count - first_logit_candidate) * features}, op, "weight");
-  if (bias.defined()) {
-    check_like(bias, first, op, "bias", names[0].c_str());
-    check_shape(bias, {count}, op, "bias");
-  }
-  TORCH_CHECK(std::isfinite(tau) && tau > 0.0, op, ": tau must be a positive number, got ", tau);
-
   SoftmaxMixInputs in{};
   in.num_candidates = count;
   in.first_logit_candidate = first_logit_candidate;
   in.batch = first.size(0);
   in.seq_len = first.size(1);
-  in.features = features;
+  in.features = first.size(2);
   for (int t = 0; t < count; ++t) {
     in.candidates[t] = candidates[t].data_ptr();
     copy_strides(in.candidate_stride[t], candidates[t]);
@@ -207,12 +176,6 @@ SoftmaxMixInputs gate_inputs(const std::vector<at::Tensor>& candidates, const st
   }
   in.tau = tau;
   return in;
-}
-
-std::vector<std::string> stage_names(size_t count) {
-  std::vector<std::string> names;
-  for (size_t t = 0; t < count; ++t) names.push_back("stages[" + std::to_string(t) + "]");
-  return names;
 }
 
 // out = ReLU(sum_t s_t X_t) and s (B, L, C) for the given candidates.
@@ -237,18 +200,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_mix_forward(const SoftmaxMixInputs& i
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_mix_backward(const SoftmaxMixInputs& in,
                                                                      const at::Tensor& dout, const at::Tensor& dgates,
                                                                      const at::Tensor& gates, const at::Tensor& out,
-                                                                     const at::Tensor& weight, const char* op,
-                                                                     const char* gates_name) {
+                                                                     const at::Tensor& weight, const char* op) {
   const int64_t c = in.num_candidates;
-  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
-    check_like(*t, weight, op, name, "weight");
-    check_shape(*t, {in.batch, in.seq_len, in.features}, op, name);
-  }
-  const std::string dgates_name = std::string("d") + gates_name;
-  for (const auto& [t, name] : {std::pair{&dgates, dgates_name.c_str()}, std::pair{&gates, gates_name}}) {
-    check_like(*t, weight, op, name, "weight");
-    check_shape(*t, {in.batch, in.seq_len, c}, op, name);
-  }
   const c10::cuda::CUDAGuard guard(weight.device());
   at::Tensor d_candidates = at::empty({c, in.batch, in.seq_len, in.features}, weight.options());
   at::Tensor d_weight = at::empty(weight.sizes(), weight.options());
@@ -286,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_mix_backward(const Softma
 std::tuple<at::Tensor, at::Tensor> gate_forward(const at::Tensor& attended, const at::Tensor& unattended,
                                                 const at::Tensor& weight, const at::Tensor& bias, double tau) {
   constexpr const char* op = "gate_forward";
-  const auto in = gate_inputs({unattended, attended}, {"unattended", "attended"}, 1, weight, bias, tau, op);
+  const auto in = gate_inputs({unattended, attended}, 1, weight, bias, tau, op);
   return softmax_mix_forward(in, attended, op);
 }
 
@@ -294,8 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dout, const at::Tensor& dg, const at::Tensor& attended, const at::Tensor& unattended,
     const at::Tensor& weight, const at::Tensor& g, const at::Tensor& out, double tau) {
   constexpr const char* op = "gate_backward";
-  const auto in = gate_inputs({unattended, attended}, {"unattended", "attended"}, 1, weight, at::Tensor(), tau, op);
-  auto [d_candidates, d_weight, d_bias] = softmax_mix_backward(in, dout, dg, g, out, weight, op, "g");
+  const auto in = gate_inputs({unattended, attended}, 1, weight, at::Tensor(), tau, op);
+  auto [d_candidates, d_weight, d_bias] = softmax_mix_backward(in, dout, dg, g, out, weight, op);
   // A custom op's outputs must not alias one another (opcheck rejects it, as it did on CPU): the kernel writes both
   // candidates' gradients into one buffer, so one of them leaves it as a copy.
   return {d_candidates[1].clone(), d_candidates[0], d_weight, d_bias};
@@ -304,8 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
 std::tuple<at::Tensor, at::Tensor> stage_gate_forward(const std::vector<at::Tensor>& stages, const at::Tensor& weight,
                                                       const at::Tensor& bias, double tau) {
   constexpr const char* op = "stage_gate_forward";
-  TORCH_CHECK(!stages.empty(), op, ": stages must hold at least one (B, L, d) tensor");
-  const auto in = gate_inputs(stages, stage_names(stages.size()), 0, weight, bias, tau, op);
+  const auto in = gate_inputs(stages, 0, weight, bias, tau, op);
   return softmax_mix_forward(in, stages[0], op);
 }
 
@@ -314,12 +266,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stage_gate_backward(const at::Ten
                                                                    const at::Tensor& weight, const at::Tensor& s,
                                                                    const at::Tensor& out, double tau) {
   constexpr const char* op = "stage_gate_backward";
-  TORCH_CHECK(!stages.empty(), op, ": stages must hold at least one (B, L, d) tensor");
-  const auto in = gate_inputs(stages, stage_names(stages.size()), 0, weight, at::Tensor(), tau, op);
-  return softmax_mix_backward(in, dout, ds, s, out, weight, op, "s");
+  const auto in = gate_inputs(stages, 0, weight, at::Tensor(), tau, op);
+  return softmax_mix_backward(in, dout, ds, s, out, weight, op);
 }
 
-// The CUDA kernels, as the shared front end (csrc/common/front_end.h) calls them.
+// The CUDA kernels, as the shared front end (csrc/common/front_end.h) calls them, with checked arguments.
 struct CudaKernels {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
   static constexpr auto tanh_attention_forward = &::tanh_attention_forward;
