@@ -43,8 +43,11 @@ _CONFIGS_TF32X3: Dict[Tuple[int, bool], LaunchConfig] = {
 def dq_config(cfg: LaunchConfig, dropout: bool) -> LaunchConfig:
     """The dq kernel's launch: with dropout it holds the Philox words, the dropout product and the select that clears
     the columns past N at once, which at the tall tiles of the smallest head spilled 16-24 bytes on sm_80 (triton
-    3.6); it takes tiles of at most 64 rows there."""
-    return cfg._replace(block_rows=min(cfg.block_rows, 64)) if dropout else cfg
+    3.6). It takes one warpgroup's 64 rows there (4 warps: with 8, both warpgroups would compute the same 64-row
+    tile, tests/test_cost_model.py)."""
+    if not dropout or cfg.block_rows <= 64:
+        return cfg
+    return cfg._replace(block_rows=64, num_warps=4)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
